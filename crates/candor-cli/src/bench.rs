@@ -1,0 +1,54 @@
+//! `candor bench`: how fast this machine trains and samples a named model shape.
+
+use anyhow::Result;
+use clap::Args;
+use candor_train::bench::{bench_sample, bench_train, shape};
+
+use crate::device;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// tiny (4×128, ctx 128, vocab 512, batch 16), medium (6×384, ctx 256, vocab 4096,
+    /// batch 8) or small (the small config: 8×256, ctx 256, vocab 8192, batch 8).
+    #[arg(long, default_value = "tiny")]
+    pub shape: String,
+    /// Benchmark batched KV-cache generation instead of the training step.
+    #[arg(long)]
+    pub sample: bool,
+    /// Timed steps (training) or generations (sampling), after warm-up; the median counts.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let dev = device(&args.device)?;
+    shape(&args.shape)?;
+    let steps = if args.sample { args.steps.min(3).max(1) } else { args.steps.max(1) };
+    let r = if args.sample {
+        bench_sample(&args.shape, &dev, 1, steps)?
+    } else {
+        bench_train(&args.shape, &dev, args.warmup, steps)?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "candor {} {}: {:.0} tokens/s, {} params, {:.2} GFLOP/s, peak RSS {:.0} MiB, {} threads",
+            r.shape,
+            r.mode,
+            r.tokens_per_sec,
+            r.params,
+            r.flops_per_sec / 1e9,
+            r.peak_rss_bytes as f64 / (1 << 20) as f64,
+            r.threads
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! `candor`: the command line. It parses arguments, calls the stage libraries, prints.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod generate;
+mod stage;
+mod tokenizer;
+
+#[derive(Parser)]
+#[command(name = "candor", version, about = "Train language models the InstructGPT way: pretrain, SFT, reward model, PPO")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Next-token pretraining from text files.
+    Pretrain(stage::StageArgs),
+    /// Sample continuations from a checkpoint (KV cache).
+    Generate(generate::GenerateArgs),
+    /// Training / sampling throughput of a named model shape on random tokens.
+    Bench(bench::BenchArgs),
+    /// Train or convert tokenizers.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::TokenizerCommand),
+}
+
+/// Options every stage command shares.
+#[derive(Args, Clone, Debug)]
+pub struct CommonStage {
+    /// Stage config (YAML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key: `--set train.lr=1e-3` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Continue an interrupted run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Replace an existing checkpoint in --out.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Print the resolved config (defaults and --set applied) as YAML and exit.
+    #[arg(long)]
+    pub show_config: bool,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pretrain(args) => stage::pretrain(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Tokenizer(cmd) => tokenizer::run(cmd),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug in candor; still end with one line and a non-zero status.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal error (please report): {msg}{at}");
+    }));
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error chain on one line, without repeating a cause its context already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = vec![];
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if parts.last().is_some_and(|p| p.contains(&s)) {
+            continue;
+        }
+        parts.push(s);
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+/// Load a stage config with overrides (shared by every stage command).
+pub fn load_config<T: serde::de::DeserializeOwned>(args: &CommonStage) -> Result<T> {
+    Ok(candor_core::config::load(&args.config, &args.set)?)
+}
+
+pub fn device(spec: &str) -> Result<candle_core::Device> {
+    candor_core::device::parse_device(spec).context("--device")
+}

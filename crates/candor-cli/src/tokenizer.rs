@@ -1,0 +1,40 @@
+//! `candor tokenizer train|convert`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use candor_data::text::read_corpus;
+use candor_data::Tokenizer;
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a byte-level BPE (special tokens <|endoftext|>, <|im_start|>, <|im_end|> reserved).
+    Train {
+        /// Text or JSONL (`text`) files, or directories of them.
+        #[arg(long, num_args = 1.., required = true)]
+        corpus: Vec<PathBuf>,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        /// Output tokenizer.json (tokenizer_config.json is written beside it).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn run(cmd: TokenizerCommand) -> Result<()> {
+    match cmd {
+        TokenizerCommand::Train { corpus, vocab_size, out } => {
+            let docs = read_corpus(&corpus)?;
+            let tok = Tokenizer::train(docs.iter().map(String::as_str), vocab_size)?;
+            let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| ".".into());
+            std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+            if out.file_name().and_then(|n| n.to_str()) != Some("tokenizer.json") {
+                anyhow::bail!("{}: --out must name a file called tokenizer.json", out.display());
+            }
+            tok.save(&dir)?;
+            println!("tokenizer: {} ({} tokens)", out.display(), tok.vocab_size());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! candor-data: tokenizers, datasets, chat templates, batching.
+//!
+//! - [`tokenizer`]: load any `tokenizer.json`; train a byte-level BPE; `tokenizer_config.json`.
+//! - [`text`]: pretraining corpora (plain text or JSONL `text`), tokenised and packed into
+//!   context-length sequences with a held-out split.
+
+pub mod error;
+pub mod jsonl;
+pub mod text;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use tokenizer::Tokenizer;

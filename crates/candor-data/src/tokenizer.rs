@@ -1,0 +1,280 @@
+//! Tokenizers: any Hugging Face `tokenizer.json`, plus `tokenizer_config.json` for the
+//! special tokens and the chat template.
+//!
+//! candor's own tokenizers are byte-level BPE (GPT-2's scheme: every byte is a symbol, so
+//! no text is ever unknown) with the chat format's special tokens reserved at ids 0–2.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::AddedToken;
+
+use crate::error::{file_err, Error, Result};
+
+/// End of text: separates documents in pretraining; the default end-of-sequence token.
+pub const EOT: &str = "<|endoftext|>";
+/// ChatML turn delimiters (the format of the default chat template).
+pub const IM_START: &str = "<|im_start|>";
+pub const IM_END: &str = "<|im_end|>";
+/// Special tokens every candor-trained tokenizer reserves, in id order.
+pub const SPECIAL_TOKENS: [&str; 3] = [EOT, IM_START, IM_END];
+
+/// A special token in `tokenizer_config.json`: a plain string or an `AddedToken` object.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum TokenValue {
+    Text(String),
+    Added { content: String, #[serde(flatten)] rest: serde_json::Map<String, Value> },
+}
+
+impl TokenValue {
+    pub fn content(&self) -> &str {
+        match self {
+            TokenValue::Text(s) => s,
+            TokenValue::Added { content, .. } => content,
+        }
+    }
+}
+
+/// `tokenizer_config.json`, the keys candor reads; everything else is kept as is.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct TokenizerConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token: Option<TokenValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token: Option<TokenValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token: Option<TokenValue>,
+    /// A Jinja template string, or Hugging Face's list of named templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<Value>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl TokenizerConfig {
+    /// The chat template text: the plain string, or the one named `default` in a list.
+    pub fn chat_template(&self) -> Option<String> {
+        match self.chat_template.as_ref()? {
+            Value::String(s) => Some(s.clone()),
+            Value::Array(items) => items
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(String::from)),
+            _ => None,
+        }
+    }
+}
+
+/// A tokenizer with its config.
+#[derive(Clone)]
+pub struct Tokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub config: TokenizerConfig,
+}
+
+fn tk_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Load `tokenizer.json` from a checkpoint directory, with `tokenizer_config.json` and
+    /// `chat_template.jinja` when present.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(file_err(dir, "tokenizer.json is missing"));
+        }
+        Self::from_file(&path)
+    }
+
+    /// Load a `tokenizer.json` file (and the config files beside it, if any).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(file_err(path, "no such tokenizer file"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| file_err(path, format!("not a valid tokenizer.json: {e}")))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let cfg_path = dir.join("tokenizer_config.json");
+        let mut config: TokenizerConfig = if cfg_path.is_file() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, format!("cannot read: {e}")))?;
+            serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, format!("not valid: {e}")))?
+        } else {
+            TokenizerConfig::default()
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if config.chat_template.is_none() && jinja.is_file() {
+            let t = std::fs::read_to_string(&jinja).map_err(|e| file_err(&jinja, format!("cannot read: {e}")))?;
+            config.chat_template = Some(Value::String(t));
+        }
+        if config.eos_token.is_none() && inner.token_to_id(EOT).is_some() {
+            config.eos_token = Some(TokenValue::Text(EOT.into()));
+        }
+        Ok(Tokenizer { inner, config })
+    }
+
+    /// Train a byte-level BPE of `vocab_size` tokens (special tokens included) on `texts`.
+    /// Deterministic for the same texts.
+    pub fn train<I, S>(texts: I, vocab_size: usize) -> Result<Self>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        let min_vocab = 256 + SPECIAL_TOKENS.len();
+        if vocab_size < min_vocab {
+            return Err(Error::Msg(format!(
+                "vocab_size {vocab_size} is too small: a byte-level BPE needs at least {min_vocab} (256 bytes + special tokens)"
+            )));
+        }
+        let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
+        let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(specials)
+            .initial_alphabet(alphabet)
+            .build()
+            .into();
+        let mut inner = tokenizers::Tokenizer::new(BPE::default());
+        let byte_level = ByteLevel::default().add_prefix_space(false);
+        inner.with_pre_tokenizer(Some(byte_level));
+        inner.with_decoder(Some(byte_level));
+        inner.with_post_processor(Some(byte_level));
+        inner.train(&mut trainer, texts).map_err(tk_err)?;
+        let config = TokenizerConfig {
+            bos_token: None,
+            eos_token: Some(TokenValue::Text(EOT.into())),
+            pad_token: Some(TokenValue::Text(EOT.into())),
+            chat_template: None,
+            extra: serde_json::Map::from_iter([
+                ("tokenizer_class".to_string(), Value::String("PreTrainedTokenizerFast".into())),
+                ("add_bos_token".to_string(), Value::Bool(false)),
+                ("clean_up_tokenization_spaces".to_string(), Value::Bool(false)),
+            ]),
+        };
+        Ok(Tokenizer { inner, config })
+    }
+
+    /// Write `tokenizer.json` and `tokenizer_config.json` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        self.inner.save(&path, false).map_err(|e| file_err(&path, format!("cannot write: {e}")))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let text = serde_json::to_string_pretty(&self.config).expect("tokenizer config serialises");
+        std::fs::write(&cfg_path, text + "\n").map_err(|e| file_err(&cfg_path, format!("cannot write: {e}")))
+    }
+
+    /// Token ids of `text`; special-token strings in it become their ids; no BOS/EOS added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode_fast(text, false).map_err(tk_err)?.get_ids().to_vec())
+    }
+
+    /// Encode many texts in parallel.
+    pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
+        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let encs = self.inner.encode_batch_fast(inputs, false).map_err(tk_err)?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(tk_err)
+    }
+
+    /// Vocabulary size including added (special) tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// End-of-sequence id: the config's `eos_token`, else `<|endoftext|>`.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.config.eos_token.as_ref().and_then(|t| self.token_id(t.content())).or_else(|| self.token_id(EOT))
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.config.bos_token.as_ref().and_then(|t| self.token_id(t.content()))
+    }
+
+    /// Padding id: `pad_token`, else the end-of-sequence id, else 0. Padding is always
+    /// masked, so its value only has to be a valid id.
+    pub fn pad_id(&self) -> u32 {
+        self.config.pad_token.as_ref().and_then(|t| self.token_id(t.content())).or_else(|| self.eos_id()).unwrap_or(0)
+    }
+
+    /// The largest token id the tokenizer can produce, plus one.
+    pub fn id_bound(&self) -> usize {
+        let added = self.inner.get_added_tokens_decoder().keys().max().map_or(0, |&m| m as usize + 1);
+        self.inner.get_vocab_size(false).max(added)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus() -> Vec<String> {
+        let base = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
+                    in my purse, and nothing particular to interest me on shore, I thought I would sail about a little.";
+        (0..50).map(|i| format!("{base} {i}")).collect()
+    }
+
+    #[test]
+    fn trains_reserves_specials_round_trips_and_is_deterministic() {
+        let a = Tokenizer::train(corpus().into_iter(), 300).unwrap();
+        assert_eq!(a.token_id(EOT), Some(0));
+        assert_eq!(a.token_id(IM_START), Some(1));
+        assert_eq!(a.token_id(IM_END), Some(2));
+        assert!(a.vocab_size() <= 300 && a.vocab_size() > 259);
+        let text = "Call me Ishmael, unknown wörds ✓.";
+        let ids = a.encode(text).unwrap();
+        assert_eq!(a.decode(&ids, false).unwrap(), text);
+        let ids = a.encode("<|im_start|>user\nhi<|im_end|>").unwrap();
+        assert_eq!(ids[0], 1);
+        assert_eq!(*ids.last().unwrap(), 2);
+        let b = Tokenizer::train(corpus().into_iter(), 300).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        a.save(dir.path()).unwrap();
+        b.save(dir2.path()).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("tokenizer.json")).unwrap(),
+            std::fs::read(dir2.path().join("tokenizer.json")).unwrap()
+        );
+        let c = Tokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(c.encode(text).unwrap(), a.encode(text).unwrap());
+        assert_eq!(c.eos_id(), Some(0));
+        assert_eq!(c.pad_id(), 0);
+    }
+
+    #[test]
+    fn too_small_vocab_and_missing_files_are_errors() {
+        assert!(Tokenizer::train(corpus().into_iter(), 100).err().unwrap().to_string().contains("too small"));
+        let e = Tokenizer::from_dir(Path::new("/nonexistent")).err().unwrap().to_string();
+        assert!(e.contains("/nonexistent: tokenizer.json is missing"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
+        let e = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("not a valid tokenizer.json"), "{e}");
+    }
+
+    #[test]
+    fn chat_template_from_list_form() {
+        let cfg: TokenizerConfig = serde_json::from_str(
+            r#"{"chat_template":[{"name":"tool_use","template":"x"},{"name":"default","template":"y"}],
+                "eos_token":{"content":"</s>","lstrip":false}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.chat_template().as_deref(), Some("y"));
+        assert_eq!(cfg.eos_token.unwrap().content(), "</s>");
+    }
+}

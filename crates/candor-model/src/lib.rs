@@ -1,0 +1,22 @@
+//! candor-model: one decoder-only transformer for every stage.
+//!
+//! - [`config`]: the Hugging Face style `config.json`.
+//! - [`model`]: llama-style blocks (RMSNorm, rotary embeddings, grouped-query attention,
+//!   SwiGLU), `lm` and `score` heads, a KV cache. Every op on the training path has a
+//!   backward in candle (see [`ops`]).
+//! - [`io`]: weights in and out with Hugging Face tensor names (the `VarBuilder` paths
+//!   in `model.rs` *are* the naming map, for loading and saving alike).
+//! - [`generate`]: batched sampling with the KV cache (temperature, top-k, top-p).
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod io;
+pub mod mask;
+pub mod model;
+pub mod ops;
+
+pub use candor_core::checkpoint::Head;
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use model::{KvCache, Model};

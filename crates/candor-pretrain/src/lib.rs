@@ -1,0 +1,364 @@
+//! Stage: next-token pretraining.
+//!
+//! Text files or JSONL `text` → tokenised (a given tokenizer, or a byte-level BPE trained on
+//! the training corpus) → packed into `ctx + 1`-token sequences, the tail held out →
+//! AdamW with warm-up + cosine decay, clipping, accumulation → held-out loss/perplexity
+//! every `eval_every` steps → an `lm` checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use candor_core::checkpoint::{parent_ref, CandorMeta, Head};
+use candor_core::metrics::MetricsLog;
+use candor_core::record;
+use candor_core::rng::Rng;
+use candor_data::text::{pack_corpus, read_corpus, tokenize_documents};
+use candor_data::Tokenizer;
+use candor_model::io::{build_trainable, load_trainable, read_config};
+use candor_model::{Model, ModelConfig};
+use candor_train::batch::{lm_batch, Cursor, LmExample, Sampler};
+use candor_train::ckpt::{plan_start, read_trainer, restore_optimizer, save_checkpoint, Snapshot, Start, TrainerState};
+use candor_train::config::TrainConfig;
+use candor_train::loss::lm_loss;
+use candor_train::optim::{clip_grad_norm, named_vars, AdamW};
+use candor_train::progress::{human, Progress};
+use candor_train::schedule::lr_at;
+use serde::{Deserialize, Serialize};
+
+pub type Error = candor_train::Error;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The pretraining stage config (`configs/*/pretrain.yaml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Seeds weight initialisation and data order.
+    pub seed: u64,
+    pub data: DataConfig,
+    /// Shape of a model trained from scratch (ignored with `init`).
+    pub model: ModelShape,
+    /// Continue pretraining from this checkpoint instead of a fresh model.
+    pub init: Option<PathBuf>,
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Text files (one document each), JSONL files (`text` per line) or directories of them.
+    pub files: Vec<PathBuf>,
+    /// Fraction of the token stream (its tail) held out for evaluation.
+    pub heldout_fraction: f64,
+    /// A `tokenizer.json` to use; when absent (and no `init`), a byte-level BPE of
+    /// `vocab_size` tokens is trained on the training files.
+    pub tokenizer: Option<PathBuf>,
+    pub vocab_size: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { files: vec![], heldout_fraction: 0.05, tokenizer: None, vocab_size: 512 }
+    }
+}
+
+/// A llama-style shape for training from scratch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelShape {
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    /// Key/value heads for grouped-query attention (0 = same as `heads`).
+    pub kv_heads: usize,
+    /// SwiGLU width (0 = 8/3 · hidden_size rounded up to a multiple of 32, as in Llama).
+    pub intermediate_size: usize,
+    /// Context length: tokens per training sequence and the model's positions.
+    pub ctx: usize,
+    pub rope_theta: f64,
+    pub tie_embeddings: bool,
+}
+
+impl Default for ModelShape {
+    fn default() -> Self {
+        ModelShape {
+            hidden_size: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 0,
+            intermediate_size: 0,
+            ctx: 128,
+            rope_theta: 10000.0,
+            tie_embeddings: true,
+        }
+    }
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig { seed: 1, data: DataConfig::default(), model: ModelShape::default(), init: None, train: TrainConfig::default() }
+    }
+}
+
+impl ModelShape {
+    pub fn to_config(&self, vocab_size: usize) -> ModelConfig {
+        let inter = if self.intermediate_size > 0 {
+            self.intermediate_size
+        } else {
+            (8 * self.hidden_size / 3).div_ceil(32) * 32
+        };
+        let kv = if self.kv_heads > 0 { self.kv_heads } else { self.heads };
+        ModelConfig::llama(vocab_size, self.hidden_size, self.layers, self.heads, kv, inter, self.ctx, self.rope_theta, self.tie_embeddings)
+    }
+}
+
+/// How to run: where to write, on what, and whether to resume.
+pub struct RunOptions {
+    pub out: PathBuf,
+    pub device: Device,
+    pub resume: bool,
+    pub overwrite: bool,
+    /// Names the config in error messages (its file path).
+    pub origin: String,
+}
+
+fn err(msg: String) -> Error {
+    Error::Msg(msg)
+}
+
+/// Run pretraining; returns the output checkpoint's metadata.
+pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
+    let origin = &opts.origin;
+    cfg.train.validate(origin)?;
+    if cfg.data.files.is_empty() {
+        return Err(err(format!("{origin}: data.files: list at least one text or JSONL file")));
+    }
+    if !(0.0..0.5).contains(&cfg.data.heldout_fraction) {
+        return Err(err(format!("{origin}: data.heldout_fraction: must be in [0, 0.5)")));
+    }
+    let effective = candor_core::config::effective(cfg);
+    let start = plan_start(&opts.out, opts.resume, opts.overwrite, &effective)?;
+    if let Start::Done(meta) = start {
+        eprintln!("[pretrain] {} is already complete (step {})", opts.out.display(), meta.step);
+        return Ok(meta);
+    }
+    let resuming = matches!(start, Start::Resume(_));
+    let device = &opts.device;
+
+    // 1. tokenizer and data
+    let docs = read_corpus(&cfg.data.files)?;
+    let (tokenizer, parents) = match (&cfg.init, &cfg.data.tokenizer) {
+        (_, Some(path)) => (Tokenizer::from_file(path)?, vec![]),
+        (Some(init), None) => (Tokenizer::from_dir(init)?, vec![parent_ref("init", init)?]),
+        (None, None) if resuming => (Tokenizer::from_dir(&opts.out)?, vec![]),
+        (None, None) => {
+            // train on the documents that will be training data (the held-out tail is split
+            // off by tokens later; a BPE fitted on a few more documents changes nothing material)
+            (Tokenizer::train(docs.iter().map(String::as_str), cfg.data.vocab_size)?, vec![])
+        }
+    };
+    let parents = match (&cfg.init, parents.is_empty()) {
+        (Some(init), true) => vec![parent_ref("init", init)?],
+        _ => parents,
+    };
+    let eos = tokenizer.eos_id().ok_or_else(|| err("tokenizer has no end-of-text token (<|endoftext|> or eos_token)".into()))?;
+
+    // 2. model
+    let mut init_rng = Rng::derive(cfg.seed, "init");
+    let (model_config, (model, varmap)) = if resuming {
+        let c = read_config(&opts.out)?;
+        (c, load_trainable(&opts.out, Head::Lm, &mut init_rng, device)?)
+    } else if let Some(init) = &cfg.init {
+        let c = read_config(init)?;
+        (c, load_trainable(init, Head::Lm, &mut init_rng, device)?)
+    } else {
+        let c = cfg.model.to_config(tokenizer.vocab_size());
+        c.validate(Path::new(origin))?;
+        let built = build_trainable(&c, Head::Lm, None, &[], &mut init_rng, device)?;
+        (c, built)
+    };
+    let ctx = cfg.model.ctx;
+    check_compatible(&tokenizer, &model_config, cfg.model.ctx, cfg.init.as_deref(), origin)?;
+
+    let stream = tokenize_documents(&tokenizer, &docs, eos)?;
+    let corpus = pack_corpus(&stream, ctx, cfg.data.heldout_fraction)?;
+    let train_set: Vec<LmExample> = corpus.train.into_iter().map(LmExample::dense).collect();
+    let heldout: Vec<LmExample> = corpus.heldout.into_iter().map(LmExample::dense).collect();
+    let unigram = unigram_loss(&train_set, &heldout, model_config.vocab_size);
+
+    // 3. optimiser and resume state
+    let mut opt = AdamW::new(named_vars(&varmap), &cfg.train)?;
+    let mut metrics = MetricsLog::default();
+    let mut state = TrainerState {
+        step: 0,
+        rng: Rng::derive(cfg.seed, "train"),
+        cursor: Cursor::default(),
+        tokens: 0,
+        elapsed_sec: 0.0,
+        optimizer_steps: Default::default(),
+        extra: serde_json::Value::Null,
+    };
+    let mut meta = CandorMeta::new("pretrain", Head::Lm, effective);
+    meta.parents = parents;
+    meta.total_steps = cfg.train.steps as u64;
+    if let Start::Resume(prev) = &start {
+        let (s, tensors) = read_trainer(&opts.out, device)?;
+        restore_optimizer(&mut opt, "model", &s, &tensors, &opts.out)?;
+        metrics = MetricsLog::read(&opts.out, Some(s.step))?;
+        meta.parents = prev.parents.clone();
+        state = s;
+    }
+    let mut sampler = Sampler::new(train_set.len(), cfg.seed, state.cursor.clone());
+    let pad = tokenizer.pad_id();
+    let params = model_config.param_count(Head::Lm);
+    let progress = Progress::new("pretrain", cfg.train.steps as u64, state.step);
+    progress.log(&format!(
+        "{} params, {} training / {} held-out sequences of {ctx} tokens, unigram baseline loss {unigram:.3}{}",
+        params,
+        train_set.len(),
+        heldout.len(),
+        if resuming { format!(", resuming at step {}", state.step) } else { String::new() }
+    ));
+    let save = |state: &TrainerState, metrics: &MetricsLog, opt: &AdamW, meta: &mut CandorMeta| -> Result<()> {
+        let snap = Snapshot {
+            config: &model_config,
+            head: Head::Lm,
+            varmap: &varmap,
+            tokenizer: &tokenizer,
+            metrics,
+            state,
+            optimizers: &[("model", opt)],
+        };
+        save_checkpoint(&opts.out, &snap, meta, |_| Ok(()))
+    };
+    if state.step == 0 && !heldout.is_empty() {
+        let eval = evaluate(&model, &heldout, &cfg.train, pad)?;
+        metrics.push(record!(0; "eval_loss" => eval, "eval_ppl" => eval.exp(), "unigram_loss" => unigram));
+    }
+
+    // 4. the loop
+    let elapsed_before = state.elapsed_sec;
+    let clock = Instant::now();
+    let mut window = (Instant::now(), 0u64);
+    for step in state.step as usize..cfg.train.steps {
+        let lr = lr_at(&cfg.train, step);
+        let mut grads = opt.zero_grads();
+        let mut loss_sum = 0.0;
+        for _ in 0..cfg.train.grad_accum {
+            let idx = sampler.next(cfg.train.batch_size);
+            let examples: Vec<&LmExample> = idx.iter().map(|&i| &train_set[i]).collect();
+            let batch = lm_batch(&examples, pad, device)?;
+            let (_, mean) = lm_loss(&model, &batch)?;
+            loss_sum += mean.to_scalar::<f32>()? as f64;
+            let store = (mean / cfg.train.grad_accum as f64)?.backward()?;
+            opt.accumulate(&store, &mut grads)?;
+            state.tokens += batch.n_targets as u64;
+            window.1 += batch.n_targets as u64;
+        }
+        let loss = loss_sum / cfg.train.grad_accum as f64;
+        let grad_norm = clip_grad_norm(&mut grads, cfg.train.grad_clip)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(err(format!(
+                "loss became {loss} (grad norm {grad_norm}) at step {}; the last good checkpoint (if any) is kept in {}",
+                step + 1,
+                opts.out.display()
+            )));
+        }
+        opt.step(&grads, lr)?;
+        state.step = step as u64 + 1;
+        state.cursor = sampler.cursor.clone();
+        state.elapsed_sec = elapsed_before + clock.elapsed().as_secs_f64();
+        let tok_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+        progress.set(state.step, format!("loss {loss:.3} | {} tok/s", human(tok_s)));
+        let last = state.step as usize == cfg.train.steps;
+        if state.step as usize % cfg.train.log_every == 0 || last {
+            metrics.push(record!(state.step; "loss" => loss, "lr" => lr, "grad_norm" => grad_norm, "tokens_per_sec" => tok_s));
+            window = (Instant::now(), 0);
+        }
+        if !heldout.is_empty() && ((cfg.train.eval_every > 0 && state.step as usize % cfg.train.eval_every == 0) || last) {
+            let eval = evaluate(&model, &heldout, &cfg.train, pad)?;
+            metrics.push(record!(state.step; "eval_loss" => eval, "eval_ppl" => eval.exp()));
+            progress.log(&format!("step {} | loss {loss:.4} | eval_loss {eval:.4} | eval_ppl {:.2}", state.step, eval.exp()));
+        }
+        if cfg.train.save_every > 0 && state.step as usize % cfg.train.save_every == 0 && !last {
+            meta.complete = false;
+            save(&state, &metrics, &opt, &mut meta)?;
+        }
+    }
+
+    // 5. the final checkpoint
+    meta.complete = true;
+    meta.metrics = final_metrics(&metrics);
+    meta.metrics.insert("unigram_loss".into(), serde_json::json!(unigram));
+    meta.metrics.insert("params".into(), serde_json::json!(params));
+    save(&state, &metrics, &opt, &mut meta)?;
+    progress.finish();
+    Ok(meta)
+}
+
+/// The last value of each metric in the log.
+pub fn final_metrics(metrics: &MetricsLog) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for r in &metrics.records {
+        for (k, v) in r {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+fn check_compatible(tok: &Tokenizer, model: &ModelConfig, ctx: usize, init: Option<&Path>, origin: &str) -> Result<()> {
+    let where_ = init.map(|p| p.join("config.json").display().to_string()).unwrap_or_else(|| origin.to_string());
+    if tok.id_bound() > model.vocab_size {
+        return Err(err(format!(
+            "{where_}: vocab_size {} is smaller than the tokenizer's {} tokens: tokenizer and model do not match",
+            model.vocab_size,
+            tok.id_bound()
+        )));
+    }
+    if ctx > model.max_position_embeddings {
+        return Err(err(format!(
+            "{origin}: model.ctx {ctx} is larger than the model's max_position_embeddings {} ({where_})",
+            model.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
+/// Mean held-out loss per token over the first `eval_batches` batches (fixed order).
+pub fn evaluate(model: &Model, heldout: &[LmExample], train: &TrainConfig, pad: u32) -> Result<f64> {
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for (i, chunk) in heldout.chunks(train.batch_size).enumerate() {
+        if train.eval_batches > 0 && i >= train.eval_batches {
+            break;
+        }
+        let examples: Vec<&LmExample> = chunk.iter().collect();
+        let batch = lm_batch(&examples, pad, model.device())?;
+        let (s, _) = lm_loss(model, &batch)?;
+        sum += s.detach().to_scalar::<f32>()? as f64;
+        n += batch.n_targets;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// Held-out cross-entropy of a unigram model fitted on the training targets (add-one
+/// smoothing): the loss a model that ignores context would reach.
+pub fn unigram_loss(train: &[LmExample], heldout: &[LmExample], vocab: usize) -> f64 {
+    let mut counts = vec![1.0f64; vocab];
+    for e in train {
+        for &t in &e.tokens[1..] {
+            counts[t as usize] += 1.0;
+        }
+    }
+    let total: f64 = counts.iter().sum();
+    let eval = if heldout.is_empty() { train } else { heldout };
+    let (mut sum, mut n) = (0.0, 0usize);
+    for e in eval {
+        for &t in &e.tokens[1..] {
+            sum -= (counts[t as usize] / total).ln();
+            n += 1;
+        }
+    }
+    sum / n.max(1) as f64
+}

@@ -1,0 +1,89 @@
+//! The training section every stage config embeds as `train:`.
+
+use serde::{Deserialize, Serialize};
+
+/// Optimiser, schedule and cadence. Defaults follow nanoGPT / GPT-3 small-model practice.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimiser steps (each over `batch_size × grad_accum` examples).
+    pub steps: usize,
+    /// Examples (sequences) per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed before each optimiser step.
+    pub grad_accum: usize,
+    /// Peak learning rate, reached after `warmup_steps`.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// Linear warm-up steps from 0 to `lr`.
+    pub warmup_steps: usize,
+    /// Decoupled weight decay (AdamW, Loshchilov & Hutter 2019) on matrices and embeddings,
+    /// not on norms and biases.
+    pub weight_decay: f64,
+    /// AdamW β1, β2, ε (β2 = 0.95 as in GPT-3 and nanoGPT).
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    pub grad_clip: f64,
+    /// Evaluate on held-out data every N steps (0 = only at the end).
+    pub eval_every: usize,
+    /// Held-out batches per evaluation (0 = all).
+    pub eval_batches: usize,
+    /// Write a resumable checkpoint every N steps (0 = only at the end).
+    pub save_every: usize,
+    /// Log training metrics every N steps.
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 200,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 20,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_every: 50,
+            eval_batches: 8,
+            save_every: 0,
+            log_every: 10,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Check ranges; `origin` names the config file in errors.
+    pub fn validate(&self, origin: &str) -> crate::Result<()> {
+        let bad = |key: &str, msg: &str| Err(crate::Error::Msg(format!("{origin}: train.{key}: {msg}")));
+        if self.steps == 0 {
+            return bad("steps", "must be at least 1");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum", "must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be a positive number");
+        }
+        if self.min_lr < 0.0 || self.min_lr > self.lr {
+            return bad("min_lr", "must be between 0 and lr");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta1", "β1 and β2 must be in [0, 1)");
+        }
+        if self.log_every == 0 {
+            return bad("log_every", "must be at least 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Core(#[from] candor_core::Error),
+    #[error(transparent)]
+    Model(#[from] candor_model::Error),
+    #[error(transparent)]
+    Data(#[from] candor_data::Error),
+    #[error("{0}")]
+    Msg(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

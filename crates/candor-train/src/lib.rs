@@ -1,0 +1,23 @@
+//! candor-train: what every training stage's loop calls, as plain functions and small
+//! structs — no trainer framework. A stage's `train` reads top to bottom: get batch,
+//! forward, backward, clip, step, log, eval, checkpoint.
+//!
+//! - [`config::TrainConfig`]: the optimizer/schedule/cadence section shared by stage configs.
+//! - [`optim::AdamW`]: AdamW whose moments are saved for exact resume.
+//! - [`schedule::lr_at`]: linear warm-up, cosine decay.
+//! - [`batch`]: epoch-shuffled sampling with a resumable cursor; padded LM batches.
+//! - [`loss`]: masked next-token cross-entropy.
+//! - [`ckpt`]: writing a stage's checkpoint directory and its resume state.
+//! - [`progress::Progress`]: the progress bar and log lines.
+
+pub mod batch;
+pub mod bench;
+pub mod ckpt;
+pub mod config;
+pub mod error;
+pub mod loss;
+pub mod optim;
+pub mod progress;
+pub mod schedule;
+
+pub use error::{Error, Result};
