@@ -4,6 +4,7 @@
 //! - [`text`]: pretraining corpora (plain text or JSONL `text`), tokenised and packed into
 //!   context-length sequences with a held-out split.
 
+pub mod chat;
 pub mod error;
 pub mod jsonl;
 pub mod text;
