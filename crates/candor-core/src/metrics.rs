@@ -35,7 +35,12 @@ impl MetricsLog {
     /// Read `<dir>/metrics.jsonl`, keeping only records up to `max_step` (a resumed run
     /// recomputes anything after its checkpoint).
     pub fn read(dir: &Path, max_step: Option<u64>) -> Result<Self> {
-        let path = dir.join(METRICS_FILE);
+        Self::read_file(&dir.join(METRICS_FILE), max_step)
+    }
+
+    /// Read any JSONL log of records with a `step` (e.g. PPO's `samples.jsonl`).
+    pub fn read_file(path: &Path, max_step: Option<u64>) -> Result<Self> {
+        let path = path.to_path_buf();
         if !path.exists() {
             return Ok(Self::default());
         }
@@ -56,7 +61,11 @@ impl MetricsLog {
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(METRICS_FILE);
+        self.write_file(&dir.join(METRICS_FILE))
+    }
+
+    pub fn write_file(&self, path: &Path) -> Result<()> {
+        let path = path.to_path_buf();
         let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io_err(&path))?);
         for r in &self.records {
             serde_json::to_writer(&mut f, r).map_err(|e| Error::Msg(e.to_string()))?;

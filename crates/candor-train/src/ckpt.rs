@@ -160,6 +160,17 @@ mod tests {
     }
 }
 
+/// The last value of each metric in the log (what `candor.json` records as final metrics).
+pub fn final_metrics(metrics: &candor_core::metrics::MetricsLog) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for r in &metrics.records {
+        for (k, v) in r {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
 /// Everything a stage checkpoint holds for one trainable model.
 pub struct Snapshot<'a> {
     pub config: &'a ModelConfig,
