@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use candor_train::bench::{bench_sample, bench_train, shape};
+use candor_train::precision::Precision;
 
 use crate::device;
 
@@ -25,24 +26,31 @@ pub struct BenchArgs {
     pub json: bool,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// f32, or bf16: mixed precision for training (f32 master weights, as `train.dtype`),
+    /// bf16 weights and KV cache for sampling.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let dev = device(&args.device)?;
     shape(&args.shape)?;
+    let precision = Precision::parse(&args.dtype, "--dtype")?;
     let steps = if args.sample { args.steps.min(3).max(1) } else { args.steps.max(1) };
     let r = if args.sample {
-        bench_sample(&args.shape, &dev, 1, steps)?
+        bench_sample(&args.shape, &dev, precision, 1, steps)?
     } else {
-        bench_train(&args.shape, &dev, args.warmup, steps)?
+        bench_train(&args.shape, &dev, precision, args.warmup, steps)?
     };
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "candor {} {}: {:.0} tokens/s, {} params, {:.2} GFLOP/s, peak RSS {:.0} MiB, {} threads",
+            "candor {} {} {} on {}: {:.0} tokens/s, {} params, {:.2} GFLOP/s, peak RSS {:.0} MiB, {} threads",
             r.shape,
             r.mode,
+            r.dtype,
+            r.device,
             r.tokens_per_sec,
             r.params,
             r.flops_per_sec / 1e9,

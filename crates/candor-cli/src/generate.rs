@@ -9,6 +9,7 @@ use candor_core::rng::Rng;
 use candor_data::jsonl::read_jsonl;
 use candor_data::Tokenizer;
 use candor_model::generate::{generate, SamplingParams};
+use candor_train::precision::{frozen_model, Precision};
 use serde::Deserialize;
 
 use crate::device;
@@ -38,6 +39,9 @@ pub struct GenerateArgs {
     pub seed: u64,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// f32, or bf16 (weights, activations and KV cache; for GPUs).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Deserialize)]
@@ -55,7 +59,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("give --prompt TEXT or --prompts FILE.jsonl");
     }
-    let model = candor_model::io::load_frozen(&args.model, &dev)?;
+    let model = match Precision::parse(&args.dtype, "--dtype")? {
+        Precision::F32 => candor_model::io::load_frozen(&args.model, &dev)?,
+        p => {
+            let config = candor_model::io::read_config(&args.model)?;
+            let (_, vars) = candor_model::io::load_trainable(&args.model, config.head(), &mut Rng::new(0), &dev)?;
+            frozen_model(&config, config.head(), &vars, p.dtype(), &dev)?
+        }
+    };
     let tok = Tokenizer::from_dir(&args.model)?;
     let ids: Vec<Vec<u32>> =
         prompts.iter().map(|p| tok.encode(p)).collect::<candor_data::Result<_>>().context("encoding the prompts")?;

@@ -15,6 +15,7 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::loss::lm_loss;
 use crate::optim::{clip_grad_norm, named_vars, AdamW};
+use crate::precision::{compute_model, frozen_model, Precision};
 
 /// A benchmark shape (the twin script's `SHAPES`).
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -67,6 +68,10 @@ pub struct BenchResult {
     pub implementation: &'static str,
     pub shape: String,
     pub mode: &'static str,
+    /// Forward/backward (training) or weights/activations (sampling) precision.
+    pub dtype: &'static str,
+    /// Where it ran (`cpu`, `cuda:0`, …).
+    pub device: String,
     pub params: usize,
     pub tokens_per_sec: f64,
     pub flops_per_sec: f64,
@@ -95,8 +100,17 @@ pub fn threads() -> usize {
     })
 }
 
-/// Time training steps (forward, cross-entropy, backward, clip 1.0, AdamW) on random tokens.
-pub fn bench_train(name: &str, device: &Device, warmup: usize, steps: usize) -> Result<BenchResult> {
+fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Time training steps (forward, cross-entropy, backward, clip 1.0, AdamW) on random tokens,
+/// the pass in `precision` (bf16: f32 master weights and AdamW state, as `train.dtype`).
+pub fn bench_train(name: &str, device: &Device, precision: Precision, warmup: usize, steps: usize) -> Result<BenchResult> {
     let s = shape(name)?;
     let cfg = s.config();
     let mut rng = Rng::new(0);
@@ -111,7 +125,8 @@ pub fn bench_train(name: &str, device: &Device, warmup: usize, steps: usize) -> 
     let mut times = vec![];
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let (_, mean) = lm_loss(&model, &batch)?;
+        let step_model = compute_model(&model, &varmap, precision)?;
+        let (_, mean) = lm_loss(&step_model, &batch)?;
         let store = mean.backward()?;
         let mut grads = opt.zero_grads();
         opt.accumulate(&store, &mut grads)?;
@@ -130,6 +145,8 @@ pub fn bench_train(name: &str, device: &Device, warmup: usize, steps: usize) -> 
         implementation: "candor",
         shape: name.into(),
         mode: "train",
+        dtype: precision.name(),
+        device: device_name(device),
         params,
         tokens_per_sec: tokens / med,
         flops_per_sec: flops / med,
@@ -140,12 +157,12 @@ pub fn bench_train(name: &str, device: &Device, warmup: usize, steps: usize) -> 
 }
 
 /// Time batched generation with the KV cache: 8 prompts of 16 random tokens, 128 new tokens
-/// each (no stop token), temperature 1.
-pub fn bench_sample(name: &str, device: &Device, warmup: usize, reps: usize) -> Result<BenchResult> {
+/// each (no stop token), temperature 1; weights, activations and cache in `precision`.
+pub fn bench_sample(name: &str, device: &Device, precision: Precision, warmup: usize, reps: usize) -> Result<BenchResult> {
     let s = shape(name)?;
     let cfg = s.config();
     let mut rng = Rng::new(0);
-    let model = candor_model::io::frozen_copy(&cfg, Head::Lm, &build_trainable(&cfg, Head::Lm, None, &[], &mut rng, device)?.1, device)?;
+    let model = frozen_model(&cfg, Head::Lm, &build_trainable(&cfg, Head::Lm, None, &[], &mut rng, device)?.1, precision.dtype(), device)?;
     let prompts: Vec<Vec<u32>> =
         (0..SAMPLE_BATCH).map(|_| (0..SAMPLE_PROMPT).map(|_| rng.below(s.vocab) as u32).collect()).collect();
     let params_s = SamplingParams { max_new_tokens: SAMPLE_NEW, temperature: 1.0, top_k: 0, top_p: 1.0 };
@@ -171,6 +188,8 @@ pub fn bench_sample(name: &str, device: &Device, warmup: usize, reps: usize) -> 
         implementation: "candor",
         shape: name.into(),
         mode: "sample",
+        dtype: precision.name(),
+        device: device_name(device),
         params,
         tokens_per_sec: new_tokens / med,
         flops_per_sec: flops / med,

@@ -35,6 +35,11 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// Log training metrics every N steps.
     pub log_every: usize,
+    /// Forward/backward precision: `f32` (default), or `bf16` mixed precision — bf16
+    /// weights and activations in the pass, f32 reductions (norms, softmax, loss), f32
+    /// master weights and AdamW state (Micikevicius et al. 2018; bf16 needs no loss
+    /// scaling). Meant for GPUs; candle's CPU backend runs it too, more slowly than f32.
+    pub dtype: crate::precision::Precision,
 }
 
 impl Default for TrainConfig {
@@ -55,6 +60,7 @@ impl Default for TrainConfig {
             eval_batches: 8,
             save_every: 0,
             log_every: 10,
+            dtype: Default::default(),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`loss`]: masked next-token cross-entropy.
 //! - [`ckpt`]: writing a stage's checkpoint directory and its resume state.
 //! - [`progress::Progress`]: the progress bar and log lines.
+//! - [`precision`]: bf16 mixed precision (f32 master weights and optimiser state).
 
 pub mod batch;
 pub mod bench;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod precision;
 pub mod progress;
 pub mod schedule;
 
