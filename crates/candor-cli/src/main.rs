@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod generate;
+mod launch;
 mod stage;
 mod tokenizer;
 
@@ -55,6 +56,10 @@ pub struct CommonStage {
     /// Print the resolved config (defaults and --set applied) as YAML and exit.
     #[arg(long)]
     pub show_config: bool,
+    /// Data parallel on this machine: start N processes (ranks), one per GPU
+    /// (cuda:0…N-1) or all on the CPU. Under torchrun/srun, their environment decides.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub nproc: usize,
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::{device, load_config, CommonStage};
+use crate::{launch, load_config, CommonStage};
 
 #[derive(Args)]
 pub struct StageArgs {
@@ -28,14 +28,25 @@ pub fn pretrain(args: StageArgs) -> Result<()> {
     if c.show_config {
         return print_config(&cfg);
     }
+    if c.nproc == 0 {
+        anyhow::bail!("--nproc: must be at least 1");
+    }
+    if c.nproc > 1 && !launch::inside_a_run()? {
+        return launch::run_ranks(c.nproc);
+    }
+    let (device, dist) = launch::join(&c.device)?;
     let opts = candor_pretrain::RunOptions {
         out: c.out.clone().unwrap_or_else(|| default_out("pretrain")),
-        device: device(&c.device)?,
+        device,
         resume: c.resume,
         overwrite: c.overwrite,
         origin: c.config.display().to_string(),
+        dist,
     };
     let meta = candor_pretrain::run(&cfg, &opts)?;
+    if !opts.dist.is_main() {
+        return Ok(());
+    }
     println!(
         "pretrain: {} (step {}, eval_loss {})",
         opts.out.display(),

@@ -20,6 +20,8 @@ use candor_model::{Model, ModelConfig};
 use candor_train::batch::{lm_batch, Cursor, LmExample, Sampler};
 use candor_train::ckpt::{plan_start, read_trainer, restore_optimizer, save_checkpoint, Snapshot, Start, TrainerState};
 use candor_train::config::TrainConfig;
+use candor_train::dist::{sharded_lm_grads, Dist, ShardedStep};
+use candor_train::precision::compute_model;
 use candor_train::loss::lm_loss;
 use candor_train::optim::{clip_grad_norm, named_vars, AdamW};
 use candor_train::progress::{human, Progress};
@@ -120,6 +122,9 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Names the config in error messages (its file path).
     pub origin: String,
+    /// This process's place in a data-parallel run (`Dist::single()` alone): each rank
+    /// trains on its shard of every batch, gradients are summed, rank 0 writes.
+    pub dist: Dist,
 }
 
 fn err(msg: String) -> Error {
@@ -136,8 +141,22 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     if !(0.0..0.5).contains(&cfg.data.heldout_fraction) {
         return Err(err(format!("{origin}: data.heldout_fraction: must be in [0, 0.5)")));
     }
+    let dist = &opts.dist;
+    if cfg.train.batch_size < dist.world_size() {
+        return Err(err(format!(
+            "{origin}: train.batch_size: {} is smaller than the {} ranks of this run (it is the global batch, split among them)",
+            cfg.train.batch_size,
+            dist.world_size()
+        )));
+    }
     let effective = candor_core::config::effective(cfg);
-    let start = plan_start(&opts.out, opts.resume, opts.overwrite, &effective)?;
+    // rank 0 decides (and may clear the directory) before the others look at it
+    let start = if dist.is_main() { Some(plan_start(&opts.out, opts.resume, opts.overwrite, &effective)?) } else { None };
+    dist.barrier()?;
+    let start = match start {
+        Some(s) => s,
+        None => plan_start(&opts.out, opts.resume, false, &effective)?,
+    };
     if let Start::Done(meta) = start {
         eprintln!("[pretrain] {} is already complete (step {})", opts.out.display(), meta.step);
         return Ok(meta);
@@ -177,6 +196,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
         let built = build_trainable(&c, Head::Lm, None, &[], &mut init_rng, device)?;
         (c, built)
     };
+    dist.broadcast_vars(&named_vars(&varmap))?;
     let ctx = cfg.model.ctx;
     check_compatible(&tokenizer, &model_config, cfg.model.ctx, cfg.init.as_deref(), origin)?;
 
@@ -208,15 +228,20 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
         meta.parents = prev.parents.clone();
         state = s;
     }
+    // every rank must resume from the same place (a shared --out)
+    dist.check_same("resume step (is --out on a filesystem every rank sees?)", state.step)?;
     let mut sampler = Sampler::new(train_set.len(), cfg.seed, state.cursor.clone());
     let pad = tokenizer.pad_id();
     let params = model_config.param_count(Head::Lm);
-    let progress = Progress::new("pretrain", cfg.train.steps as u64, state.step);
+    let progress = Progress::for_rank("pretrain", cfg.train.steps as u64, state.step, dist.is_main());
     progress.log(&format!(
-        "{} params, {} training / {} held-out sequences of {ctx} tokens, unigram baseline loss {unigram:.3}{}",
+        "{} params, {} training / {} held-out sequences of {ctx} tokens, unigram baseline loss {unigram:.3}, {} on {:?}{}{}",
         params,
         train_set.len(),
         heldout.len(),
+        cfg.train.dtype.name(),
+        device.location(),
+        if dist.backend() != "single" { format!(", {} ranks ({})", dist.world_size(), dist.backend()) } else { String::new() },
         if resuming { format!(", resuming at step {}", state.step) } else { String::new() }
     ));
     let save = |state: &TrainerState, metrics: &MetricsLog, opt: &AdamW, meta: &mut CandorMeta| -> Result<()> {
@@ -231,8 +256,8 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
         };
         save_checkpoint(&opts.out, &snap, meta, |_| Ok(()))
     };
-    if state.step == 0 && !heldout.is_empty() {
-        let eval = evaluate(&model, &heldout, &cfg.train, pad)?;
+    if state.step == 0 && !heldout.is_empty() && dist.is_main() {
+        let eval = evaluate(&*compute_model(&model, &varmap, cfg.train.dtype)?, &heldout, &cfg.train, pad)?;
         metrics.push(record!(0; "eval_loss" => eval, "eval_ppl" => eval.exp(), "unigram_loss" => unigram));
     }
 
@@ -242,20 +267,13 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let mut window = (Instant::now(), 0u64);
     for step in state.step as usize..cfg.train.steps {
         let lr = lr_at(&cfg.train, step);
-        let mut grads = opt.zero_grads();
-        let mut loss_sum = 0.0;
-        for _ in 0..cfg.train.grad_accum {
-            let idx = sampler.next(cfg.train.batch_size);
-            let examples: Vec<&LmExample> = idx.iter().map(|&i| &train_set[i]).collect();
-            let batch = lm_batch(&examples, pad, device)?;
-            let (_, mean) = lm_loss(&model, &batch)?;
-            loss_sum += mean.to_scalar::<f32>()? as f64;
-            let store = (mean / cfg.train.grad_accum as f64)?.backward()?;
-            opt.accumulate(&store, &mut grads)?;
-            state.tokens += batch.n_targets as u64;
-            window.1 += batch.n_targets as u64;
-        }
-        let loss = loss_sum / cfg.train.grad_accum as f64;
+        // forward/backward in train.dtype (bf16: over casts of the f32 master weights), this
+        // rank's shard of the global batch, gradients summed over the ranks
+        let step_model = compute_model(&model, &varmap, cfg.train.dtype)?;
+        let ShardedStep { mut grads, loss, tokens } =
+            sharded_lm_grads(&step_model, &opt, &train_set, &mut sampler, &cfg.train, pad, dist)?;
+        state.tokens += tokens as u64;
+        window.1 += tokens as u64;
         let grad_norm = clip_grad_norm(&mut grads, cfg.train.grad_clip)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(err(format!(
@@ -275,8 +293,11 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
             metrics.push(record!(state.step; "loss" => loss, "lr" => lr, "grad_norm" => grad_norm, "tokens_per_sec" => tok_s));
             window = (Instant::now(), 0);
         }
+        if !dist.is_main() {
+            continue; // rank 0 alone logs, evaluates and writes
+        }
         if !heldout.is_empty() && ((cfg.train.eval_every > 0 && state.step as usize % cfg.train.eval_every == 0) || last) {
-            let eval = evaluate(&model, &heldout, &cfg.train, pad)?;
+            let eval = evaluate(&*compute_model(&model, &varmap, cfg.train.dtype)?, &heldout, &cfg.train, pad)?;
             metrics.push(record!(state.step; "eval_loss" => eval, "eval_ppl" => eval.exp()));
             progress.log(&format!("step {} | loss {loss:.4} | eval_loss {eval:.4} | eval_ppl {:.2}", state.step, eval.exp()));
         }
@@ -291,7 +312,11 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     meta.metrics = final_metrics(&metrics);
     meta.metrics.insert("unigram_loss".into(), serde_json::json!(unigram));
     meta.metrics.insert("params".into(), serde_json::json!(params));
-    save(&state, &metrics, &opt, &mut meta)?;
+    meta.step = state.step;
+    if dist.is_main() {
+        save(&state, &metrics, &opt, &mut meta)?;
+    }
+    dist.barrier()?; // no rank returns before the checkpoint is in place
     progress.finish();
     Ok(meta)
 }

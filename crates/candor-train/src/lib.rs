@@ -10,11 +10,13 @@
 //! - [`ckpt`]: writing a stage's checkpoint directory and its resume state.
 //! - [`progress::Progress`]: the progress bar and log lines.
 //! - [`precision`]: bf16 mixed precision (f32 master weights and optimiser state).
+//! - [`dist`]: data parallel — sharding, gradient all-reduce (threads, TCP, NCCL), launcher env.
 
 pub mod batch;
 pub mod bench;
 pub mod ckpt;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod loss;
 pub mod optim;

@@ -8,6 +8,8 @@ pub struct Progress {
     bar: ProgressBar,
     label: String,
     started: Instant,
+    /// No bar and no log lines (ranks other than 0 of a data-parallel run).
+    quiet: bool,
 }
 
 impl Progress {
@@ -24,7 +26,16 @@ impl Progress {
         bar.set_position(start);
         bar.reset_eta();
         bar.enable_steady_tick(Duration::from_millis(250));
-        Progress { bar, label: label.to_string(), started: Instant::now() }
+        Progress { bar, label: label.to_string(), started: Instant::now(), quiet: false }
+    }
+
+    /// [`new`](Self::new) on rank 0 of a run; silent on the other ranks.
+    pub fn for_rank(label: &str, total: u64, start: u64, is_main: bool) -> Self {
+        if is_main {
+            return Self::new(label, total, start);
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+        Progress { bar, label: label.to_string(), started: Instant::now(), quiet: true }
     }
 
     pub fn set(&self, step: u64, msg: String) {
@@ -34,6 +45,9 @@ impl Progress {
 
     /// Print a line above the bar (or plainly when there is no terminal).
     pub fn log(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
         let label = &self.label;
         self.bar.suspend(|| eprintln!("[{label}] {line}"));
     }
