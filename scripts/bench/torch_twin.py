@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """PyTorch twin of candor's llama-style model, for benchmarking candor against eager PyTorch.
 
-Plain PyTorch (no transformers), float32, eager (no torch.compile):
+Plain PyTorch (no transformers), eager (no torch.compile), float32 on the CPU by default;
+--device cuda runs it on the GPU, --dtype bf16 trains under torch.autocast(bfloat16) with
+float32 master weights and AdamW state (what candor's `train.dtype: bf16` does) and
+samples with bfloat16 weights and KV cache:
   token embedding (tied with the LM head)
   per block:  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x))
      RMSNorm: eps 1e-5, learned weight, x * rsqrt(mean(x^2) + eps) * w   (HF LlamaRMSNorm)
@@ -32,6 +35,7 @@ RoPE tables cover prompt+new tokens even where that exceeds the shape's ctx (tin
 Usage:
   .venv/bin/python scripts/bench/torch_twin.py --shape tiny [--threads 2] [--json]
   .venv/bin/python scripts/bench/torch_twin.py --shape small --sample --json
+  python3 scripts/bench/torch_twin.py --shape small --device cuda --dtype bf16 --json
 """
 from __future__ import annotations
 
@@ -174,9 +178,9 @@ class Block(nn.Module):
 class StaticCache:
     """Preallocated per-layer K/V buffers, written in place."""
 
-    def __init__(self, b, kv_heads, max_len, head_dim):
-        self.k = torch.zeros(b, kv_heads, max_len, head_dim)
-        self.v = torch.zeros(b, kv_heads, max_len, head_dim)
+    def __init__(self, b, kv_heads, max_len, head_dim, device="cpu", dtype=torch.float32):
+        self.k = torch.zeros(b, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(b, kv_heads, max_len, head_dim, device=device, dtype=dtype)
 
     def update(self, k, v, pos):
         t = k.shape[2]
@@ -266,18 +270,26 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_train(s: Shape, args) -> dict:
-    model = Twin(s, args.attn, rope_len=s.ctx)
+    dev = torch.device(args.device)
+    model = Twin(s, args.attn, rope_len=s.ctx).to(dev)
     model.train()
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(args.seed)
     tokens = s.batch * s.ctx
 
     def step():
-        data = torch.randint(0, s.vocab, (s.batch, s.ctx + 1), generator=g)
+        data = torch.randint(0, s.vocab, (s.batch, s.ctx + 1), generator=g).to(dev)
         inputs, targets = data[:, :-1], data[:, 1:]
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, s.vocab), targets.reshape(-1))
+        with autocast:  # bf16: f32 master weights, matmuls in bf16, cross-entropy in f32
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.reshape(-1, s.vocab), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -313,7 +325,8 @@ def generate(model: Twin, prompt: torch.Tensor, new_tokens: int, sampling: str, 
     b, p = prompt.shape
     max_len = p + new_tokens
     cls = StaticCache if cache_kind == "static" else ConcatCache
-    caches = [cls(b, s.kv_heads, max_len, s.hidden // s.heads) for _ in range(s.layers)]
+    w = model.embed_tokens.weight
+    caches = [cls(b, s.kv_heads, max_len, s.hidden // s.heads, w.device, w.dtype) for _ in range(s.layers)]
     logits = model(prompt, caches, pos=0)[:, -1]
     out = []
     pos = p
@@ -333,16 +346,21 @@ def generate(model: Twin, prompt: torch.Tensor, new_tokens: int, sampling: str, 
 
 def bench_sample(s: Shape, args) -> dict:
     b, p, n = args.sample_batch, args.prompt_len, args.new_tokens
-    model = Twin(s, args.attn, rope_len=max(s.ctx, p + n))
+    dev = torch.device(args.device)
+    model = Twin(s, args.attn, rope_len=max(s.ctx, p + n)).to(dev)
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)  # bf16 weights, activations and KV cache
     model.eval()
-    g = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, s.vocab, (b, p), generator=g)
+    g = torch.Generator(device=dev).manual_seed(args.seed)
+    prompt = torch.randint(0, s.vocab, (b, p), generator=torch.Generator().manual_seed(args.seed)).to(dev)
     generate(model, prompt, min(n, 8), args.sampling, args.cache, g)  # warm-up
+    sync(dev)
     times = []
     with BackgroundLoad() as bg:
         for _ in range(args.sample_reps):
             t0 = time.perf_counter()
             out = generate(model, prompt, n, args.sampling, args.cache, g)
+            sync(dev)
             times.append(time.perf_counter() - t0)
             assert out.shape == (b, n)
     med = statistics.median(times)
@@ -424,6 +442,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--sample-reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="bf16: autocast training with f32 master weights; bf16 weights for sampling")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--selfcheck", action="store_true", help="compare with transformers' Llama and exit")
     args = ap.parse_args(argv)
@@ -443,7 +464,10 @@ def main(argv=None) -> int:
         "tokens_per_sec": res.pop("tokens_per_sec"),
         "flops_per_sec": res.pop("flops_per_sec"),
         "peak_rss_bytes": peak_rss_bytes(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0,
         "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
         "attn": args.attn,
         "torch": torch.__version__,
         **res,
@@ -452,7 +476,7 @@ def main(argv=None) -> int:
         print(json.dumps(out))
     else:
         print(
-            f"pytorch {out['shape']} {out['mode']}: {out['params']:,} params, "
+            f"pytorch {out['shape']} {out['mode']} {out['dtype']} on {out['device']}: {out['params']:,} params, "
             f"{out['tokens_per_sec']:,.0f} tok/s, {out['flops_per_sec'] / 1e9:.2f} GFLOP/s, "
             f"peak RSS {out['peak_rss_bytes'] / 2**20:.0f} MiB, {out['threads']} threads, attn {out['attn']}, "
             f"other processes used {100 * out['background_cpu_frac']:.0f}% of the CPUs meanwhile"
