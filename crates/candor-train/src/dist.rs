@@ -678,6 +678,7 @@ pub use nccl::Nccl;
 mod nccl {
     use super::*;
     use candle_core::cuda_backend::cudarc::nccl::safe::{Comm as NcclComm, Id, ReduceOp};
+    use candle_core::backend::BackendStorage;
     use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape};
 
     /// NCCL collectives on one GPU per rank.
