@@ -4,6 +4,8 @@
 #   scripts/build-cuda.sh            # release build with --features cuda,nccl
 #   FEATURES=cuda scripts/build-cuda.sh
 #   JOBS=2 scripts/build-cuda.sh     # cargo -j (default: all cores)
+#   CANDOR_CUDA_CACHE=~/.cache/candor-cuda TARGET_DIR=~/.cache/candor-cuda/target scripts/build-cuda.sh
+#                                    # keep the wheels and the build outside the clone (CI)
 #
 # What it does (each step skipped when its result is already there):
 #   1. installs the CUDA 13.0 toolchain and libraries from the Python package registry
@@ -17,7 +19,9 @@
 #      evict the CPU build in target/), for compute capability 9.0 (H100/H200) unless
 #      CUDA_COMPUTE_CAP says otherwise;
 #   4. strips it into target-cuda/candor (≈ what a GPU machine needs: copy it there and set
-#      LD_LIBRARY_PATH to the CUDA 13 libraries; see docs/gpu.md).
+#      LD_LIBRARY_PATH to the CUDA 13 libraries; see docs/gpu.md);
+#   5. checks that it starts and trains on the CPU with the wheels' libraries and the stub
+#      driver (which answers no real CUDA call: the GPU path needs a GPU machine).
 #
 # Facts it relies on (docs/gpu.md): cudarc 0.19.10 reads the toolkit version from
 # CUDARC_CUDA_VERSION (it panics on toolkits newer than 13.4), candle-kernels compiles its
@@ -32,7 +36,9 @@ JOBS=${JOBS:-$(nproc)}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CUDARC_CUDA_VERSION=13000
 TARGET_DIR=${TARGET_DIR:-$root/target-cuda}
-CACHE=$root/.cache/cuda
+CACHE=${CANDOR_CUDA_CACHE:-$root/.cache/cuda}
+mkdir -p "$CACHE"
+CACHE=$(cd "$CACHE" && pwd)
 PY=$CACHE/py
 CU=$PY/nvidia/cu13
 STUBS=$CU/lib/stubs
@@ -104,4 +110,9 @@ step "the binary imports $need driver functions; the stub defines $have"
 # 4. strip a copy
 strip -o "$TARGET_DIR/candor" "$TARGET_DIR/release/candor"
 step "$(du -h "$TARGET_DIR/release/candor" | cut -f1) unstripped, $(du -h "$TARGET_DIR/candor" | cut -f1) stripped: ${TARGET_DIR#$root/}/candor"
+
+# 5. smoke test on the CPU: every library the binary needs resolves, and it trains a step
+mkdir -p "$CACHE/rt"
+ln -sfn "$STUBS/libcuda.so" "$CACHE/rt/libcuda.so.1"
+LD_LIBRARY_PATH="$CACHE/rt:$CU/lib:$PY/nvidia/nccl/lib" "$TARGET_DIR/candor" bench --shape tiny --device cpu --steps 1 --warmup 0 >&2
 step "done in $(( $(date +%s) - t0 )) s"
