@@ -150,7 +150,7 @@ for (impl, dt), r in sorted(by.items()):
     other = by.get(("pytorch", dt))
     if impl == "candor" and other:
         vs = f", {r['tokens_per_sec'] / other['tokens_per_sec']:.2f}× PyTorch"
-    print(f"bench small train {dt} {impl}\tok\t{r['tokens_per_sec']:,.0f} tok/s, {r['flops_per_sec']/1e12:.1f} TFLOP/s, MFU {100*mfu:.2f}%{vs}")
+    print(f"bench small train {dt} {impl}\tok\t{r['tokens_per_sec']:,.0f} tok/s, {r['flops_per_sec']/1e12:.1f} TFLOP/s, MFU {100*mfu:.2f}% of 790 TFLOP/s bf16{vs}")
 EOF
 
 # 5. data parallel ---------------------------------------------------------------------
