@@ -3,7 +3,7 @@
 architecture candor loads, with transformers' outputs on fixed inputs, and checks that
 checkpoints candor writes load in transformers with the same outputs.
 
-    bash scripts/setup_venv.sh                      # once: torch + transformers in .venv
+    bash scripts/setup_venv.sh                      # once: torch, transformers, gguf in .venv
     .venv/bin/python scripts/make_parity_fixtures.py
 
 Part 1, HF -> candor (read by crates/candor-model/tests/parity.rs). For each fixture DIR:
@@ -21,6 +21,12 @@ Part 1, HF -> candor (read by crates/candor-model/tests/parity.rs). For each fix
 Weights are drawn wider than the usual 0.02 init (norm gains and biases too), so logits
 are O(1) and every parameter matters. Computation in float32; bf16/f16 fixtures store
 their weights in that dtype and the reference is computed from the stored values.
+
+Also tests/fixtures/parity/llama-gguf: llama-tied's weights written as llama.cpp does
+(GGUF names, q/k rows permuted by convert_hf_to_gguf.py's rule), F32 and Q8_0, with a
+small byte-level BPE vocabulary, a ChatML template and tokenizer.ggml.pre = smollm, for
+`candor import` (tests/interop.rs); and tests/fixtures/gpt2/reference.json, transformers'
+GPT-2 tokenizer's ids for a few texts from the original encoder.json/vocab.bpe.
 
 Part 2, candor -> HF (round trip). tests/fixtures/parity/candor-lm is a checkpoint trained
 by `candor pretrain` (tiny, a few steps; trainer/ state dropped) and candor-score the same
@@ -206,7 +212,7 @@ def make_candor_checkpoints(remake):
             cargo("run", "-q", "-p", "candor-cli", "--bin", "candor", "--", "pretrain", "--config", cfg, "--out", out)
             shutil.rmtree(lm, ignore_errors=True)
             shutil.copytree(out, lm, ignore=shutil.ignore_patterns("trainer", "metrics.jsonl"))
-    if remake or not os.path.isdir(score):
+    if remake or not os.path.isdir(score) or not os.path.isfile(os.path.join(score, "config.json")):
         shutil.rmtree(score, ignore_errors=True)
         resave(lm, score, head="score")
 
@@ -224,7 +230,7 @@ def candor_references():
         assert type(model).__name__ == expect, f"{name}: transformers loaded {type(model).__name__}, expected {expect}"
         tok = AutoTokenizer.from_pretrained(d)
         text_ids = tok(TEXT, add_special_tokens=True)["input_ids"]
-        chat = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+        chat = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=False)
         chat_ids = tok(chat, add_special_tokens=False)["input_ids"]
         assert tok.decode(text_ids) == TEXT, f"{name}: tokenizer does not round-trip"
         gen = torch.Generator().manual_seed(77)
@@ -263,12 +269,111 @@ def check_resaved():
     print(f"round trip candor -> transformers: worst max abs error {worst:.2e}")
 
 
+GGUF_BIGRAMS = ["th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed", "is",
+                "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io"]
+GGUF_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def llama_cpp_permute(w, n_head):
+    """convert_hf_to_gguf.py's LlamaModel.permute: HF rotate-half rows -> GGML interleaved rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def make_gguf_fixture():
+    """llama-tied's weights as llama.cpp would write them (q/k permuted, GGUF names), F32 and
+    Q8_0, with a small byte-level BPE vocabulary: `candor import` must give back the
+    reference logits (F32 exactly; Q8_0 within quantization error)."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+    src = os.path.join(OUT, "llama-tied")
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    w = {k: v.float().numpy() for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    # vocabulary: 3 specials, GPT-2's byte symbols for '!'..'~', space (Ġ) and newline (Ċ), 29 merges
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a"]
+    merges = [f"{b[0]} {b[1]}" for b in GGUF_BIGRAMS]
+    tokens += GGUF_BIGRAMS
+    assert len(tokens) == VOCAB
+    types = [3, 3, 3] + [1] * (VOCAB - 3)
+    d = os.path.join(OUT, "llama-gguf")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    for fname, qtype in [("model-f32.gguf", None), ("model-q8_0.gguf", gguf.GGMLQuantizationType.Q8_0)]:
+        wr = gguf.GGUFWriter(os.path.join(d, fname), "llama")
+        wr.add_name("parity llama-tied")
+        wr.add_block_count(LAYERS)
+        wr.add_context_length(CTX)
+        wr.add_embedding_length(HIDDEN)
+        wr.add_feed_forward_length(INTER)
+        wr.add_head_count(HEADS)
+        wr.add_head_count_kv(KV)
+        wr.add_rope_freq_base(float(cfg["rope_parameters"]["rope_theta"]))
+        wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        wr.add_rope_dimension_count(HIDDEN // HEADS)
+        wr.add_vocab_size(VOCAB)
+        wr.add_tokenizer_model("gpt2")
+        wr.add_tokenizer_pre("smollm")
+        wr.add_token_list(tokens)
+        wr.add_token_types(types)
+        wr.add_token_merges(merges)
+        wr.add_bos_token_id(1)
+        wr.add_eos_token_id(2)
+        wr.add_pad_token_id(2)
+        wr.add_chat_template(GGUF_TEMPLATE)
+        names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+        for i in range(LAYERS):
+            for hf, gg in [("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+                           ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                           ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"),
+                           ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")]:
+                names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+        for hf, gg in names.items():
+            t = w[hf]
+            if gg.endswith("attn_q.weight"):
+                t = llama_cpp_permute(t, HEADS)
+            elif gg.endswith("attn_k.weight"):
+                t = llama_cpp_permute(t, KV)
+            if qtype is not None and t.ndim == 2:
+                wr.add_tensor(gg, gguf.quants.quantize(np.ascontiguousarray(t), qtype), raw_dtype=qtype)
+            else:
+                wr.add_tensor(gg, np.ascontiguousarray(t, dtype=np.float32))
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+    print(f"llama-gguf: {sorted(os.listdir(d))} (gguf {getattr(gguf, '__version__', '?')})")
+
+
+GPT2_TEXTS = ["Hello world!", " leading space, trailing  spaces  ", "It's 2024: naïve café — ünïcödé ✓ 🐳",
+              "line one\nline two\r\n\ttabbed<|endoftext|>after", "1234567 numbers 3.14159 and CamelCaseWords"]
+
+
+def gpt2_tokenizer_reference():
+    """transformers' GPT-2 fast tokenizer built from the original files: ids of a few texts."""
+    from transformers import GPT2Tokenizer
+    d = os.path.join(ROOT, "tests", "fixtures", "gpt2")
+    with tempfile.TemporaryDirectory() as tmp:
+        # the names transformers looks for (vocab.json, merges.txt)
+        shutil.copy(os.path.join(d, "encoder.json"), os.path.join(tmp, "vocab.json"))
+        shutil.copy(os.path.join(d, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+        tok = GPT2Tokenizer.from_pretrained(tmp)
+        cases = [{"text": t, "ids": tok(t)["input_ids"]} for t in GPT2_TEXTS]
+    assert cases[0]["ids"] == [15496, 995, 0]
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump({"transformers": transformers.__version__, "cases": cases}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    print(f"gpt2 tokenizer: {len(cases)} reference encodings")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--remake-candor", action="store_true", help="retrain candor-lm and redo candor-score")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     make_hf_fixtures()
+    make_gguf_fixture()
+    gpt2_tokenizer_reference()
     make_candor_checkpoints(args.remake_candor)
     candor_references()
     check_resaved()

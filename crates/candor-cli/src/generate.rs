@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use candor_core::rng::Rng;
+use candor_data::chat::{stop_tokens, ChatTemplate};
 use candor_data::jsonl::read_jsonl;
 use candor_data::Tokenizer;
 use candor_model::generate::{generate, SamplingParams};
@@ -15,9 +16,13 @@ use crate::device;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or hf:ORG/NAME for a model in the Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
+    /// Pose each prompt as a user turn through the tokenizer's chat template and print
+    /// only the assistant's reply (stops at the end-of-turn token).
+    #[arg(long)]
+    pub chat: bool,
     /// Prompt text (repeatable; all are sampled in one batch).
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -55,10 +60,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("give --prompt TEXT or --prompts FILE.jsonl");
     }
-    let model = candor_model::io::load_frozen(&args.model, &dev)?;
-    let tok = Tokenizer::from_dir(&args.model)?;
+    let dir = candor_model::resolve_model_dir(&args.model)?;
+    let model = candor_model::io::load_frozen(&dir, &dev)?;
+    let tok = Tokenizer::from_dir(&dir)?;
+    let template = ChatTemplate::for_tokenizer(&tok);
+    let texts: Vec<String> = if args.chat {
+        prompts.iter().map(|p| template.render_prompt(p)).collect::<candor_data::Result<_>>()?
+    } else {
+        prompts.clone()
+    };
     let ids: Vec<Vec<u32>> =
-        prompts.iter().map(|p| tok.encode(p)).collect::<candor_data::Result<_>>().context("encoding the prompts")?;
+        texts.iter().map(|p| tok.encode(p)).collect::<candor_data::Result<_>>().context("encoding the prompts")?;
     if let Some(i) = ids.iter().position(Vec::is_empty) {
         bail!("prompt {} is empty", i + 1);
     }
@@ -68,7 +80,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_k: args.top_k,
         top_p: args.top_p,
     };
-    let stop: Vec<u32> = tok.eos_id().into_iter().collect();
+    let stop: Vec<u32> = if args.chat { stop_tokens(&tok) } else { tok.eos_id().into_iter().collect() };
     let mut rng = Rng::new(args.seed);
     let samples = generate(&model, &ids, &params, &stop, tok.pad_id(), &mut rng)?;
     let mut out = std::io::stdout().lock();
@@ -76,6 +88,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let text = tok.decode(&s.tokens, true)?;
         if from_file {
             writeln!(out, "{}", serde_json::json!({"prompt": prompt, "response": text}))?;
+        } else if args.chat {
+            writeln!(out, "{}", text.trim())?;
         } else {
             writeln!(out, "{prompt}{text}")?;
         }

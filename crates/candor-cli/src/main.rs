@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod generate;
+mod import;
 mod stage;
 mod tokenizer;
 
@@ -29,6 +30,8 @@ enum Command {
     /// Train or convert tokenizers.
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
+    /// Import a llama.cpp GGUF model (dequantized) as a checkpoint directory.
+    Import(import::ImportArgs),
 }
 
 /// Options every stage command shares.
@@ -63,6 +66,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Import(args) => import::run(args),
     }
 }
 
