@@ -110,29 +110,17 @@ impl Meta<'_> {
             Some(v) => v.to_string().map(|s| Some(s.clone())).map_err(|_| file_err(self.path, format!("`{key}`: expected a string"))),
         }
     }
+    /// An array value, each item converted by `item` (`None`: not `what`).
+    fn array<T>(&self, key: &str, what: &str, item: impl Fn(&Value) -> Option<T>) -> Result<Vec<T>> {
+        let Some(v) = self.get(key) else { return Ok(vec![]) };
+        let items = v.to_vec().map_err(|_| file_err(self.path, format!("`{key}`: expected an array")))?;
+        items.iter().map(|x| item(x).ok_or_else(|| file_err(self.path, format!("`{key}`: expected {what}")))).collect()
+    }
     fn strings(&self, key: &str) -> Result<Vec<String>> {
-        match self.get(key) {
-            None => Ok(vec![]),
-            Some(v) => {
-                let items = v.to_vec().map_err(|_| file_err(self.path, format!("`{key}`: expected an array")))?;
-                items
-                    .iter()
-                    .map(|x| x.to_string().cloned().map_err(|_| file_err(self.path, format!("`{key}`: expected strings"))))
-                    .collect()
-            }
-        }
+        self.array(key, "strings", |x| x.to_string().ok().cloned())
     }
     fn ints(&self, key: &str) -> Result<Vec<i32>> {
-        match self.get(key) {
-            None => Ok(vec![]),
-            Some(v) => {
-                let items = v.to_vec().map_err(|_| file_err(self.path, format!("`{key}`: expected an array")))?;
-                items
-                    .iter()
-                    .map(|x| x.to_i32().or_else(|_| x.to_u32().map(|u| u as i32)).map_err(|_| file_err(self.path, format!("`{key}`: expected integers"))))
-                    .collect()
-            }
-        }
+        self.array(key, "integers", |x| x.to_i32().or_else(|_| x.to_u32().map(|u| u as i32)).ok())
     }
 }
 
