@@ -19,9 +19,13 @@ use crate::device;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or hf:ORG/NAME for a model in the Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
+    /// Pose each prompt as a user turn through the tokenizer's chat template and print
+    /// only the assistant's reply (stops at the end-of-turn token).
+    #[arg(long)]
+    pub chat: bool,
     /// Prompt text (repeatable; all are sampled in one batch).
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -29,10 +33,6 @@ pub struct GenerateArgs {
     /// (`stopped`: the response ended on a stop token, not the length limit).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Pose each prompt as a user turn in the checkpoint's chat template, stop at the end of
-    /// the assistant's turn, and print only the response.
-    #[arg(long)]
-    pub chat: bool,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
@@ -64,8 +64,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("give --prompt TEXT or --prompts FILE.jsonl");
     }
-    let model = candor_model::io::load_frozen(&args.model, &dev)?;
-    let tok = Tokenizer::from_dir(&args.model)?;
+    let dir = candor_model::resolve_model_dir(&args.model)?;
+    let model = candor_model::io::load_frozen(&dir, &dev)?;
+    let tok = Tokenizer::from_dir(&dir)?;
     let (ids, stop): (Vec<Vec<u32>>, Vec<u32>) = if args.chat {
         let template = ChatTemplate::for_tokenizer(&tok);
         let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();

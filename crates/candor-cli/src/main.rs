@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod eval;
 mod generate;
+mod import;
 mod ppo;
 mod rank;
 mod recipe;
@@ -55,6 +56,8 @@ enum Command {
     /// Train or convert tokenizers.
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
+    /// Import a llama.cpp GGUF model (dequantized) as a checkpoint directory.
+    Import(import::ImportArgs),
 }
 
 /// Options every stage command shares.
@@ -98,6 +101,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ppo(args) => ppo::run(args),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Import(args) => import::run(args),
     }
 }
 

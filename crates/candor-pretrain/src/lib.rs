@@ -34,7 +34,8 @@ pub struct PretrainConfig {
     pub data: DataConfig,
     /// Shape of a model trained from scratch (ignored with `init`).
     pub model: ModelShape,
-    /// Continue pretraining from this checkpoint instead of a fresh model.
+    /// Continue pretraining from this checkpoint instead of a fresh model: a directory, or
+    /// `hf:ORG/NAME` for a model in the Hugging Face cache.
     pub init: Option<PathBuf>,
     pub train: TrainConfig,
 }
@@ -134,8 +135,9 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let device = &opts.device;
 
     // 1. tokenizer and data
+    let init = cfg.init.as_ref().map(candor_model::resolve_model_dir).transpose()?;
     let docs = read_corpus(&cfg.data.files)?;
-    let (tokenizer, parents) = match (&cfg.init, &cfg.data.tokenizer) {
+    let (tokenizer, parents) = match (&init, &cfg.data.tokenizer) {
         (_, Some(path)) => (Tokenizer::from_file(path)?, vec![]),
         (Some(init), None) => (Tokenizer::from_dir(init)?, vec![parent_ref("init", init)?]),
         (None, None) if resuming => (Tokenizer::from_dir(&opts.out)?, vec![]),
@@ -145,7 +147,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
             (Tokenizer::train(docs.iter().map(String::as_str), cfg.data.vocab_size)?, vec![])
         }
     };
-    let parents = match (&cfg.init, parents.is_empty()) {
+    let parents = match (&init, parents.is_empty()) {
         (Some(init), true) => vec![parent_ref("init", init)?],
         _ => parents,
     };
@@ -156,17 +158,21 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let (model_config, (model, varmap)) = if resuming {
         let c = read_config(&opts.out)?;
         (c, load_trainable(&opts.out, Head::Lm, &mut init_rng, device)?)
-    } else if let Some(init) = &cfg.init {
+    } else if let Some(init) = &init {
         let c = read_config(init)?;
         (c, load_trainable(init, Head::Lm, &mut init_rng, device)?)
     } else {
-        let c = cfg.model.to_config(tokenizer.vocab_size());
+        let mut c = cfg.model.to_config(tokenizer.vocab_size());
+        // transformers reads these from config.json (generation stops, score-head pooling)
+        c.eos_token_id = Some(eos.into());
+        c.pad_token_id = Some(tokenizer.pad_id());
+        c.bos_token_id = tokenizer.bos_id();
         c.validate(Path::new(origin))?;
         let built = build_trainable(&c, Head::Lm, None, &[], &mut init_rng, device)?;
         (c, built)
     };
     let ctx = cfg.model.ctx;
-    check_compatible(&tokenizer, &model_config, cfg.model.ctx, cfg.init.as_deref(), origin)?;
+    check_compatible(&tokenizer, &model_config, cfg.model.ctx, init.as_deref(), origin)?;
 
     let stream = tokenize_documents(&tokenizer, &docs, eos)?;
     let corpus = pack_corpus(&stream, ctx, cfg.data.heldout_fraction)?;
