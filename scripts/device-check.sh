@@ -24,7 +24,8 @@
 #   5. data parallel: a 1-process NCCL run (WORLD_SIZE=1 with MASTER_ADDR: NCCL set up and
 #      used), a 2-process NCCL run (on one GPU NCCL normally refuses two ranks on the same
 #      device; the reason is printed), and a 2-process run over the TCP transport on the
-#      same GPU, whose losses must equal the 1-process run's (≤ 1e-4);
+#      same GPU, whose losses must equal the 1-process run's (≤ 1e-4); then PPO in bf16 on
+#      2 processes (rollouts sharded, TCP) from the recipe's SFT and reward models;
 # and prints one table (also written to $OUT/device-check.md, with every log beside it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -175,6 +176,21 @@ if CANDOR_DIST_BACKEND=tcp pretrain dp-tcp2 180 --device $dev2 --nproc 2 "${DP[@
   r=$(losses_close dp-one dp-tcp2 1e-4 10) && row "tcp 2 processes ($where)" "ok" "$r" || row "tcp 2 processes ($where)" "FAILED" "$r"
 else
   row "tcp 2 processes ($where)" "FAILED" "$(last_line "$OUT/dp-tcp2.log")"
+fi
+
+if [[ -f $OUT/recipe/sft/candor.json && -f $OUT/recipe/reward/candor.json ]]; then
+  CANDOR_DIST_BACKEND=tcp timeout 180 "$BIN" ppo --config configs/tiny/ppo.yaml --policy "$OUT/recipe/sft" \
+    --reward "$OUT/recipe/reward" --device $dev2 --nproc 2 --overwrite --out "$OUT/ppo-bf16-2" \
+    --set train.dtype=bf16 --set train.steps=4 --set train.eval_every=0 >"$OUT/ppo-bf16-2.log" 2>&1
+  rc=$?
+  if [[ $rc == 0 ]]; then
+    r=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["metrics"]; print("reward_mean %.3f, kl %.4f, %.1f s generating" % (m["reward_mean"], m["kl"], m["time_generate"]))' "$OUT/ppo-bf16-2/candor.json" 2>&1)
+    row "ppo bf16 2 processes tcp ($where)" "ok" "$r"
+  else
+    row "ppo bf16 2 processes tcp ($where)" "FAILED" "$(last_line "$OUT/ppo-bf16-2.log")"
+  fi
+else
+  row "ppo bf16 2 processes tcp" "skipped" "the tiny recipe left no sft and reward checkpoints"
 fi
 
 # the table ------------------------------------------------------------------------------

@@ -43,6 +43,15 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// A device as `--device` names it: `cpu`, `cuda:N`, `metal:N`.
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -100,14 +100,6 @@ pub fn threads() -> usize {
     })
 }
 
-fn device_name(d: &Device) -> String {
-    match d.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
 /// Time training steps (forward, cross-entropy, backward, clip 1.0, AdamW) on random tokens,
 /// the pass in `precision` (bf16: f32 master weights and AdamW state, as `train.dtype`).
 pub fn bench_train(name: &str, device: &Device, precision: Precision, warmup: usize, steps: usize) -> Result<BenchResult> {
@@ -146,7 +138,7 @@ pub fn bench_train(name: &str, device: &Device, precision: Precision, warmup: us
         shape: name.into(),
         mode: "train",
         dtype: precision.name(),
-        device: device_name(device),
+        device: candor_core::device::device_name(device),
         params,
         tokens_per_sec: tokens / med,
         flops_per_sec: flops / med,
@@ -189,7 +181,7 @@ pub fn bench_sample(name: &str, device: &Device, precision: Precision, warmup: u
         shape: name.into(),
         mode: "sample",
         dtype: precision.name(),
-        device: device_name(device),
+        device: candor_core::device::device_name(device),
         params,
         tokens_per_sec: new_tokens / med,
         flops_per_sec: flops / med,

@@ -34,12 +34,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candor_model::Model;
 
-use crate::batch::{lm_batch, LmExample, Sampler};
+use crate::batch::Sampler;
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::loss::lm_loss;
 use crate::optim::{AdamW, Grads};
 
 fn err(msg: impl Into<String>) -> Error {
@@ -181,9 +179,10 @@ impl Dist {
         Ok(())
     }
 
-    /// Sum the gradients over the ranks, in place. A parameter without a gradient on some
-    /// rank counts as zero there; one without a gradient on every rank stays `None`.
-    pub fn all_reduce_grads(&self, grads: &mut Grads) -> Result<()> {
+    /// Sum the gradients of `opt`'s parameters over the ranks, in place. A parameter without
+    /// a gradient on some rank (it had no examples in this minibatch) counts as zeros there;
+    /// one without a gradient on every rank stays `None`.
+    pub fn all_reduce_grads(&self, grads: &mut Grads, opt: &AdamW) -> Result<()> {
         if self.world_size() == 1 {
             return Ok(());
         }
@@ -191,23 +190,65 @@ impl Dist {
         let present = self.all_reduce_f64(&present)?;
         let mut slots = vec![];
         let mut tensors = vec![];
-        for (i, g) in grads.0.iter().enumerate() {
+        for (i, (g, (_, var))) in grads.0.iter().zip(&opt.params).enumerate() {
             if present[i] == 0.0 {
                 continue;
             }
             slots.push(i);
-            tensors.push(g.clone().ok_or_else(|| {
-                err(format!(
-                    "rank {}: parameter {i} has no gradient here but has one on another rank; zero-filling needs its shape",
-                    self.rank()
-                ))
-            })?);
+            tensors.push(match g {
+                Some(g) => g.clone(),
+                None => var.as_tensor().zeros_like()?,
+            });
         }
         let summed = self.comm.all_reduce_sum(&tensors)?;
         for (i, t) in slots.into_iter().zip(summed) {
             grads.0[i] = Some(t);
         }
         Ok(())
+    }
+
+    /// Every rank's numbers (any count, possibly none), in rank order.
+    pub fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let (rank, world) = (self.rank(), self.world_size());
+        if world == 1 {
+            return Ok(vec![mine.to_vec()]);
+        }
+        let mut lens = vec![0.0; world];
+        lens[rank] = mine.len() as f64;
+        let lens: Vec<usize> = self.all_reduce_f64(&lens)?.into_iter().map(|n| n as usize).collect();
+        // a sum in which each rank fills only its own slots: exact, whatever the transport
+        let offset: usize = lens[..rank].iter().sum();
+        let mut all = vec![0.0; lens.iter().sum()];
+        all[offset..offset + mine.len()].copy_from_slice(mine);
+        let all = self.all_reduce_f64(&all)?;
+        let mut parts = vec![];
+        let mut at = 0;
+        for n in lens {
+            parts.push(all[at..at + n].to_vec());
+            at += n;
+        }
+        Ok(parts)
+    }
+
+    /// Rank 0's value of anything serialisable (a generator state), on every rank.
+    pub fn broadcast_value<T: serde::Serialize + serde::de::DeserializeOwned + Clone>(&self, value: &T) -> Result<T> {
+        if self.world_size() == 1 {
+            return Ok(value.clone());
+        }
+        let bytes: Vec<f64> = if self.is_main() {
+            serde_json::to_vec(value).map_err(|e| err(e.to_string()))?.into_iter().map(f64::from).collect()
+        } else {
+            vec![]
+        };
+        let bytes: Vec<u8> = self.all_gather_f64(&bytes)?.swap_remove(0).into_iter().map(|b| b as u8).collect();
+        serde_json::from_slice(&bytes).map_err(|e| err(format!("rank {}: rank 0's value did not arrive whole: {e}", self.rank())))
+    }
+
+    /// Where every rank's loop starts: rank 0's weights, and the same resume step (a rank
+    /// that resumed elsewhere stops with an error).
+    pub fn sync_start(&self, vars: &[(String, Var)], step: u64) -> Result<()> {
+        self.broadcast_vars(vars)?;
+        self.check_same("resume step (is --out on a filesystem every rank sees?)", step)
     }
 
     /// Make every rank's parameters equal to rank 0's (after initialising or loading).
@@ -225,51 +266,53 @@ impl Dist {
 }
 
 // ---------------------------------------------------------------------------------------
-// The training step of next-token stages, sharded.
+// One optimiser step's gradients, sharded.
 
-/// One optimiser step's gradients (summed over ranks), loss and target tokens (global).
-pub struct ShardedStep {
+/// One optimiser step's gradients (summed over the ranks), loss and tokens (global).
+pub struct StepGrads {
     pub grads: Grads,
-    /// Mean loss per target token over the global batch, averaged over micro-batches.
+    /// Mean loss per term (target token, pair) of each global micro-batch, averaged over
+    /// the micro-batches.
     pub loss: f64,
-    /// Target tokens of the global batch (all ranks, all micro-batches).
+    /// Tokens the step saw, all ranks and micro-batches together.
     pub tokens: usize,
 }
 
 /// Forward and backward over `train.grad_accum` global micro-batches of `train.batch_size`
-/// examples drawn by `sampler` (identically on every rank); this rank takes its
-/// [`shard_range`] of each. Each micro-batch's summed loss is divided by the global
-/// micro-batch's target tokens and by `grad_accum`, and the gradients are summed over the
-/// ranks: the result is the gradient of the mean loss of the whole batch, whatever the
-/// world size. With [`Dist::single`] this is plain gradient accumulation.
-pub fn sharded_lm_grads(
-    model: &Model,
+/// examples drawn by `sampler` (identically on every rank), of which this rank takes its
+/// [`shard_range`]. Example `i` brings `terms(i)` terms to the loss (its target tokens, its
+/// pairs); `summed_loss(mine)` returns the *sum* of the loss terms of this rank's examples
+/// and the tokens it read. Each sum is divided by the global micro-batch's number of terms
+/// (every rank knows the whole micro-batch, so no exchange is needed) and by `grad_accum`,
+/// and the gradients are summed over the ranks: the result is the gradient of the mean
+/// loss of the whole batch, whatever the world size and however the terms fall into the
+/// shards. With [`Dist::single`] it is plain gradient accumulation.
+pub fn sharded_grads(
     opt: &AdamW,
-    examples: &[LmExample],
     sampler: &mut Sampler,
     train: &TrainConfig,
-    pad: u32,
     dist: &Dist,
-) -> Result<ShardedStep> {
+    terms: impl Fn(usize) -> usize,
+    mut summed_loss: impl FnMut(&[usize]) -> Result<(Tensor, usize)>,
+) -> Result<StepGrads> {
     let mut grads = opt.zero_grads();
     let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
     for _ in 0..train.grad_accum {
         let idx = sampler.next(train.batch_size);
-        let n_global: usize = idx.iter().map(|&i| examples[i].targets.iter().filter(|&&t| t).count()).sum();
-        let mine: Vec<&LmExample> = dist.shard(&idx).iter().map(|&i| &examples[i]).collect();
-        tokens += n_global;
+        let n_global: usize = idx.iter().map(|&i| terms(i)).sum();
+        let mine = dist.shard(&idx);
         if mine.is_empty() {
             continue;
         }
-        let batch = lm_batch(&mine, pad, model.device())?;
-        let (sum, _) = lm_loss(model, &batch)?;
+        let (sum, n_tokens) = summed_loss(mine)?;
         let scaled = (sum / (n_global.max(1) * train.grad_accum) as f64)?;
         loss_sum += scaled.to_scalar::<f32>()? as f64;
+        tokens += n_tokens;
         opt.accumulate(&scaled.backward()?, &mut grads)?;
     }
-    dist.all_reduce_grads(&mut grads)?;
-    let loss = dist.all_reduce_f64(&[loss_sum])?[0];
-    Ok(ShardedStep { grads, loss, tokens })
+    dist.all_reduce_grads(&mut grads, opt)?;
+    let totals = dist.all_reduce_f64(&[loss_sum, tokens as f64])?;
+    Ok(StepGrads { grads, loss: totals[0], tokens: totals[1] as usize })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -835,6 +878,7 @@ pub fn connect(env: &LaunchEnv, device: &Device, backend: &str) -> Result<Dist> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::LmExample;
     use crate::optim::named_vars;
     use candor_core::rng::Rng;
     use candor_model::io::build_trainable;
@@ -943,6 +987,36 @@ mod tests {
         assert_eq!(out.len(), 3);
     }
 
+    /// all_gather of uneven (and empty) parts, rank 0's value of a serialisable state, and
+    /// gradients missing on the rank that had no examples counted as zeros.
+    #[test]
+    fn gathers_broadcasts_values_and_zero_fills_missing_gradients() {
+        let out = on_threads(LocalGroup::new(3), |d| {
+            let r = d.rank();
+            let mine: Vec<f64> = (0..r).map(|i| (10 * r + i) as f64 + 0.25).collect();
+            let parts = d.all_gather_f64(&mine).unwrap();
+            assert_eq!(parts, vec![vec![], vec![10.25], vec![20.25, 21.25]]);
+            let mut rng = Rng::new(r as u64);
+            rng.next_u64();
+            let root = d.broadcast_value(&rng).unwrap();
+            let mut want = Rng::new(0);
+            want.next_u64();
+            assert_eq!(root, want, "u64 state words survive the f64 exchange");
+            // two parameters; rank 1 has no gradient at all, rank 2 only for the first
+            let vars: Vec<(String, Var)> = (0..2).map(|i| (format!("p{i}"), Var::zeros((2, 2), DType::F32, &Device::Cpu).unwrap())).collect();
+            let opt = AdamW::new(vars, &TrainConfig::default()).unwrap();
+            let g = |x: f32| Some(Tensor::full(x, (2, 2), &Device::Cpu).unwrap());
+            let mut grads = Grads(match r {
+                0 => vec![g(1.0), g(5.0)],
+                1 => vec![None, None],
+                _ => vec![g(2.0), None],
+            });
+            d.all_reduce_grads(&mut grads, &opt).unwrap();
+            grads.0.iter().map(|t| t.as_ref().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]).collect::<Vec<f32>>()
+        });
+        assert!(out.iter().all(|g| g == &vec![3.0, 5.0]), "{out:?}");
+    }
+
     #[test]
     fn a_rank_that_stops_early_fails_the_others_instead_of_hanging() {
         let out = on_threads(LocalGroup::new(2), |d| {
@@ -1006,7 +1080,7 @@ mod tests {
             let (model, varmap) = build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(4), &Device::Cpu).unwrap();
             let opt = AdamW::new(named_vars(&varmap), &train).unwrap();
             let mut sampler = Sampler::new(examples.len(), 2, Default::default());
-            let step = sharded_lm_grads(&model, &opt, &examples, &mut sampler, &train, 0, &d).unwrap();
+            let step = crate::lm::lm_grads(&model, &opt, &examples, &mut sampler, &train, 0, &d).unwrap();
             let g: Vec<Vec<f32>> = step.grads.0.iter().map(|g| g.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect();
             (step.loss, step.tokens, g)
         };

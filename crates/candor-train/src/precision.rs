@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::ops::Deref;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -90,6 +91,18 @@ pub fn compute_model<'a>(master: &'a Model, varmap: &VarMap, precision: Precisio
     Ok(StepModel::Cast(Box::new(Model::new(&master.config, master.head, vb)?)))
 }
 
+/// The model to sample and score with, where no gradient is wanted (PPO's rollouts): the
+/// master model itself for f32, a gradient-free bf16 copy of its current weights for bf16
+/// (sampling over tracked casts would keep every step's graph alive in the KV cache).
+/// Build it again after an optimiser step.
+pub fn inference_model<'a>(master: &'a Model, varmap: &VarMap, precision: Precision) -> Result<StepModel<'a>> {
+    if precision.dtype() == master.dtype() {
+        return Ok(StepModel::Master(master));
+    }
+    let copy = frozen_model(&master.config, master.head, varmap, precision.dtype(), master.device())?;
+    Ok(StepModel::Cast(Box::new(copy)))
+}
+
 /// A gradient-free copy of `varmap`'s current values in `dtype` (generation, reference
 /// models): weights, activations and the KV cache all in that dtype.
 pub fn frozen_model(config: &ModelConfig, head: Head, varmap: &VarMap, dtype: DType, device: &Device) -> Result<Model> {
@@ -101,6 +114,19 @@ pub fn frozen_model(config: &ModelConfig, head: Head, varmap: &VarMap, dtype: DT
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
     Ok(Model::new(config, head, VarBuilder::from_tensors(tensors, dtype, device))?)
+}
+
+/// A checkpoint directory as a gradient-free model in `precision` (generation, PPO's
+/// reference and reward models): f32 as `candor_model::io::load_frozen`, bf16 with every
+/// weight, activation and the KV cache in bf16.
+pub fn load_frozen(dir: &Path, precision: Precision, device: &Device) -> Result<Model> {
+    if precision == Precision::F32 {
+        return Ok(candor_model::io::load_frozen(dir, device)?);
+    }
+    let config = candor_model::io::read_config(dir)?;
+    // every tensor comes from the file (a score checkpoint has its head): the rng is unused
+    let (_, vars) = candor_model::io::load_trainable(dir, config.head(), &mut candor_core::rng::Rng::new(0), device)?;
+    frozen_model(&config, config.head(), &vars, precision.dtype(), device)
 }
 
 #[cfg(test)]
