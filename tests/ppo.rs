@@ -130,7 +130,10 @@ fn a_nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let e = fails(&mut ppo(
         &sft,
         &out,
-        &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1", "train.lr=1e30", "train.min_lr=1e30", "train.grad_clip=0", "train.save_every=1", "train.eval_every=0", "train.steps=6"],
+        &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1", "train.lr=1e30", "train.min_lr=1e30", "train.grad_clip=0", "train.save_every=1", "train.eval_every=0", "train.steps=6",
+          // one update in iteration 1 (its loss is computed before the step, so finite and saved);
+          // the blown-up weights make iteration 2's loss NaN
+          "ppo.epochs=1", "rollout.prompts_per_iteration=8"],
     ));
     assert!(e.contains("stopped") && e.contains("last good checkpoint"), "{e}");
     let meta = read_json(&out.join("candor.json"));
