@@ -22,7 +22,9 @@ fn ppo_with_the_sentiment_judge_raises_the_heldout_judge_score() {
     let sft = tiny_sft();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ppo");
-    ok(&mut ppo(&sft, &out, &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1"]));
+    // VADER scores lie in [-1, 1] and most of the tiny model's responses score 0: a weight of
+    // 4 gives the rare scored response an advantage that stands out of the KL noise
+    ok(&mut ppo(&sft, &out, &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=4"]));
     let meta = read_json(&out.join("candor.json"));
     let before = meta["metrics"]["judge_score_initial"].as_f64().unwrap();
     let after = meta["metrics"]["judge_score"].as_f64().unwrap();
