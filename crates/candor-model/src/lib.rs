@@ -6,10 +6,13 @@
 //!   backward in candle (see [`ops`]).
 //! - [`io`]: weights in and out with Hugging Face tensor names (the `VarBuilder` paths
 //!   in `model.rs` *are* the naming map, for loading and saving alike).
+//! - [`fused`]: CPU kernels with hand-written backward passes (matmul, RMSNorm, RoPE,
+//!   attention, SwiGLU, LM head + cross-entropy) that the model uses for f32 on the CPU.
 //! - [`generate`]: batched sampling with the KV cache (temperature, top-k, top-p).
 
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod io;
 pub mod mask;

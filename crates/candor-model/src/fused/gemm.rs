@@ -1,0 +1,243 @@
+//! Row-major single-precision matrix products, `C = α·op(A)·op(B) + β·C`, with cblas'
+//! argument conventions (`lda`, `ldb`, `ldc` are row strides).
+//!
+//! Backends: OpenBLAS' `cblas_sgemm` when the build found the library (see `build.rs`),
+//! else the `gemm` crate (what candle uses). `CANDOR_GEMM=gemm` picks the `gemm` crate even
+//! with OpenBLAS linked. [`sgemm`] splits the product across the rayon threads itself, each
+//! part a single-threaded call, so the split (and the result) depends only on the shapes
+//! and the thread count, and no second thread pool competes with rayon's for the cores.
+
+use std::sync::OnceLock;
+
+#[cfg(candor_openblas)]
+mod blas {
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        pub fn cblas_sgemm(
+            layout: i32,
+            transa: i32,
+            transb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+        pub fn openblas_set_num_threads(n: i32);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The `gemm` crate.
+    Gemm,
+    /// OpenBLAS through cblas.
+    OpenBlas,
+}
+
+/// The backend in use (fixed for the process).
+pub fn backend() -> Backend {
+    static B: OnceLock<Backend> = OnceLock::new();
+    *B.get_or_init(|| {
+        let forced_gemm = std::env::var("CANDOR_GEMM").is_ok_and(|v| v == "gemm");
+        if cfg!(candor_openblas) && !forced_gemm {
+            #[cfg(candor_openblas)]
+            unsafe {
+                blas::openblas_set_num_threads(1); // rayon does the splitting
+            }
+            Backend::OpenBlas
+        } else {
+            Backend::Gemm
+        }
+    })
+}
+
+/// One single-threaded product on raw pointers.
+///
+/// # Safety
+/// `a`, `b`, `c` must address matrices of the given sizes and strides; `c` must not overlap
+/// `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_serial(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                let p = c.add(i * ldc + j);
+                *p = if beta == 0.0 { 0.0 } else { beta * *p };
+            }
+        }
+        return;
+    }
+    match backend() {
+        #[cfg(candor_openblas)]
+        Backend::OpenBlas => blas::cblas_sgemm(
+            101, // row major
+            if ta { 112 } else { 111 },
+            if tb { 112 } else { 111 },
+            m as i32,
+            n as i32,
+            k as i32,
+            alpha,
+            a,
+            lda as i32,
+            b,
+            ldb as i32,
+            beta,
+            c,
+            ldc as i32,
+        ),
+        _ => {
+            // gemm crate: dst = α_g·dst + β_g·lhs·rhs, with column/row strides per operand
+            let (a_rs, a_cs) = if ta { (1, lda as isize) } else { (lda as isize, 1) };
+            let (b_rs, b_cs) = if tb { (1, ldb as isize) } else { (ldb as isize, 1) };
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c,
+                1,
+                ldc as isize,
+                beta != 0.0,
+                a,
+                a_cs,
+                a_rs,
+                b,
+                b_cs,
+                b_rs,
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    }
+}
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PAR_FLOPS: usize = 1 << 18;
+
+/// `C = α·op(A)·op(B) + β·C` over slices, split across the rayon threads: by rows of C
+/// when it has enough of them, else by columns.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    // bounds: the last element each operand's layout reaches
+    let need = |rows: usize, cols: usize, ld: usize, t: bool| {
+        let (r, cc) = if t { (cols, rows) } else { (rows, cols) };
+        if r == 0 || cc == 0 { 0 } else { (r - 1) * ld + cc }
+    };
+    assert!(a.len() >= need(m, k, lda, ta), "sgemm: A too short");
+    assert!(b.len() >= need(k, n, ldb, tb), "sgemm: B too short");
+    assert!(c.len() >= need(m, n, ldc, false), "sgemm: C too short");
+    let threads = rayon::current_num_threads().max(1);
+    let (a, b, cp) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
+    if threads == 1 || m * n * k < PAR_FLOPS {
+        unsafe { sgemm_serial(ta, tb, m, n, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc) };
+        return;
+    }
+    let by_rows = m >= 16 * threads || m >= n;
+    let len = if by_rows { m } else { n };
+    let parts = threads.min(len.max(1));
+    // part boundaries on multiples of 16 (whole register tiles) where possible
+    let bound = |p: usize| {
+        let x = p * len / parts;
+        if p == parts || len < 16 * parts { x } else { x / 16 * 16 }
+    };
+    rayon::scope(|s| {
+        for p in 0..parts {
+            let (lo, hi) = (bound(p), bound(p + 1));
+            if lo == hi {
+                continue;
+            }
+            s.spawn(move |_| unsafe {
+                let (a, b, c) = (a as *const f32, b as *const f32, cp as *mut f32);
+                if by_rows {
+                    let a_off = if ta { lo } else { lo * lda };
+                    sgemm_serial(ta, tb, hi - lo, n, k, alpha, a.add(a_off), lda, b, ldb, beta, c.add(lo * ldc), ldc);
+                } else {
+                    let b_off = if tb { lo * ldb } else { lo };
+                    sgemm_serial(ta, tb, m, hi - lo, k, alpha, a, lda, b.add(b_off), ldb, beta, c.add(lo), ldc);
+                }
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    let x = if ta { a[p * lda + i] } else { a[i * lda + p] };
+                    let y = if tb { b[j * ldb + p] } else { b[p * ldb + j] };
+                    s += x as f64 * y as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn all_transpose_cases_match_a_naive_product() {
+        for &(m, n, k) in &[(3, 5, 7), (70, 33, 129), (300, 17, 40), (5, 300, 64)] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+                    let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
+                    let lda = if ta { m } else { k };
+                    let ldb = if tb { k } else { n };
+                    let want = naive(ta, tb, m, n, k, &a, lda, &b, ldb);
+                    let mut c = vec![1f32; m * n];
+                    sgemm(ta, tb, m, n, k, 2.0, &a, lda, &b, ldb, 0.5, &mut c, n);
+                    for (g, w) in c.iter().zip(&want) {
+                        assert!((g - (2.0 * w + 0.5)).abs() < 1e-3, "{m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}", 2.0 * w + 0.5);
+                    }
+                }
+            }
+        }
+    }
+}
