@@ -16,6 +16,8 @@
 //! - [`xent`]: LM head + softmax cross-entropy over the vocabulary, chunked so the full
 //!   logits tensor never exists.
 //!
+//! - [`runtime`]: process-wide thread-pool and allocator settings the binary applies.
+//!
 //! Determinism: every reduction runs in an order fixed by the shapes and the thread count
 //! (rayon's `RAYON_NUM_THREADS`), so a run repeats bit for bit on the same machine.
 
@@ -24,6 +26,7 @@ pub mod gemm;
 pub mod linear;
 pub mod rmsnorm;
 pub mod rope;
+pub mod runtime;
 pub mod swiglu;
 pub mod xent;
 
