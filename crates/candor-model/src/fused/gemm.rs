@@ -141,6 +141,130 @@ pub unsafe fn sgemm_serial(
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_FLOPS: usize = 1 << 18;
 
+/// Up to this many rows, `A·Bᵀ` (a linear layer's forward on a few tokens: sampling) runs as
+/// dot products that read each row of B once, instead of a GEMM that packs all of B first.
+const SMALL_M: usize = 16;
+
+/// Dot product over 16 fixed lanes (the same order on every call, so results repeat).
+#[inline(always)]
+fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (xc, yc) = (x.chunks_exact(L), y.chunks_exact(L));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for l in 0..L {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (a, b) in xr.iter().zip(yr) {
+        tail += a * b;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `C[:, j0..j1] = α·A·Bᵀ + β·C` for few rows of A, column by column.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_abt_generic(
+    m: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32,
+    c: *mut f32, ldc: usize, j0: usize, j1: usize,
+) {
+    for j in j0..j1 {
+        let bj = std::slice::from_raw_parts(b.add(j * ldb), k);
+        for i in 0..m {
+            let ai = std::slice::from_raw_parts(a.add(i * lda), k);
+            let d = alpha * dot_lanes(ai, bj);
+            let p = c.add(i * ldc + j);
+            *p = if beta == 0.0 { d } else { d + beta * *p };
+        }
+    }
+}
+
+/// The same with AVX2/FMA: four rows of A against one row of B per pass, two 8-lane
+/// accumulators each, lanes summed in a fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_abt_avx2(
+    m: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32,
+    c: *mut f32, ldc: usize, j0: usize, j1: usize,
+) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+    let k16 = k / 16 * 16;
+    let finish = |acc: __m256, i: usize, bj: *const f32, j: usize| {
+        let ar = a.add(i * lda);
+        let mut d = hsum(acc);
+        for q in k16..k {
+            d += *ar.add(q) * *bj.add(q);
+        }
+        let d = alpha * d;
+        let out = c.add(i * ldc + j);
+        *out = if beta == 0.0 { d } else { d + beta * *out };
+    };
+    for j in j0..j1 {
+        let bj = b.add(j * ldb);
+        let mut i = 0;
+        while i + 4 <= m {
+            let (a0, a1, a2, a3) = (a.add(i * lda), a.add((i + 1) * lda), a.add((i + 2) * lda), a.add((i + 3) * lda));
+            let (mut s0, mut s1, mut s2, mut s3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut t0, mut t1, mut t2, mut t3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut p = 0;
+            while p < k16 {
+                let b0 = _mm256_loadu_ps(bj.add(p));
+                let b1 = _mm256_loadu_ps(bj.add(p + 8));
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), b0, s0);
+                t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), b1, t0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p)), b0, s1);
+                t1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p + 8)), b1, t1);
+                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p)), b0, s2);
+                t2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p + 8)), b1, t2);
+                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p)), b0, s3);
+                t3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p + 8)), b1, t3);
+                p += 16;
+            }
+            finish(_mm256_add_ps(s0, t0), i, bj, j);
+            finish(_mm256_add_ps(s1, t1), i + 1, bj, j);
+            finish(_mm256_add_ps(s2, t2), i + 2, bj, j);
+            finish(_mm256_add_ps(s3, t3), i + 3, bj, j);
+            i += 4;
+        }
+        while i < m {
+            let a0 = a.add(i * lda);
+            let (mut s0, mut t0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut p = 0;
+            while p < k16 {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), _mm256_loadu_ps(bj.add(p)), s0);
+                t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), _mm256_loadu_ps(bj.add(p + 8)), t0);
+                p += 16;
+            }
+            finish(_mm256_add_ps(s0, t0), i, bj, j);
+            i += 1;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_abt(
+    m: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32,
+    c: *mut f32, ldc: usize, j0: usize, j1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        return small_m_abt_avx2(m, k, alpha, a, lda, b, ldb, beta, c, ldc, j0, j1);
+    }
+    small_m_abt_generic(m, k, alpha, a, lda, b, ldb, beta, c, ldc, j0, j1)
+}
+
 /// `C = α·op(A)·op(B) + β·C` over slices, split across the rayon threads: by rows of C
 /// when it has enough of them, else by columns.
 #[allow(clippy::too_many_arguments)]
@@ -169,6 +293,20 @@ pub fn sgemm(
     assert!(c.len() >= need(m, n, ldc, false), "sgemm: C too short");
     let threads = rayon::current_num_threads().max(1);
     let (a, b, cp) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
+    if !ta && tb && m <= SMALL_M && k > 0 {
+        // split the columns (rows of B) across threads when there is enough work
+        let parts = if m * n * k >= 4 * PAR_FLOPS { threads.min(n) } else { 1 };
+        let run = |p: usize| unsafe {
+            let (j0, j1) = (p * n / parts, (p + 1) * n / parts);
+            small_m_abt(m, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc, j0, j1)
+        };
+        if parts == 1 {
+            run(0);
+        } else {
+            rayon::scope(|s| (0..parts).for_each(|p| s.spawn(move |_| run(p))));
+        }
+        return;
+    }
     if threads == 1 || m * n * k < PAR_FLOPS {
         unsafe { sgemm_serial(ta, tb, m, n, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc) };
         return;
@@ -223,7 +361,7 @@ mod tests {
 
     #[test]
     fn all_transpose_cases_match_a_naive_product() {
-        for &(m, n, k) in &[(3, 5, 7), (70, 33, 129), (300, 17, 40), (5, 300, 64)] {
+        for &(m, n, k) in &[(3, 5, 7), (70, 33, 129), (300, 17, 40), (5, 300, 64), (8, 2000, 300), (16, 40, 3)] {
             for ta in [false, true] {
                 for tb in [false, true] {
                     let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
