@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# candor vs its PyTorch twin, side by side in one run: for every shape (tiny, medium, small)
+# and mode (train, sample), PASSES passes (default 3) that alternate candor and PyTorch,
+# then a table of medians with the ratios candor/PyTorch (tokens/s, peak RSS).
+#
+#   scripts/bench/compare.sh                      # all shapes, train and sample
+#   SHAPES="tiny" MODES="train" scripts/bench/compare.sh
+#
+# Both use RAYON_NUM_THREADS / --threads = THREADS (default 2). Raw results (one JSON
+# object a line, with the load average at the start of each run) go to RESULTS (default
+# target/bench/compare-<date>.jsonl). Before each run the script waits (up to
+# QUIET_MAX_WAIT s, default 300) until the CPUs are QUIET_IDLE % idle (default 90) over
+# 3 s: on a small shared machine a concurrent build halves the figures. Every result also
+# carries background_cpu_frac (other processes' share of the CPUs while timing) and candor's
+# carries cpu_sec_per_step (its own CPU time per step), steadier than wall time under load.
+#
+# candor is the dev-profile binary the README's `cargo candor` runs (CANDOR_BIN overrides);
+# PyTorch is scripts/bench/torch_twin.py in the venv of scripts/setup_venv.sh (PY overrides).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PY="${PY:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY="${PY_FALLBACK:-/work/main/.venv/bin/python}"
+THREADS="${THREADS:-2}"
+PASSES="${PASSES:-3}"
+SHAPES="${SHAPES:-tiny medium small}"
+MODES="${MODES:-train sample}"
+QUIET_IDLE="${QUIET_IDLE:-90}"
+QUIET_MAX_WAIT="${QUIET_MAX_WAIT:-300}"
+mkdir -p "$ROOT/target/bench"
+RESULTS="${RESULTS:-$ROOT/target/bench/compare-$(date +%Y%m%d-%H%M%S).jsonl}"
+
+if [ -z "${CANDOR_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build -q -p candor-cli)
+  CANDOR_BIN="$ROOT/target/debug/candor"
+fi
+
+idle_pct() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 3; b=($(head -1 /proc/stat))
+  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
+  for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
+  echo $(( total > 0 ? 100 * idle / total : 100 ))
+}
+
+wait_quiet() {
+  local waited=0 idle
+  while idle=$(idle_pct); [ "$idle" -lt "$QUIET_IDLE" ]; do
+    waited=$(( waited + 3 ))
+    if [ "$waited" -ge "$QUIET_MAX_WAIT" ]; then
+      echo "warning: machine still busy (${idle}% idle), running anyway" >&2
+      return
+    fi
+  done
+}
+
+# run IMPL SHAPE MODE: one JSON line with the load average added
+run() {
+  local impl=$1 shape=$2 mode=$3 flag=() line load
+  [ "$mode" = sample ] && flag=(--sample)
+  wait_quiet
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  if [ "$impl" = candor ]; then
+    line=$(RAYON_NUM_THREADS="$THREADS" "$CANDOR_BIN" bench --shape "$shape" --json "${flag[@]}")
+  else
+    line=$("$PY" "$ROOT/scripts/bench/torch_twin.py" --shape "$shape" --threads "$THREADS" --json "${flag[@]}")
+  fi
+  "$PY" -c 'import json,sys; d=json.loads(sys.argv[1]); d["load_avg_1m"]=float(sys.argv[2]); print(json.dumps(d))' "$line" "$load"
+}
+
+echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs, threads $THREADS, $PASSES passes" >&2
+for shape in $SHAPES; do
+  for mode in $MODES; do
+    for pass in $(seq 1 "$PASSES"); do
+      # alternate which goes first, so slow drifts in the machine's state hit both alike
+      if [ $(( pass % 2 )) -eq 1 ]; then order="candor pytorch"; else order="pytorch candor"; fi
+      for impl in $order; do
+        run "$impl" "$shape" "$mode" | tee -a "$RESULTS" >&2
+      done
+    done
+  done
+done
+
+"$PY" - "$RESULTS" <<'PYEOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def med(xs): return statistics.median(xs) if xs else float("nan")
+print(f"results: {sys.argv[1]}")
+print("| shape | mode | candor tok/s | PyTorch tok/s | ratio | candor peak RSS | PyTorch peak RSS | RSS ratio | candor CPU s/step | max load (1 min) | max background |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+seen = []
+for r in rows:
+    k = (r["shape"], r["mode"])
+    if k not in seen: seen.append(k)
+for shape, mode in seen:
+    c = [r for r in rows if r["shape"] == shape and r["mode"] == mode and r["impl"] == "candor"]
+    p = [r for r in rows if r["shape"] == shape and r["mode"] == mode and r["impl"] == "pytorch"]
+    ct, pt = med([r["tokens_per_sec"] for r in c]), med([r["tokens_per_sec"] for r in p])
+    cm, pm = med([r["peak_rss_bytes"] for r in c]) / 2**20, med([r["peak_rss_bytes"] for r in p]) / 2**20
+    cpu = med([r.get("cpu_sec_per_step", float("nan")) for r in c])
+    load = max(r["load_avg_1m"] for r in c + p)
+    bg = max(r.get("background_cpu_frac", 0.0) for r in c + p)
+    print(f"| {shape} | {mode} | {ct:,.0f} | {pt:,.0f} | {ct/pt:.2f} | {cm:.0f} MiB | {pm:.0f} MiB | {cm/pm:.2f} | {cpu:.3f} | {load:.2f} | {bg:.2f} |")
+PYEOF
