@@ -34,7 +34,8 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Lay
 use rayon::prelude::*;
 
 use super::gemm::sgemm_serial;
-use super::{f32_slice, tensor, with_f32, SendPtr};
+use super::vmath::exp_inplace;
+use super::{f32_slice, tensor, uninit, with_f32, SendPtr};
 
 /// Query rows per block.
 const BQ: usize = 32;
@@ -139,8 +140,8 @@ impl Fwd<'_> {
     /// Output (B, T, H, D) and log-sum-exp (B, H, T).
     fn run(&self) -> (Vec<f32>, Vec<f32>) {
         let dm = self.dm;
-        let mut out = vec![0f32; dm.b * dm.t * dm.h * dm.d];
-        let mut lse = vec![0f32; dm.b * dm.h * dm.t];
+        let mut out = uninit(dm.b * dm.t * dm.h * dm.d);
+        let mut lse = uninit(dm.b * dm.h * dm.t);
         let (op, lp) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
         let task = |task: usize| {
             let (op, lp) = (op, lp);
@@ -158,11 +159,9 @@ impl Fwd<'_> {
                     let lim = row_limit(self.causal, &dm, qb + i, kend);
                     let row = &mut s[i * kend..(i + 1) * kend];
                     let max = row[..lim].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for x in &mut row[..lim] {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
+                    row[..lim].iter_mut().for_each(|x| *x -= max);
+                    exp_inplace(&mut row[..lim]);
+                    let sum: f32 = row[..lim].iter().sum();
                     let inv = 1.0 / sum;
                     row[..lim].iter_mut().for_each(|x| *x *= inv);
                     row[lim..].iter_mut().for_each(|x| *x = 0.0);
@@ -258,9 +257,9 @@ impl CustomOp3 for Attention {
         if lse.len() != dm.b * dm.h * dm.t {
             bail!("attention: backward without a forward's saved state (backward run twice?)");
         }
-        let mut dq = vec![0f32; q.elem_count()];
-        let mut dk = vec![0f32; k.elem_count()];
-        let mut dv = vec![0f32; v.elem_count()];
+        let mut dq = uninit(q.elem_count());
+        let mut dk = uninit(k.elem_count());
+        let mut dv = uninit(v.elem_count());
         let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
         let (causal, scale) = (self.causal, self.scale);
         with_f32(q, "attention bwd", |q| {
@@ -292,7 +291,8 @@ impl CustomOp3 for Attention {
                                                 let lim = row_limit(causal, &dm, qb + i, kend);
                                                 let l = lse[(bi * dm.h + h) * dm.t + qb + i];
                                                 let row = &mut p[i * kend..(i + 1) * kend];
-                                                row[..lim].iter_mut().for_each(|x| *x = (*x - l).exp());
+                                                row[..lim].iter_mut().for_each(|x| *x -= l);
+                                                exp_inplace(&mut row[..lim]);
                                                 row[lim..].iter_mut().for_each(|x| *x = 0.0);
                                             }
                                             unsafe {

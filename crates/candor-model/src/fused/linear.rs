@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::gemm::sgemm;
-use super::{f32_slice, tensor, with_f32};
+use super::{f32_slice, tensor, uninit, with_f32};
 
 struct Linear;
 
@@ -20,7 +20,7 @@ impl CustomOp2 for Linear {
         let w = f32_slice(ws, wl, "linear")?;
         let (n, k) = wl.shape().dims2()?;
         let m = x.len() / k;
-        let mut y = vec![0f32; m * n];
+        let mut y = uninit(m * n);
         sgemm(false, true, m, n, k, 1.0, x, k, w, k, 0.0, &mut y, n);
         let mut dims = xl.shape().dims().to_vec();
         *dims.last_mut().unwrap() = n;
@@ -33,14 +33,14 @@ impl CustomOp2 for Linear {
         let dy = dy.contiguous()?;
         with_f32(&dy, "linear bwd", |g| {
             let dx = if x.track_op() {
-                let mut dx = vec![0f32; m * k];
+                let mut dx = uninit(m * k);
                 with_f32(w, "linear bwd", |w| sgemm(false, false, m, k, n, 1.0, g, n, w, k, 0.0, &mut dx, k))?;
                 Some(tensor(dx, x.shape())?)
             } else {
                 None
             };
             let dw = if w.track_op() {
-                let mut dw = vec![0f32; n * k];
+                let mut dw = uninit(n * k);
                 with_f32(x, "linear bwd", |x| sgemm(true, false, n, k, m, 1.0, g, n, x, k, 0.0, &mut dw, k))?;
                 Some(tensor(dw, (n, k))?)
             } else {

@@ -28,6 +28,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod runtime;
 pub mod swiglu;
+pub mod vmath;
 pub mod xent;
 
 use std::sync::OnceLock;
@@ -75,6 +76,15 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> 
         Storage::Cpu(c) => Ok(f(f32_slice(c, l, op)?)),
         _ => bail!("{op}: CPU tensors only"),
     }
+}
+
+/// A vector for an output that is written in full before anything reads it (skips the
+/// zeroing pass, and the page faults it would take, of `vec![0.0; n]`).
+pub(crate) fn uninit(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns and every caller overwrites all n elements
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// A CPU f32 tensor from a vector.

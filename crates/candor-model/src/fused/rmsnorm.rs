@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, par_parts, tensor, with_f32, SendPtr, PAR_MIN};
+use super::{f32_slice, par_parts, tensor, uninit, with_f32, SendPtr, PAR_MIN};
 
 struct RmsNorm {
     eps: f32,
@@ -32,7 +32,7 @@ impl CustomOp2 for RmsNorm {
         let x = f32_slice(xs, xl, "rms_norm")?;
         let w = f32_slice(ws, wl, "rms_norm")?;
         let c = w.len();
-        let mut y = vec![0f32; x.len()];
+        let mut y = uninit(x.len());
         let row = |(yr, xr): (&mut [f32], &[f32])| {
             let r = rstd(xr, self.eps);
             for ((o, &v), &wv) in yr.iter_mut().zip(xr).zip(w) {
@@ -50,7 +50,7 @@ impl CustomOp2 for RmsNorm {
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let c = w.elem_count();
         let dy = dy.contiguous()?;
-        let mut dx = vec![0f32; x.elem_count()];
+        let mut dx = uninit(x.elem_count());
         let dxp = SendPtr(dx.as_mut_ptr());
         let dw_parts = with_f32(x, "rms_norm bwd", |x| {
             with_f32(w, "rms_norm bwd", |w| {

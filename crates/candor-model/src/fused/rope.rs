@@ -12,7 +12,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, tensor, with_f32, PAR_MIN};
+use super::{f32_slice, tensor, uninit, with_f32, PAR_MIN};
 
 struct Rope {
     cos: Tensor,
@@ -23,7 +23,7 @@ struct Rope {
 fn rotate(x: &[f32], cos: &[f32], sin: &[f32], dims: (usize, usize, usize, usize), cos_rows: usize, sign: f32) -> Vec<f32> {
     let (_b, t, h, d) = dims;
     let half = d / 2;
-    let mut y = vec![0f32; x.len()];
+    let mut y = uninit(x.len());
     // one (batch, position) per chunk: H heads of D values
     let work = |(i, (yc, xc)): (usize, (&mut [f32], &[f32]))| {
         let (bi, ti) = (i / t, i % t);

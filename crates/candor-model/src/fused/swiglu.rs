@@ -6,7 +6,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, tensor, with_f32, PAR_MIN};
+use super::vmath::exp_inplace;
+use super::{f32_slice, tensor, uninit, with_f32, PAR_MIN};
 
 struct SwiGlu;
 
@@ -20,10 +21,13 @@ impl CustomOp2 for SwiGlu {
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(gs, gl, "swiglu")?;
         let u = f32_slice(us, ul, "swiglu")?;
-        let mut y = vec![0f32; g.len()];
+        let mut y = uninit(g.len());
         let f = |((yc, gc), uc): ((&mut [f32], &[f32]), &[f32])| {
+            // yc ← exp(−g), then silu(g)·u = g·u / (1 + exp(−g))
+            yc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
+            exp_inplace(yc);
             for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                *o = a / (1.0 + (-a).exp()) * b;
+                *o = a / (1.0 + *o) * b;
             }
         };
         if g.len() >= PAR_MIN {
@@ -37,14 +41,17 @@ impl CustomOp2 for SwiGlu {
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let n = g.elem_count();
-        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        let (mut dg, mut du) = (uninit(n), uninit(n));
         with_f32(g, "swiglu bwd", |g| {
             with_f32(u, "swiglu bwd", |u| {
                 with_f32(&dy, "swiglu bwd", |d| {
                     let f = |(((dgc, duc), (gc, uc)), dc): (((&mut [f32], &mut [f32]), (&[f32], &[f32])), &[f32])| {
+                        // dgc ← exp(−g) first
+                        dgc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
+                        exp_inplace(dgc);
                         for i in 0..dgc.len() {
                             let (a, b, e) = (gc[i], uc[i], dc[i]);
-                            let s = 1.0 / (1.0 + (-a).exp());
+                            let s = 1.0 / (1.0 + dgc[i]);
                             dgc[i] = e * b * s * (1.0 + a * (1.0 - s));
                             duc[i] = e * a * s;
                         }

@@ -20,7 +20,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::sgemm;
-use super::{f32_slice, tensor, PAR_MIN};
+use super::vmath::exp_inplace;
+use super::{f32_slice, tensor, uninit, PAR_MIN};
 
 /// Logits per chunk (floats): bounds the chunk's rows as V grows.
 const CHUNK_FLOATS: usize = 1 << 21;
@@ -49,9 +50,9 @@ impl CustomOp2 for Xent {
             bail!("lm_head_xent: target token {t} is outside the vocabulary of {v}");
         }
         let rows = (CHUNK_FLOATS / v).clamp(16, n.max(16));
-        let mut logits = vec![0f32; rows.min(n) * v];
+        let mut logits = uninit(rows.min(n) * v);
         let mut loss = vec![0f32; n];
-        let (mut dh, mut dw) = if self.want_grad { (vec![0f32; n * c], vec![0f32; v * c]) } else { (vec![], vec![]) };
+        let (mut dh, mut dw) = if self.want_grad { (uninit(n * c), uninit(v * c)) } else { (vec![], vec![]) };
         for start in (0..n).step_by(rows) {
             let r = rows.min(n - start);
             let l = &mut logits[..r * v];
@@ -60,13 +61,15 @@ impl CustomOp2 for Xent {
             let row = |(i, (lr, out)): (usize, (&mut [f32], &mut f32))| {
                 let (t, wi) = (self.targets[start + i] as usize, self.weights[start + i]);
                 let max = lr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = lr.iter().map(|&x| (x - max).exp()).sum();
+                let lt = lr[t];
+                lr.iter_mut().for_each(|x| *x -= max);
+                exp_inplace(lr);
+                let sum: f32 = lr.iter().sum();
                 let lse = max + sum.ln();
-                *out = -wi * (lr[t] - lse);
+                *out = -wi * (lt - lse);
                 if self.want_grad {
-                    for x in lr.iter_mut() {
-                        *x = wi * (*x - lse).exp();
-                    }
+                    let scale = wi / sum;
+                    lr.iter_mut().for_each(|x| *x *= scale);
                     lr[t] -= wi;
                 }
             };
