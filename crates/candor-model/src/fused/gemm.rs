@@ -91,7 +91,28 @@ pub unsafe fn sgemm_serial(
         }
         return;
     }
-    match backend() {
+    sgemm_serial_on(backend(), ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+/// [`sgemm_serial`] on a given backend.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_serial_on(
+    backend: Backend,
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    match backend {
         #[cfg(candor_openblas)]
         Backend::OpenBlas => blas::cblas_sgemm(
             101, // row major
@@ -373,6 +394,15 @@ mod tests {
                     sgemm(ta, tb, m, n, k, 2.0, &a, lda, &b, ldb, 0.5, &mut c, n);
                     for (g, w) in c.iter().zip(&want) {
                         assert!((g - (2.0 * w + 0.5)).abs() < 1e-3, "{m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}", 2.0 * w + 0.5);
+                    }
+                    // both backends, whichever the process uses
+                    let backends: &[Backend] = if cfg!(candor_openblas) { &[Backend::Gemm, Backend::OpenBlas] } else { &[Backend::Gemm] };
+                    for &bk in backends {
+                        let mut c = vec![1f32; m * n];
+                        unsafe { sgemm_serial_on(bk, ta, tb, m, n, k, 2.0, a.as_ptr(), lda, b.as_ptr(), ldb, 0.5, c.as_mut_ptr(), n) };
+                        for (g, w) in c.iter().zip(&want) {
+                            assert!((g - (2.0 * w + 0.5)).abs() < 1e-3, "{bk:?} {m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}", 2.0 * w + 0.5);
+                        }
                     }
                 }
             }
