@@ -81,12 +81,14 @@ for shape in $SHAPES; do
 done
 
 "$PY" - "$RESULTS" <<'PYEOF'
-import json, statistics, sys
+import json, os, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def med(xs): return statistics.median(xs) if xs else float("nan")
 print(f"results: {sys.argv[1]}")
-print("| shape | mode | candor tok/s | PyTorch tok/s | ratio | candor peak RSS | PyTorch peak RSS | RSS ratio | candor CPU s/step | max load (1 min) | max background |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+peak = float(os.environ.get("PEAK_GFLOPS", "190")) * 1e9
+print(f"share of peak: achieved FLOP/s over {peak/1e9:.0f} GFLOP/s (PEAK_GFLOPS)")
+print("| shape | mode | candor tok/s | PyTorch tok/s | ratio | candor peak RSS | PyTorch peak RSS | RSS ratio | candor % peak | PyTorch % peak | candor CPU s/step | max load (1 min) | max background |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 seen = []
 for r in rows:
     k = (r["shape"], r["mode"])
@@ -97,7 +99,8 @@ for shape, mode in seen:
     ct, pt = med([r["tokens_per_sec"] for r in c]), med([r["tokens_per_sec"] for r in p])
     cm, pm = med([r["peak_rss_bytes"] for r in c]) / 2**20, med([r["peak_rss_bytes"] for r in p]) / 2**20
     cpu = med([r.get("cpu_sec_per_step", float("nan")) for r in c])
+    cf, pf = med([r["flops_per_sec"] for r in c]) / peak, med([r["flops_per_sec"] for r in p]) / peak
     load = max(r["load_avg_1m"] for r in c + p)
     bg = max(r.get("background_cpu_frac", 0.0) for r in c + p)
-    print(f"| {shape} | {mode} | {ct:,.0f} | {pt:,.0f} | {ct/pt:.2f} | {cm:.0f} MiB | {pm:.0f} MiB | {cm/pm:.2f} | {cpu:.3f} | {load:.2f} | {bg:.2f} |")
+    print(f"| {shape} | {mode} | {ct:,.0f} | {pt:,.0f} | {ct/pt:.2f} | {cm:.0f} MiB | {pm:.0f} MiB | {cm/pm:.2f} | {100*cf:.0f}% | {100*pf:.0f}% | {cpu:.3f} | {load:.2f} | {bg:.2f} |")
 PYEOF
