@@ -91,7 +91,39 @@ pub unsafe fn sgemm_serial(
         }
         return;
     }
+    // a few rows (one query attending over the KV cache): no packing
+    if !ta && m <= 4 {
+        if tb {
+            small_m_abt(m, k, alpha, a, lda, b, ldb, beta, c, ldc, 0, n);
+        } else {
+            small_m_ab(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        }
+        return;
+    }
     sgemm_serial_on(backend(), ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+/// `C = α·A·B + β·C` for few rows of A: each row of C accumulates rows of B, in order.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_ab(
+    m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32,
+    c: *mut f32, ldc: usize,
+) {
+    for i in 0..m {
+        let ci = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+        if beta == 0.0 {
+            ci.iter_mut().for_each(|x| *x = 0.0);
+        } else if beta != 1.0 {
+            ci.iter_mut().for_each(|x| *x *= beta);
+        }
+        for p in 0..k {
+            let w = alpha * *a.add(i * lda + p);
+            let bp = std::slice::from_raw_parts(b.add(p * ldb), n);
+            for (x, &y) in ci.iter_mut().zip(bp) {
+                *x += w * y;
+            }
+        }
+    }
 }
 
 /// [`sgemm_serial`] on a given backend.
@@ -382,7 +414,7 @@ mod tests {
 
     #[test]
     fn all_transpose_cases_match_a_naive_product() {
-        for &(m, n, k) in &[(3, 5, 7), (70, 33, 129), (300, 17, 40), (5, 300, 64), (8, 2000, 300), (16, 40, 3)] {
+        for &(m, n, k) in &[(3, 5, 7), (70, 33, 129), (300, 17, 40), (5, 300, 64), (8, 2000, 300), (16, 40, 3), (1, 64, 145), (4, 9, 33)] {
             for ta in [false, true] {
                 for tb in [false, true] {
                     let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
