@@ -5,6 +5,7 @@
 #
 #   scripts/bench/compare.sh                      # all shapes, train and sample
 #   SHAPES="tiny" MODES="train" scripts/bench/compare.sh
+#   THREADS=1 STEPS=4 WARMUP=1 PASSES=1 scripts/bench/compare.sh   # a quick look
 #
 # Both use RAYON_NUM_THREADS / --threads = THREADS (default 2). Raw results (one JSON
 # object a line, with the load average at the start of each run) go to RESULTS (default
@@ -41,6 +42,9 @@ source "$ROOT/scripts/bench/quiet.sh"
 run() {
   local impl=$1 shape=$2 mode=$3 flag=() line load
   [ "$mode" = sample ] && flag=(--sample)
+  # STEPS / WARMUP (optional) shorten the training runs of both, e.g. for a busy machine
+  [ "$mode" = train ] && [ -n "${STEPS:-}" ] && flag+=(--steps "$STEPS")
+  [ "$mode" = train ] && [ -n "${WARMUP:-}" ] && flag+=(--warmup "$WARMUP")
   wait_quiet
   load=$(cut -d' ' -f1 /proc/loadavg)
   if [ "$impl" = candor ]; then
