@@ -364,6 +364,18 @@ pub fn sgemm(
         unsafe { sgemm_serial(ta, tb, m, n, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc) };
         return;
     }
+    if backend() == Backend::Gemm {
+        // the gemm crate splits one product across rayon's threads better than separate calls
+        let (a_rs, a_cs) = if ta { (1, lda as isize) } else { (lda as isize, 1) };
+        let (b_rs, b_cs) = if tb { (1, ldb as isize) } else { (ldb as isize, 1) };
+        unsafe {
+            gemm::gemm(
+                m, n, k, cp as *mut f32, 1, ldc as isize, beta != 0.0, a as *const f32, a_cs, a_rs,
+                b as *const f32, b_cs, b_rs, beta, alpha, false, false, false, gemm::Parallelism::Rayon(threads),
+            )
+        };
+        return;
+    }
     let by_rows = m >= 16 * threads || m >= n;
     let len = if by_rows { m } else { n };
     let parts = threads.min(len.max(1));
