@@ -62,6 +62,7 @@ REFERENCE_PKGS=(
   tokenizers==0.23.3
   safetensors==0.8.0
   numpy==2.4.6
+  gguf==0.19.0
 )
 
 start=$(date +%s)

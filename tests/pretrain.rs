@@ -3,15 +3,13 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::*;
 
 #[test]
 fn tiny_config_beats_the_unigram_baseline_and_generates() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("pretrain");
-    ok(candor().args(["pretrain", "--config", "configs/tiny/pretrain.yaml", "--device", "cpu", "--out"]).arg(&out));
+    // runs `candor pretrain --config configs/tiny/pretrain.yaml` (once per build; shared)
+    let out = tiny_pretrained();
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "candor.json", "metrics.jsonl", "trainer/optimizer.safetensors", "trainer/trainer_state.json"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
@@ -57,19 +55,7 @@ fn killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     let killed = tmp.path().join("killed");
     let mut child = run_small(tmp.path(), &killed, &[]);
     // wait for an intermediate checkpoint, then kill -9
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let killed_at = loop {
-        if let Ok(text) = std::fs::read_to_string(killed.join("candor.json")) {
-            let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
-            if meta["step"].as_u64().unwrap() >= 10 {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                break meta["step"].as_u64().unwrap();
-            }
-        }
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let killed_at = kill_after_checkpoint(&mut child, &killed, 10);
     let meta = read_json(&killed.join("candor.json"));
     assert_eq!(meta["complete"], false, "run finished before it could be killed");
     assert!(killed_at < 80);
@@ -96,15 +82,6 @@ fn killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
             .arg(&killed),
     );
     assert!(e.contains("already holds a checkpoint") && e.contains("--resume"), "{e}");
-}
-
-/// A small trained checkpoint to start other runs from.
-fn small_checkpoint(dir: &Path) -> std::path::PathBuf {
-    let corpus = small_corpus(dir);
-    let cfg = small_pretrain_config(dir, &corpus, 2);
-    let out = dir.join("base");
-    ok(candor().args(["pretrain", "--device", "cpu", "--config"]).arg(&cfg).arg("--out").arg(&out));
-    out
 }
 
 #[test]

@@ -74,3 +74,73 @@ pub fn small_pretrain_config(dir: &Path, corpus: &Path, steps: usize) -> PathBuf
     .unwrap();
     path
 }
+
+/// A 2-step checkpoint of [`small_pretrain_config`] (a 32-token context) in `dir/base`, to
+/// start other runs from.
+pub fn small_checkpoint(dir: &Path) -> PathBuf {
+    let corpus = small_corpus(dir);
+    let cfg = small_pretrain_config(dir, &corpus, 2);
+    let out = dir.join("base");
+    ok(candor().args(["pretrain", "--device", "cpu", "--config"]).arg(&cfg).arg("--out").arg(&out));
+    out
+}
+
+/// Wait until the run writing `out` has saved a checkpoint at step `min_step` or later,
+/// kill it (SIGKILL) and return the checkpoint's step.
+pub fn kill_after_checkpoint(child: &mut std::process::Child, out: &Path, min_step: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(out.join("candor.json")) {
+            let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if meta["step"].as_u64().unwrap() >= min_step {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return meta["step"].as_u64().unwrap();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint appeared in {}", out.display());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A checkpoint made once per build of `candor` and shared by every test (and test binary)
+/// that asks for it: `make(out)` runs under an exclusive file lock the first time; later
+/// callers reuse the finished directory. The key includes the binary's size and mtime, so
+/// a rebuilt candor never reuses a stale checkpoint.
+pub fn cached_checkpoint(name: &str, make: impl FnOnce(&Path)) -> PathBuf {
+    let bin = std::fs::metadata(env!("CARGO_BIN_EXE_candor")).unwrap();
+    let stamp = format!(
+        "{}-{}",
+        bin.len(),
+        bin.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    );
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("candor-test-cache").join(stamp);
+    std::fs::create_dir_all(&root).unwrap();
+    let lock = std::fs::File::create(root.join(format!("{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    let out = root.join(name);
+    let done = out.join("candor.json").is_file()
+        && read_json(&out.join("candor.json"))["complete"] == serde_json::Value::Bool(true);
+    if !done {
+        let _ = std::fs::remove_dir_all(&out);
+        make(&out);
+        assert!(out.join("candor.json").is_file(), "{name}: make() wrote no checkpoint");
+    }
+    lock.unlock().unwrap();
+    out
+}
+
+/// The tiny pretrained checkpoint (configs/tiny/pretrain.yaml), shared across tests.
+pub fn tiny_pretrained() -> PathBuf {
+    cached_checkpoint("tiny-pretrain", |out| {
+        ok(candor().args(["pretrain", "--config", "configs/tiny/pretrain.yaml", "--device", "cpu", "--out"]).arg(out));
+    })
+}
+
+/// The tiny SFT checkpoint (configs/tiny/sft.yaml from [`tiny_pretrained`]), shared across tests.
+pub fn tiny_sft() -> PathBuf {
+    let init = tiny_pretrained();
+    cached_checkpoint("tiny-sft", |out| {
+        ok(candor().args(["sft", "--config", "configs/tiny/sft.yaml", "--device", "cpu", "--init"]).arg(&init).arg("--out").arg(out));
+    })
+}

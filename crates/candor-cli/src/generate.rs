@@ -1,4 +1,6 @@
-//! `candor generate`: sample from a checkpoint with the KV cache.
+//! `candor generate`: sample from a checkpoint with the KV cache. With `--chat`, each prompt
+//! is posed as a user turn with the checkpoint's chat template (what SFT trained on) and
+//! only the assistant's response, up to its end-of-turn token, is printed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -6,22 +8,29 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use candor_core::rng::Rng;
+use candor_data::chat::{stop_tokens, ChatTemplate};
 use candor_data::jsonl::read_jsonl;
 use candor_data::Tokenizer;
 use candor_model::generate::{generate, SamplingParams};
+use candor_train::sample::{encode_prompts, response_text};
 use serde::Deserialize;
 
 use crate::device;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or hf:ORG/NAME for a model in the Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
+    /// Pose each prompt as a user turn through the tokenizer's chat template and print
+    /// only the assistant's reply (stops at the end-of-turn token).
+    #[arg(long)]
+    pub chat: bool,
     /// Prompt text (repeatable; all are sampled in one batch).
     #[arg(long)]
     pub prompt: Vec<String>,
-    /// JSONL file of {"prompt": ...} lines; prints JSONL {"prompt", "response"}.
+    /// JSONL file of {"prompt": ...} lines; prints JSONL {"prompt", "response", "stopped"}
+    /// (`stopped`: the response ended on a stop token, not the length limit).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
@@ -55,10 +64,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("give --prompt TEXT or --prompts FILE.jsonl");
     }
-    let model = candor_model::io::load_frozen(&args.model, &dev)?;
-    let tok = Tokenizer::from_dir(&args.model)?;
-    let ids: Vec<Vec<u32>> =
-        prompts.iter().map(|p| tok.encode(p)).collect::<candor_data::Result<_>>().context("encoding the prompts")?;
+    let dir = candor_model::resolve_model_dir(&args.model)?;
+    let model = candor_model::io::load_frozen(&dir, &dev)?;
+    let tok = Tokenizer::from_dir(&dir)?;
+    let (ids, stop): (Vec<Vec<u32>>, Vec<u32>) = if args.chat {
+        let template = ChatTemplate::for_tokenizer(&tok);
+        let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        (encode_prompts(&tok, &template, &texts).context("posing the prompts with the chat template")?, stop_tokens(&tok))
+    } else {
+        let ids = prompts.iter().map(|p| tok.encode(p)).collect::<candor_data::Result<_>>().context("encoding the prompts")?;
+        (ids, tok.eos_id().into_iter().collect())
+    };
     if let Some(i) = ids.iter().position(Vec::is_empty) {
         bail!("prompt {} is empty", i + 1);
     }
@@ -68,14 +84,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_k: args.top_k,
         top_p: args.top_p,
     };
-    let stop: Vec<u32> = tok.eos_id().into_iter().collect();
     let mut rng = Rng::new(args.seed);
     let samples = generate(&model, &ids, &params, &stop, tok.pad_id(), &mut rng)?;
     let mut out = std::io::stdout().lock();
     for (prompt, s) in prompts.iter().zip(&samples) {
-        let text = tok.decode(&s.tokens, true)?;
+        let text = if args.chat { response_text(&tok, &s.tokens)? } else { tok.decode(&s.tokens, true)? };
         if from_file {
-            writeln!(out, "{}", serde_json::json!({"prompt": prompt, "response": text}))?;
+            writeln!(out, "{}", serde_json::json!({"prompt": prompt, "response": text, "stopped": s.stopped}))?;
+        } else if args.chat {
+            writeln!(out, "{text}")?;
         } else {
             writeln!(out, "{prompt}{text}")?;
         }

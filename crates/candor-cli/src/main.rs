@@ -7,7 +7,16 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod eval;
 mod generate;
+mod import;
+mod ppo;
+mod rank;
+mod recipe;
+mod report;
+mod reward;
+mod sample;
+mod score;
 mod stage;
 mod tokenizer;
 
@@ -20,15 +29,35 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a recipe: the pipeline's stages in order, skipping those already up to date.
+    Run(recipe::RunArgs),
+    /// Write report.md (tables, plots, SFT vs PPO samples) for a run directory.
+    Report(report::ReportArgs),
     /// Next-token pretraining from text files.
     Pretrain(stage::StageArgs),
-    /// Sample continuations from a checkpoint (KV cache).
+    /// Supervised instruction tuning: loss on the assistant's tokens only.
+    Sft(stage::SftArgs),
+    /// RLHF: optimise the policy against the reward model with PPO.
+    Ppo(ppo::PpoArgs),
+    /// Sample K distinct candidate responses per prompt, for ranking.
+    Sample(sample::SampleArgs),
+    /// Rank candidate responses: typed in the terminal, or by a rule judge (--judge).
+    Rank(rank::RankArgs),
+    /// Train a reward model from ranked responses.
+    Reward(reward::RewardArgs),
+    /// Print a reward model's rewards for prompt/response lines.
+    Score(score::ScoreArgs),
+    /// Sample continuations from a checkpoint (KV cache); --chat answers as an assistant.
     Generate(generate::GenerateArgs),
+    /// Held-out metrics of a checkpoint on a data file: perplexity, response loss, ...
+    Eval(eval::EvalArgs),
     /// Training / sampling throughput of a named model shape on random tokens.
     Bench(bench::BenchArgs),
     /// Train or convert tokenizers.
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
+    /// Import a llama.cpp GGUF model (dequantized) as a checkpoint directory.
+    Import(import::ImportArgs),
 }
 
 /// Options every stage command shares.
@@ -59,10 +88,20 @@ pub struct CommonStage {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(args) => recipe::run(args),
+        Command::Report(args) => report::run(args),
         Command::Pretrain(args) => stage::pretrain(args),
+        Command::Sft(args) => stage::sft(args),
+        Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Sample(args) => sample::run(args),
+        Command::Rank(args) => rank::run(args),
+        Command::Reward(args) => reward::run(args),
+        Command::Score(args) => score::run(args),
+        Command::Ppo(args) => ppo::run(args),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Import(args) => import::run(args),
     }
 }
 

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use candor_core::checkpoint::CandorMeta;
+use candor_train::ckpt::RunOptions;
 use clap::Args;
 
 use crate::{device, load_config, CommonStage};
@@ -13,13 +15,40 @@ pub struct StageArgs {
     pub common: CommonStage,
 }
 
+#[derive(Args)]
+pub struct SftArgs {
+    #[command(flatten)]
+    pub common: CommonStage,
+    /// The checkpoint to fine-tune (usually the pretrained model); sets `init` in the config.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+}
+
 fn print_config<T: serde::Serialize>(cfg: &T) -> Result<()> {
     print!("{}", serde_yaml::to_string(cfg)?);
     Ok(())
 }
 
-fn default_out(stage: &str) -> PathBuf {
-    PathBuf::from("runs").join(stage)
+/// Where and how a stage runs: `--out` (default `runs/<stage>`), `--device`, `--resume`,
+/// `--overwrite`; errors name the config file.
+fn run_options(c: &CommonStage, stage: &str) -> Result<RunOptions> {
+    Ok(RunOptions {
+        out: c.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(stage)),
+        device: device(&c.device)?,
+        resume: c.resume,
+        overwrite: c.overwrite,
+        origin: c.config.display().to_string(),
+    })
+}
+
+/// `<stage>: <dir> (step N, eval_loss X)`: the line a finished LM stage prints.
+fn print_summary(stage: &str, opts: &RunOptions, meta: &CandorMeta) {
+    println!(
+        "{stage}: {} (step {}, eval_loss {})",
+        opts.out.display(),
+        meta.step,
+        meta.metrics.get("eval_loss").map(|v| format!("{:.4}", v.as_f64().unwrap_or(f64::NAN))).unwrap_or("-".into())
+    );
 }
 
 pub fn pretrain(args: StageArgs) -> Result<()> {
@@ -28,19 +57,23 @@ pub fn pretrain(args: StageArgs) -> Result<()> {
     if c.show_config {
         return print_config(&cfg);
     }
-    let opts = candor_pretrain::RunOptions {
-        out: c.out.clone().unwrap_or_else(|| default_out("pretrain")),
-        device: device(&c.device)?,
-        resume: c.resume,
-        overwrite: c.overwrite,
-        origin: c.config.display().to_string(),
-    };
+    let opts = run_options(c, "pretrain")?;
     let meta = candor_pretrain::run(&cfg, &opts)?;
-    println!(
-        "pretrain: {} (step {}, eval_loss {})",
-        opts.out.display(),
-        meta.step,
-        meta.metrics.get("eval_loss").map(|v| format!("{:.4}", v.as_f64().unwrap_or(f64::NAN))).unwrap_or("-".into())
-    );
+    print_summary("pretrain", &opts, &meta);
+    Ok(())
+}
+
+pub fn sft(args: SftArgs) -> Result<()> {
+    let c = &args.common;
+    let mut cfg: candor_sft::SftConfig = load_config(c)?;
+    if let Some(init) = &args.init {
+        cfg.init = Some(init.clone());
+    }
+    if c.show_config {
+        return print_config(&cfg);
+    }
+    let opts = run_options(c, "sft")?;
+    let meta = candor_sft::run(&cfg, &opts)?;
+    print_summary("sft", &opts, &meta);
     Ok(())
 }

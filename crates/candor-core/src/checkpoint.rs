@@ -134,7 +134,8 @@ fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let name = entry.file_name().to_string_lossy().to_string();
-        let is_file = entry.file_type().map_err(io_err(dir))?.is_file();
+        // follows symlinks: a Hugging Face cache snapshot links its files to blobs/
+        let is_file = entry.path().is_file();
         if is_file && name != META_FILE && (name.ends_with(".json") || name.ends_with(".safetensors")) {
             files.push(entry.path());
         }

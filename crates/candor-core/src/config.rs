@@ -62,7 +62,8 @@ pub fn apply_overrides(value: &mut Value, overrides: &[String], origin: &str) ->
     Ok(())
 }
 
-fn set_path(root: &mut Value, key: &str, new: Value) -> std::result::Result<(), String> {
+/// Set `a.b.c` in a YAML value to `new`, creating mappings on the way; the error says why not.
+pub fn set_path(root: &mut Value, key: &str, new: Value) -> std::result::Result<(), String> {
     let mut cur = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, part) in parts.iter().enumerate() {

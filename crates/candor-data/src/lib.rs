@@ -1,12 +1,19 @@
 //! candor-data: tokenizers, datasets, chat templates, batching.
 //!
 //! - [`tokenizer`]: load any `tokenizer.json`; train a byte-level BPE; `tokenizer_config.json`.
+//! - [`convert`]: GPT-2 BPE files and GGUF vocabularies to `tokenizer.json`.
 //! - [`text`]: pretraining corpora (plain text or JSONL `text`), tokenised and packed into
 //!   context-length sequences with a held-out split.
+//! - [`preference`]: prompt, candidate and ranked-preference files (reward-model stage).
+//! - [`sft`]: instruction data (`prompt`/`response` or `messages`), tokenised with a mark on
+//!   the assistant tokens that SFT trains; the chat tokenizer an SFT checkpoint is saved with.
 
 pub mod chat;
+pub mod convert;
 pub mod error;
 pub mod jsonl;
+pub mod preference;
+pub mod sft;
 pub mod text;
 pub mod tokenizer;
 

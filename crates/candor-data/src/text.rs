@@ -100,6 +100,12 @@ pub fn pack(tokens: &[u32], ctx: usize) -> Vec<Vec<u32>> {
     (0..=(tokens.len() - ctx - 1) / ctx).map(|i| tokens[i * ctx..i * ctx + ctx + 1].to_vec()).collect()
 }
 
+/// Like [`pack`], but keeps the shorter tail (of at least two tokens), so that every token
+/// but the first is a target exactly once: for evaluating a whole text.
+pub fn pack_all(tokens: &[u32], ctx: usize) -> Vec<Vec<u32>> {
+    (0..tokens.len().saturating_sub(1)).step_by(ctx.max(1)).map(|i| tokens[i..(i + ctx + 1).min(tokens.len())].to_vec()).collect()
+}
+
 /// The packed corpus: training and held-out sequences.
 pub struct PackedCorpus {
     pub train: Vec<Vec<u32>>,
@@ -129,6 +135,14 @@ pub fn pack_corpus(tokens: &[u32], ctx: usize, heldout_fraction: f64) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pack_all_keeps_the_tail() {
+        let t: Vec<u32> = (0..11).collect();
+        assert_eq!(pack_all(&t, 3), vec![vec![0, 1, 2, 3], vec![3, 4, 5, 6], vec![6, 7, 8, 9], vec![9, 10]]);
+        assert_eq!(pack_all(&t[..10], 3), pack(&t[..10], 3));
+        assert!(pack_all(&t[..1], 3).is_empty());
+    }
 
     #[test]
     fn pack_overlaps_by_one_and_drops_short_tail() {

@@ -152,7 +152,8 @@ impl Tokenizer {
             bos_token: None,
             eos_token: Some(TokenValue::Text(EOT.into())),
             pad_token: Some(TokenValue::Text(EOT.into())),
-            chat_template: None,
+            // written out so transformers' apply_chat_template renders what candor renders
+            chat_template: Some(Value::String(crate::chat::DEFAULT_TEMPLATE.into())),
             extra: serde_json::Map::from_iter([
                 ("tokenizer_class".to_string(), Value::String("PreTrainedTokenizerFast".into())),
                 ("add_bos_token".to_string(), Value::Bool(false)),

@@ -47,6 +47,12 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<Weights> {
             return Err(file_err(&index, format!("names shard `{}`, which is missing", missing.display())));
         }
         files
+    } else if ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin"].iter().any(|f| dir.join(f).is_file()) {
+        return Err(file_err(
+            dir,
+            "has PyTorch pickle weights (pytorch_model.bin) but no model.safetensors: candor reads safetensors only; \
+             convert with transformers (`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)",
+        ));
     } else {
         return Err(file_err(dir, "no model.safetensors (or model.safetensors.index.json) in this directory"));
     };
@@ -68,11 +74,27 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<Weights> {
     Ok(Weights { tensors, source, dir: dir.to_path_buf() })
 }
 
-/// Tensors a checkpoint may carry that this model does not use.
+/// Tensors a checkpoint may carry that this model does not use: rotary frequency buffers,
+/// GPT-2's causal-mask buffers (`attn.bias`, `attn.masked_bias`), the other head.
 fn ignorable(name: &str, head: Head) -> bool {
     name.ends_with("rotary_emb.inv_freq")
+        || name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
         || (head == Head::Score && name == "lm_head.weight")
         || (head == Head::Lm && name == "score.weight")
+}
+
+/// A tensor's name as the model spells it: base-model checkpoints (`LlamaModel`,
+/// `GPT2Model`, the original GPT-2 files) store the backbone without the `model.` /
+/// `transformer.` prefix.
+fn canonical_name(name: &str, config: &ModelConfig) -> String {
+    let prefix = crate::layers::names(config.arch()).prefix;
+    let head = head_var_names(Head::Lm).contains(&name) || head_var_names(Head::Score).contains(&name);
+    if head || name.starts_with(&format!("{prefix}.")) {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
 }
 
 /// Names of the variables that make up a head (allowed to be new when starting a
@@ -88,12 +110,14 @@ pub fn head_var_names(head: Head) -> Vec<&'static str> {
 /// 1/√(2·layers) on the projections that write into the residual stream; norms 1; biases 0.
 fn init_tensor(name: &str, shape: &[usize], n_layers: usize, rng: &mut Rng, device: &Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    let data: Vec<f32> = if name.ends_with("norm.weight") {
+    let is_norm = name.ends_with("norm.weight") || name.contains(".ln_");
+    let data: Vec<f32> = if is_norm && name.ends_with(".weight") {
         vec![1.0; n]
     } else if name.ends_with(".bias") {
         vec![0.0; n]
     } else {
-        let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+        let residual = ["o_proj.weight", "down_proj.weight", "c_proj.weight"];
+        let std = if residual.iter().any(|r| name.ends_with(r)) {
             0.02 / (2.0 * n_layers as f64).sqrt()
         } else {
             0.02
@@ -119,17 +143,23 @@ pub fn build_trainable(
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = Model::new(config, head, vb)?;
     let vars: BTreeMap<String, Var> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    // canonical name -> name in the file
+    let file_names: HashMap<String, &String> = weights
+        .map(|w| w.tensors.keys().map(|k| (canonical_name(k, config), k)).collect())
+        .unwrap_or_default();
+    let lookup = |name: &str| weights.zip(file_names.get(name)).and_then(|(w, k)| w.tensors.get(*k));
     let mut missing = vec![];
     for (name, var) in &vars {
         let shape = var.shape().dims().to_vec();
-        match weights.and_then(|w| w.tensors.get(name)) {
+        match lookup(name) {
             Some(t) => {
                 if t.dims() != shape.as_slice() {
                     let w = weights.unwrap();
-                    let file = w.source.get(name).cloned().unwrap_or_else(|| w.dir.clone());
+                    let stored = file_names[name.as_str()];
+                    let file = w.source.get(stored).cloned().unwrap_or_else(|| w.dir.clone());
                     return Err(file_err(
                         &file,
-                        format!("tensor `{name}` has shape {:?}, expected {:?} from config.json", t.dims(), shape),
+                        format!("tensor `{stored}` has shape {:?}, expected {:?} from config.json", t.dims(), shape),
                     ));
                 }
                 var.set(&t.to_dtype(DType::F32)?.to_device(device)?)?;
@@ -146,8 +176,11 @@ pub fn build_trainable(
                 format!("weights are missing tensor(s) {}{more} that config.json requires", quote_list(&missing[..missing.len().min(3)])),
             ));
         }
-        let mut unused: Vec<&String> =
-            w.tensors.keys().filter(|k| !vars.contains_key(*k) && !ignorable(k, head)).collect();
+        let mut unused: Vec<&String> = w
+            .tensors
+            .keys()
+            .filter(|k| !vars.contains_key(&canonical_name(k, config)) && !ignorable(k, head))
+            .collect();
         unused.sort();
         if let Some(first) = unused.first() {
             let file = w.source.get(*first).cloned().unwrap_or_else(|| w.dir.clone());

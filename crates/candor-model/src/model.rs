@@ -1,29 +1,20 @@
-//! The decoder: llama-style blocks, `lm` / `score` heads, KV cache.
+//! The decoder: llama-style blocks (GPT-2's as config switches), `lm` / `score` heads,
+//! KV cache.
 //!
-//! Module paths mirror Hugging Face tensor names (`model.layers.0.self_attn.q_proj.weight`),
-//! so the `VarBuilder` calls below are the whole naming map for loading and saving.
+//! Module paths mirror Hugging Face tensor names (`model.layers.0.self_attn.q_proj.weight`,
+//! `transformer.h.0.attn.c_attn.weight`), so the `VarBuilder` calls here and in
+//! [`crate::layers`] are the whole naming map for loading and saving.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::fused::{self, attention::CacheBuf, AttnMask};
+use crate::layers::{attention_projections, names, Mlp, Norm, Proj, QkvProj};
 use crate::mask::causal_bias;
-use crate::ops::{apply_rope, reduce_dtype, repeat_kv, rms_norm, rope_tables, softmax};
+use crate::ops::{apply_rope, reduce_dtype, repeat_kv, rope_tables, softmax};
 use crate::Head;
-
-/// `Linear::forward`, through the fused kernel for f32 on the CPU.
-fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    if !fused::enabled(x) {
-        return Ok(l.forward(x)?);
-    }
-    let y = fused::linear(x, l.weight())?;
-    Ok(match l.bias() {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
-}
 
 /// How attention hides keys: candor's additive bias on the composed path, or the fused
 /// kernel's mask.
@@ -32,34 +23,9 @@ enum Mask<'a> {
     Fused(AttnMask<'a>),
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get((out_dim, in_dim), "weight")?;
-    let b = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-    Ok(Linear::new(w, b))
-}
-
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(RmsNorm { weight: vb.get(dim, "weight")?, eps })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fused::enabled(x) {
-            return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
-        }
-        rms_norm(x, &self.weight, self.eps)
-    }
-}
-
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    qkv: QkvProj,
+    o_proj: Proj,
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
@@ -67,42 +33,42 @@ struct Attention {
 
 impl Attention {
     fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let (c, h, kv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        Ok(Attention {
-            q_proj: linear(c, h * d, cfg.qkv_bias(), vb.pp("q_proj"))?,
-            k_proj: linear(c, kv * d, cfg.qkv_bias(), vb.pp("k_proj"))?,
-            v_proj: linear(c, kv * d, cfg.qkv_bias(), vb.pp("v_proj"))?,
-            o_proj: linear(h * d, c, cfg.o_bias(), vb.pp("o_proj"))?,
-            n_heads: h,
-            n_kv: kv,
-            head_dim: d,
-        })
+        let (qkv, o_proj) = attention_projections(cfg, &vb)?;
+        Ok(Attention { qkv, o_proj, n_heads: cfg.num_attention_heads, n_kv: cfg.kv_heads(), head_dim: cfg.head_dim() })
     }
 
-    /// x (B, T, C); cos/sin broadcastable to (B, 1, T, D/2); bias (B|1, 1, T, Tk).
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<&mut LayerKv>) -> Result<Tensor> {
+    /// x (B, T, C); rope: cos/sin broadcastable to (B, 1, T, D/2), `None` with learned
+    /// positions; mask: bias (B|1, 1, T, Tk) on the composed path, or the fused kernel's.
+    fn forward(&self, x: &Tensor, rope: Option<(&Tensor, &Tensor)>, mask: &Mask, cache: Option<&mut LayerKv>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.n_heads, self.n_kv, self.head_dim);
+        let (q, k, v) = self.qkv.forward(x)?;
         let bias = match mask {
             Mask::Composed(bias) => bias,
             Mask::Fused(mask) => {
                 // (B, T, heads, D) throughout: no transposes
-                let q = lin(&self.q_proj, x)?.reshape((b, t, h, d))?;
-                let k = lin(&self.k_proj, x)?.reshape((b, t, kv, d))?;
-                let v = lin(&self.v_proj, x)?.reshape((b, t, kv, d))?;
-                let (cos, sin) = (cos.squeeze(1)?, sin.squeeze(1)?); // (B|1, T, D/2)
-                let q = fused::rope(&q, &cos, &sin)?;
-                let k = fused::rope(&k, &cos, &sin)?;
+                let q = q.reshape((b, t, h, d))?;
+                let k = k.reshape((b, t, kv, d))?;
+                let v = v.reshape((b, t, kv, d))?;
+                let (q, k) = match rope {
+                    Some((cos, sin)) => {
+                        let (cos, sin) = (cos.squeeze(1)?, sin.squeeze(1)?); // (B|1, T, D/2)
+                        (fused::rope(&q, &cos, &sin)?, fused::rope(&k, &cos, &sin)?)
+                    }
+                    None => (q, k),
+                };
                 let y = fused::attention(&q, &k, &v, *mask, cache.map(|c| &mut c.fused))?; // (B, T, H, D)
-                return lin(&self.o_proj, &y.reshape((b, t, h * d))?);
+                return self.o_proj.forward(&y.reshape((b, t, h * d))?);
             }
         };
         let cache = cache.map(|c| &mut c.composed);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
-        let k = self.k_proj.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?; // (B, KV, T, D)
-        let v = self.v_proj.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
-        let q = apply_rope(&q.contiguous()?, cos, sin)?;
-        let k = apply_rope(&k.contiguous()?, cos, sin)?;
+        let q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+        let k = k.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?; // (B, KV, T, D)
+        let v = v.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match rope {
+            Some((cos, sin)) => (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?),
+            None => (q, k),
+        };
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -121,48 +87,24 @@ impl Attention {
         let att = softmax(&att.to_dtype(reduce_dtype(att.dtype()))?)?.to_dtype(v.dtype())?; // f32 under bf16
         let y = att.matmul(&v)?; // (B, H, T, D)
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, C)
-        Ok(self.o_proj.forward(&y)?)
-    }
-}
-
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let (c, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        Ok(Mlp {
-            gate_proj: linear(c, i, bias, vb.pp("gate_proj"))?,
-            up_proj: linear(c, i, bias, vb.pp("up_proj"))?,
-            down_proj: linear(i, c, bias, vb.pp("down_proj"))?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fused::enabled(x) {
-            let gated = fused::swiglu(&lin(&self.gate_proj, x)?, &lin(&self.up_proj, x)?)?; // (B, T, I)
-            return lin(&self.down_proj, &gated);
-        }
-        let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?; // (B, T, I)
-        Ok(self.down_proj.forward(&gated)?)
+        self.o_proj.forward(&y)
     }
 }
 
 struct Block {
-    input_layernorm: RmsNorm,
+    input_layernorm: Norm,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
+    post_attention_layernorm: Norm,
     mlp: Mlp,
 }
 
 impl Block {
     fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let n = names(cfg.arch());
         Ok(Block {
-            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            input_layernorm: Norm::new(cfg, vb.pp(n.ln1))?,
+            self_attn: Attention::new(cfg, vb.pp(n.attn))?,
+            post_attention_layernorm: Norm::new(cfg, vb.pp(n.ln2))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
     }
@@ -218,41 +160,47 @@ pub struct Model {
     pub config: ModelConfig,
     pub head: Head,
     embed_tokens: Embedding,
+    /// GPT-2's learned positions (P, C); `None` with rotary embeddings.
+    position_embeddings: Option<Tensor>,
     layers: Vec<Block>,
-    norm: RmsNorm,
+    norm: Norm,
     /// (V, C) untied LM head, or (1, C) score head; `None` for a tied LM head.
     head_weight: Option<Tensor>,
-    rope_cos: Tensor,
-    rope_sin: Tensor,
+    /// Rotary tables (cos, sin), each (P, D/2); `None` with learned positions.
+    rope: Option<(Tensor, Tensor)>,
     dtype: DType,
 }
 
 impl Model {
     /// Build from a `VarBuilder` whose paths are Hugging Face names.
     pub fn new(config: &ModelConfig, head: Head, vb: VarBuilder) -> Result<Self> {
-        let (c, v) = (config.hidden_size, config.vocab_size);
-        let m = vb.pp("model");
-        let embed = m.pp("embed_tokens").get((v, c), "weight")?;
+        let (c, v, p) = (config.hidden_size, config.vocab_size, config.max_position_embeddings);
+        let n = names(config.arch());
+        let m = vb.pp(n.prefix);
+        let embed = m.pp(n.embed).get((v, c), "weight")?;
+        let position_embeddings = n.positions.map(|wpe| m.pp(wpe).get((p, c), "weight")).transpose()?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Block::new(config, m.pp("layers").pp(i)))
+            .map(|i| Block::new(config, m.pp(n.layers).pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(c, config.rms_norm_eps, m.pp("norm"))?;
+        let norm = Norm::new(config, m.pp(n.final_norm))?;
         let head_weight = match head {
             Head::Lm if config.tie_word_embeddings => None,
             Head::Lm => Some(vb.pp("lm_head").get((v, c), "weight")?),
             Head::Score => Some(vb.pp("score").get((1, c), "weight")?),
         };
-        let (rope_cos, rope_sin) =
-            rope_tables(config.head_dim(), config.max_position_embeddings, config.rope_theta, vb.device())?;
+        let rope = match position_embeddings {
+            Some(_) => None,
+            None => Some(rope_tables(config.head_dim(), p, config.rope_theta, vb.device())?),
+        };
         Ok(Model {
             config: config.clone(),
             head,
             embed_tokens: Embedding::new(embed, c),
+            position_embeddings,
             layers,
             norm,
             head_weight,
-            rope_cos,
-            rope_sin,
+            rope,
             dtype: vb.dtype(),
         })
     }
@@ -283,26 +231,25 @@ impl Model {
         let (b, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let max_pos = self.config.max_position_embeddings;
-        let (cos, sin) = match positions {
-            Some(p) => {
-                let flat = p.flatten_all()?;
+        if positions.is_none() && past + t > max_pos {
+            return Err(crate::Error::Msg(format!(
+                "sequence of {} tokens is longer than the model's max_position_embeddings {max_pos}",
+                past + t
+            )));
+        }
+        // position ids, flattened: (B·T) given, or (T) counting on from the cache
+        let (pos, rows) = match positions {
+            Some(p) => (p.flatten_all()?, b),
+            None => (Tensor::arange(past as u32, (past + t) as u32, ids.device())?, 1),
+        };
+        let rope = match &self.rope {
+            Some((cos, sin)) => {
                 let half = self.config.head_dim() / 2;
-                let cos = self.rope_cos.index_select(&flat, 0)?.reshape((b, 1, t, half))?;
-                let sin = self.rope_sin.index_select(&flat, 0)?.reshape((b, 1, t, half))?;
-                (cos, sin)
+                let cos = cos.index_select(&pos, 0)?.reshape((rows, 1, t, half))?;
+                let sin = sin.index_select(&pos, 0)?.reshape((rows, 1, t, half))?;
+                Some((cos, sin))
             }
-            None => {
-                if past + t > max_pos {
-                    return Err(crate::Error::Msg(format!(
-                        "sequence of {} tokens is longer than the model's max_position_embeddings {max_pos}",
-                        past + t
-                    )));
-                }
-                let half = self.config.head_dim() / 2;
-                let cos = self.rope_cos.narrow(0, past, t)?.reshape((1, 1, t, half))?;
-                let sin = self.rope_sin.narrow(0, past, t)?.reshape((1, 1, t, half))?;
-                (cos, sin)
-            }
+            None => None,
         };
         let mask = match (bias, fused::enabled(self.embed_tokens.embeddings())) {
             (None, true) => Mask::Fused(AttnMask::Causal),
@@ -311,9 +258,14 @@ impl Model {
             (None, false) => Mask::Composed(causal_bias(t, past, ids.device())?.to_dtype(self.dtype)?),
         };
         let mut x = self.embed_tokens.forward(ids)?; // (B, T, C)
+        if let Some(wpe) = &self.position_embeddings {
+            let c = self.config.hidden_size;
+            x = x.broadcast_add(&wpe.index_select(&pos, 0)?.reshape((rows, t, c))?)?; // (B, T, C)
+        }
+        let rope = rope.as_ref().map(|(c, s)| (c, s));
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &cos, &sin, &mask, slot)?;
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, rope, &mask, slot)?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;
@@ -323,11 +275,7 @@ impl Model {
 
     /// Logits over the vocabulary (B, T, V) from hidden states (B, T, C).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let w = match (&self.head_weight, self.head) {
-            (None, Head::Lm) => self.embed_tokens.embeddings(),
-            (Some(w), Head::Lm) => w,
-            (_, Head::Score) => return Err(crate::Error::Msg("a score-head model has no LM logits".into())),
-        };
+        let w = self.lm_head_weight()?;
         if fused::enabled(hidden) {
             return Ok(fused::linear(hidden, w)?);
         }

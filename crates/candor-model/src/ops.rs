@@ -15,6 +15,17 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(y.to_dtype(dtype)?.broadcast_mul(weight)?)
 }
 
+/// LayerNorm (GPT-2): `(x − mean) / sqrt(var + eps) * weight + bias` over the last
+/// dimension, with the biased variance as `torch.nn.LayerNorm` computes it.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(reduce_dtype(dtype))?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?; // (..., C)
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
+    let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
 /// The dtype reductions run in: f32 for half types, else the input's own (f64 stays f64).
 pub fn reduce_dtype(dtype: DType) -> DType {
     match dtype {
@@ -106,6 +117,17 @@ mod tests {
         let y = rms_norm(&t(&[3.0, 4.0], &[1, 2]), &t(&[1.0, 2.0], &[2]), 0.0).unwrap();
         let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
         assert!((y[0] - 0.848_528).abs() < 1e-5 && (y[1] - 2.262_741).abs() < 1e-5, "{y:?}");
+    }
+
+    #[test]
+    fn layer_norm_matches_hand_computation() {
+        // x = [1, 2, 3]: mean 2, biased variance 2/3; w = [1, 2, 1], b = [0, 0, 1]
+        let y = layer_norm(&t(&[1.0, 2.0, 3.0], &[1, 3]), &t(&[1.0, 2.0, 1.0], &[3]), &t(&[0.0, 0.0, 1.0], &[3]), 0.0).unwrap();
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let s = (2.0f32 / 3.0).sqrt();
+        for (a, b) in y.iter().zip([-1.0 / s, 0.0, 1.0 / s + 1.0]) {
+            assert!((a - b).abs() < 1e-5, "{y:?}");
+        }
     }
 
     #[test]

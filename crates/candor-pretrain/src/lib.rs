@@ -6,24 +6,20 @@
 //! every `eval_every` steps → an `lm` checkpoint.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use candle_core::Device;
 use candor_core::checkpoint::{parent_ref, CandorMeta, Head};
-use candor_core::metrics::MetricsLog;
 use candor_core::record;
 use candor_core::rng::Rng;
 use candor_data::text::{pack_corpus, read_corpus, tokenize_documents};
 use candor_data::Tokenizer;
 use candor_model::io::{build_trainable, load_trainable, read_config};
-use candor_model::{Model, ModelConfig};
-use candor_train::batch::{lm_batch, Cursor, LmExample, Sampler};
-use candor_train::ckpt::{plan_start, read_trainer, restore_optimizer, save_checkpoint, Snapshot, Start, TrainerState};
+use candor_model::ModelConfig;
+use candor_train::batch::LmExample;
+use candor_train::ckpt::{final_metrics, plan_start, resume_or_fresh, Start, StageModel};
 use candor_train::config::TrainConfig;
-use candor_train::loss::lm_loss;
-use candor_train::optim::{clip_grad_norm, named_vars, AdamW};
-use candor_train::progress::{human, Progress};
-use candor_train::schedule::lr_at;
+use candor_train::lm::{train_lm, LmTraining};
+use candor_train::optim::{named_vars, AdamW};
+use candor_train::progress::Progress;
 use serde::{Deserialize, Serialize};
 
 pub type Error = candor_train::Error;
@@ -38,7 +34,8 @@ pub struct PretrainConfig {
     pub data: DataConfig,
     /// Shape of a model trained from scratch (ignored with `init`).
     pub model: ModelShape,
-    /// Continue pretraining from this checkpoint instead of a fresh model.
+    /// Continue pretraining from this checkpoint instead of a fresh model: a directory, or
+    /// `hf:ORG/NAME` for a model in the Hugging Face cache.
     pub init: Option<PathBuf>,
     pub train: TrainConfig,
 }
@@ -112,15 +109,7 @@ impl ModelShape {
     }
 }
 
-/// How to run: where to write, on what, and whether to resume.
-pub struct RunOptions {
-    pub out: PathBuf,
-    pub device: Device,
-    pub resume: bool,
-    pub overwrite: bool,
-    /// Names the config in error messages (its file path).
-    pub origin: String,
-}
+pub use candor_train::ckpt::RunOptions;
 
 fn err(msg: String) -> Error {
     Error::Msg(msg)
@@ -146,8 +135,9 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let device = &opts.device;
 
     // 1. tokenizer and data
+    let init = cfg.init.as_ref().map(candor_model::resolve_model_dir).transpose()?;
     let docs = read_corpus(&cfg.data.files)?;
-    let (tokenizer, parents) = match (&cfg.init, &cfg.data.tokenizer) {
+    let (tokenizer, parents) = match (&init, &cfg.data.tokenizer) {
         (_, Some(path)) => (Tokenizer::from_file(path)?, vec![]),
         (Some(init), None) => (Tokenizer::from_dir(init)?, vec![parent_ref("init", init)?]),
         (None, None) if resuming => (Tokenizer::from_dir(&opts.out)?, vec![]),
@@ -157,7 +147,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
             (Tokenizer::train(docs.iter().map(String::as_str), cfg.data.vocab_size)?, vec![])
         }
     };
-    let parents = match (&cfg.init, parents.is_empty()) {
+    let parents = match (&init, parents.is_empty()) {
         (Some(init), true) => vec![parent_ref("init", init)?],
         _ => parents,
     };
@@ -168,17 +158,21 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let (model_config, (model, varmap)) = if resuming {
         let c = read_config(&opts.out)?;
         (c, load_trainable(&opts.out, Head::Lm, &mut init_rng, device)?)
-    } else if let Some(init) = &cfg.init {
+    } else if let Some(init) = &init {
         let c = read_config(init)?;
         (c, load_trainable(init, Head::Lm, &mut init_rng, device)?)
     } else {
-        let c = cfg.model.to_config(tokenizer.vocab_size());
+        let mut c = cfg.model.to_config(tokenizer.vocab_size());
+        // transformers reads these from config.json (generation stops, score-head pooling)
+        c.eos_token_id = Some(eos.into());
+        c.pad_token_id = Some(tokenizer.pad_id());
+        c.bos_token_id = tokenizer.bos_id();
         c.validate(Path::new(origin))?;
         let built = build_trainable(&c, Head::Lm, None, &[], &mut init_rng, device)?;
         (c, built)
     };
     let ctx = cfg.model.ctx;
-    check_compatible(&tokenizer, &model_config, cfg.model.ctx, cfg.init.as_deref(), origin)?;
+    check_compatible(&tokenizer, &model_config, cfg.model.ctx, init.as_deref(), origin)?;
 
     let stream = tokenize_documents(&tokenizer, &docs, eos)?;
     let corpus = pack_corpus(&stream, ctx, cfg.data.heldout_fraction)?;
@@ -188,28 +182,10 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
 
     // 3. optimiser and resume state
     let mut opt = AdamW::new(named_vars(&varmap), &cfg.train)?;
-    let mut metrics = MetricsLog::default();
-    let mut state = TrainerState {
-        step: 0,
-        rng: Rng::derive(cfg.seed, "train"),
-        cursor: Cursor::default(),
-        tokens: 0,
-        elapsed_sec: 0.0,
-        optimizer_steps: Default::default(),
-        extra: serde_json::Value::Null,
-    };
     let mut meta = CandorMeta::new("pretrain", Head::Lm, effective);
     meta.parents = parents;
     meta.total_steps = cfg.train.steps as u64;
-    if let Start::Resume(prev) = &start {
-        let (s, tensors) = read_trainer(&opts.out, device)?;
-        restore_optimizer(&mut opt, "model", &s, &tensors, &opts.out)?;
-        metrics = MetricsLog::read(&opts.out, Some(s.step))?;
-        meta.parents = prev.parents.clone();
-        state = s;
-    }
-    let mut sampler = Sampler::new(train_set.len(), cfg.seed, state.cursor.clone());
-    let pad = tokenizer.pad_id();
+    let (mut state, mut metrics) = resume_or_fresh(&start, &opts.out, cfg.seed, &mut opt, &mut meta, device)?;
     let params = model_config.param_count(Head::Lm);
     let progress = Progress::new("pretrain", cfg.train.steps as u64, state.step);
     progress.log(&format!(
@@ -219,92 +195,32 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
         heldout.len(),
         if resuming { format!(", resuming at step {}", state.step) } else { String::new() }
     ));
-    let save = |state: &TrainerState, metrics: &MetricsLog, opt: &AdamW, meta: &mut CandorMeta| -> Result<()> {
-        let snap = Snapshot {
-            config: &model_config,
-            head: Head::Lm,
-            varmap: &varmap,
-            tokenizer: &tokenizer,
-            metrics,
-            state,
-            optimizers: &[("model", opt)],
-        };
-        save_checkpoint(&opts.out, &snap, meta, |_| Ok(()))
+    let training = LmTraining {
+        model: &model,
+        saved: StageModel { config: &model_config, head: Head::Lm, varmap: &varmap, tokenizer: &tokenizer },
+        train_set: &train_set,
+        heldout: &heldout,
+        train: &cfg.train,
+        seed: cfg.seed,
+        out: &opts.out,
+        progress: &progress,
     };
     if state.step == 0 && !heldout.is_empty() {
-        let eval = evaluate(&model, &heldout, &cfg.train, pad)?;
+        let eval = training.eval()?;
         metrics.push(record!(0; "eval_loss" => eval, "eval_ppl" => eval.exp(), "unigram_loss" => unigram));
     }
 
-    // 4. the loop
-    let elapsed_before = state.elapsed_sec;
-    let clock = Instant::now();
-    let mut window = (Instant::now(), 0u64);
-    for step in state.step as usize..cfg.train.steps {
-        let lr = lr_at(&cfg.train, step);
-        let mut grads = opt.zero_grads();
-        let mut loss_sum = 0.0;
-        for _ in 0..cfg.train.grad_accum {
-            let idx = sampler.next(cfg.train.batch_size);
-            let examples: Vec<&LmExample> = idx.iter().map(|&i| &train_set[i]).collect();
-            let batch = lm_batch(&examples, pad, device)?;
-            let (_, mean) = lm_loss(&model, &batch)?;
-            loss_sum += mean.to_scalar::<f32>()? as f64;
-            let store = (mean / cfg.train.grad_accum as f64)?.backward()?;
-            opt.accumulate(&store, &mut grads)?;
-            state.tokens += batch.n_targets as u64;
-            window.1 += batch.n_targets as u64;
-        }
-        let loss = loss_sum / cfg.train.grad_accum as f64;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.train.grad_clip)?;
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(err(format!(
-                "loss became {loss} (grad norm {grad_norm}) at step {}; the last good checkpoint (if any) is kept in {}",
-                step + 1,
-                opts.out.display()
-            )));
-        }
-        opt.step(&grads, lr)?;
-        state.step = step as u64 + 1;
-        state.cursor = sampler.cursor.clone();
-        state.elapsed_sec = elapsed_before + clock.elapsed().as_secs_f64();
-        let tok_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-        progress.set(state.step, format!("loss {loss:.3} | {} tok/s", human(tok_s)));
-        let last = state.step as usize == cfg.train.steps;
-        if state.step as usize % cfg.train.log_every == 0 || last {
-            metrics.push(record!(state.step; "loss" => loss, "lr" => lr, "grad_norm" => grad_norm, "tokens_per_sec" => tok_s));
-            window = (Instant::now(), 0);
-        }
-        if !heldout.is_empty() && ((cfg.train.eval_every > 0 && state.step as usize % cfg.train.eval_every == 0) || last) {
-            let eval = evaluate(&model, &heldout, &cfg.train, pad)?;
-            metrics.push(record!(state.step; "eval_loss" => eval, "eval_ppl" => eval.exp()));
-            progress.log(&format!("step {} | loss {loss:.4} | eval_loss {eval:.4} | eval_ppl {:.2}", state.step, eval.exp()));
-        }
-        if cfg.train.save_every > 0 && state.step as usize % cfg.train.save_every == 0 && !last {
-            meta.complete = false;
-            save(&state, &metrics, &opt, &mut meta)?;
-        }
-    }
+    // 4. the loop (shared with SFT): batch, forward, backward, clip, step, log, eval, checkpoint
+    train_lm(&training, &mut opt, &mut state, &mut metrics, &mut meta)?;
 
     // 5. the final checkpoint
     meta.complete = true;
     meta.metrics = final_metrics(&metrics);
     meta.metrics.insert("unigram_loss".into(), serde_json::json!(unigram));
     meta.metrics.insert("params".into(), serde_json::json!(params));
-    save(&state, &metrics, &opt, &mut meta)?;
+    training.saved.save(&opts.out, &state, &metrics, &opt, &mut meta)?;
     progress.finish();
     Ok(meta)
-}
-
-/// The last value of each metric in the log.
-pub fn final_metrics(metrics: &MetricsLog) -> serde_json::Map<String, serde_json::Value> {
-    let mut out = serde_json::Map::new();
-    for r in &metrics.records {
-        for (k, v) in r {
-            out.insert(k.clone(), v.clone());
-        }
-    }
-    out
 }
 
 fn check_compatible(tok: &Tokenizer, model: &ModelConfig, ctx: usize, init: Option<&Path>, origin: &str) -> Result<()> {
@@ -323,23 +239,6 @@ fn check_compatible(tok: &Tokenizer, model: &ModelConfig, ctx: usize, init: Opti
         )));
     }
     Ok(())
-}
-
-/// Mean held-out loss per token over the first `eval_batches` batches (fixed order).
-pub fn evaluate(model: &Model, heldout: &[LmExample], train: &TrainConfig, pad: u32) -> Result<f64> {
-    let mut sum = 0.0;
-    let mut n = 0usize;
-    for (i, chunk) in heldout.chunks(train.batch_size).enumerate() {
-        if train.eval_batches > 0 && i >= train.eval_batches {
-            break;
-        }
-        let examples: Vec<&LmExample> = chunk.iter().collect();
-        let batch = lm_batch(&examples, pad, model.device())?;
-        let (s, _) = lm_loss(model, &batch)?;
-        sum += s.detach().to_scalar::<f32>()? as f64;
-        n += batch.n_targets;
-    }
-    Ok(sum / n.max(1) as f64)
 }
 
 /// Held-out cross-entropy of a unigram model fitted on the training targets (add-one

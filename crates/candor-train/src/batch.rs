@@ -53,6 +53,28 @@ impl Sampler {
     }
 }
 
+/// Split items into (training, held-out): a `fraction` of them, chosen at random from the
+/// seed, held out (at least one, and never all, when `fraction > 0` and there are two or
+/// more); both keep their original order.
+pub fn split_heldout<T>(all: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    let n = all.len();
+    let mut k = (fraction * n as f64).round() as usize;
+    if fraction > 0.0 && n >= 2 {
+        k = k.clamp(1, n - 1);
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::derive(seed, "heldout").shuffle(&mut order);
+    let mut held = vec![false; n];
+    for &i in &order[..k.min(n)] {
+        held[i] = true;
+    }
+    let (mut train, mut heldout) = (vec![], vec![]);
+    for (x, h) in all.into_iter().zip(held) {
+        if h { heldout.push(x) } else { train.push(x) }
+    }
+    (train, heldout)
+}
+
 /// A batch for next-token training: `inputs`/`targets` (B, T) u32, `loss_mask` (B, T) f32
 /// (1 where the target counts), the attention layout.
 pub struct LmBatch {
@@ -83,6 +105,29 @@ impl LmExample {
         }
         LmExample { tokens, targets, segments: None }
     }
+}
+
+/// Pack examples, in order, into rows of at most `max_len` tokens (an example longer than
+/// that gets a row of its own). Each example of a row is a segment: the attention layout
+/// keeps it from seeing the others and restarts its positions, so a packed example's
+/// loss is the one it has alone (tested in [`crate::lm`]). Its first token is never a
+/// target: nothing of it comes before.
+pub fn pack_examples(examples: &[LmExample], max_len: usize) -> Vec<LmExample> {
+    let mut rows: Vec<LmExample> = vec![];
+    let mut row: Option<LmExample> = None;
+    for e in examples {
+        if row.as_ref().is_some_and(|r| r.tokens.len() + e.tokens.len() > max_len) {
+            rows.extend(row.take());
+        }
+        let r = row.get_or_insert_with(|| LmExample { tokens: vec![], targets: vec![], segments: Some(vec![]) });
+        let seg = r.segments.as_ref().and_then(|s| s.last()).map_or(0, |&s| s + 1);
+        r.tokens.extend(&e.tokens);
+        r.targets.push(false);
+        r.targets.extend(&e.targets[1..]);
+        r.segments.as_mut().expect("packed rows have segments").extend(std::iter::repeat_n(seg, e.tokens.len()));
+    }
+    rows.extend(row);
+    rows
 }
 
 /// Right-pad examples to the longest and build inputs (tokens[..-1]) and targets (tokens[1..]).
@@ -147,6 +192,28 @@ mod tests {
         assert_eq!(resumed.next(4), b);
         assert_eq!(s.cursor.epoch, 2);
         assert_eq!(a.len(), 3);
+    }
+
+    #[test]
+    fn heldout_split_is_seeded_and_keeps_order() {
+        let (train, held) = split_heldout((0..100).collect::<Vec<u32>>(), 0.1, 5);
+        assert_eq!((train.len(), held.len()), (90, 10));
+        assert!(held.windows(2).all(|w| w[0] < w[1]) && train.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(split_heldout((0..100).collect::<Vec<u32>>(), 0.1, 5).1, held);
+        assert_ne!(split_heldout((0..100).collect::<Vec<u32>>(), 0.1, 6).1, held);
+        assert_eq!(split_heldout(vec![1, 2], 0.01, 1).1.len(), 1);
+        assert_eq!(split_heldout(vec![1, 2], 0.0, 1).1.len(), 0);
+    }
+
+    #[test]
+    fn packing_fills_rows_in_order_and_marks_segments() {
+        let ex = |n: u32, len: usize| LmExample::dense(vec![n; len]);
+        let rows = pack_examples(&[ex(1, 3), ex(2, 4), ex(3, 5), ex(4, 9), ex(5, 2)], 8);
+        let tokens: Vec<Vec<u32>> = rows.iter().map(|r| r.tokens.clone()).collect();
+        assert_eq!(tokens, vec![vec![1, 1, 1, 2, 2, 2, 2], vec![3, 3, 3, 3, 3], vec![4; 9], vec![5, 5]]);
+        assert_eq!(rows[0].segments, Some(vec![0, 0, 0, 1, 1, 1, 1]));
+        assert_eq!(rows[0].targets, vec![false, true, true, false, true, true, true]);
+        assert_eq!(rows[2].segments, Some(vec![0; 9]));
     }
 
     #[test]

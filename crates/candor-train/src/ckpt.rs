@@ -6,11 +6,12 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use candor_core::checkpoint::{CandorMeta, TRAINER_DIR};
+use candor_core::metrics::MetricsLog;
 use candor_core::rng::Rng;
 use candor_data::Tokenizer;
 use candor_model::{Head, ModelConfig};
@@ -34,6 +35,69 @@ pub struct TrainerState {
     /// Stage-specific state (PPO's adaptive KL coefficient, ...).
     #[serde(default)]
     pub extra: serde_json::Value,
+}
+
+impl TrainerState {
+    /// The state of a run that has not taken a step: its RNG derived from `seed`.
+    pub fn new(seed: u64) -> Self {
+        TrainerState {
+            step: 0,
+            rng: Rng::derive(seed, "train"),
+            cursor: Cursor::default(),
+            tokens: 0,
+            elapsed_sec: 0.0,
+            optimizer_steps: Default::default(),
+            extra: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Where a one-model stage starts its loop: a fresh trainer state and an empty metrics log,
+/// or, resuming the partial checkpoint in `out`, its state and log (up to its step), its
+/// optimiser moments restored into `opt` (saved under the name "model"), and its parents
+/// kept in `meta`.
+pub fn resume_or_fresh(
+    start: &Start,
+    out: &Path,
+    seed: u64,
+    opt: &mut AdamW,
+    meta: &mut CandorMeta,
+    device: &Device,
+) -> Result<(TrainerState, MetricsLog)> {
+    let Start::Resume(prev) = start else {
+        return Ok((TrainerState::new(seed), MetricsLog::default()));
+    };
+    let (state, tensors) = read_trainer(out, device)?;
+    restore_optimizer(opt, "model", &state, &tensors, out)?;
+    let metrics = MetricsLog::read(out, Some(state.step))?;
+    meta.parents = prev.parents.clone();
+    Ok((state, metrics))
+}
+
+/// The model a one-model stage trains, with the tokenizer it is saved with: what every
+/// checkpoint of the run writes besides its progress.
+pub struct StageModel<'a> {
+    pub config: &'a ModelConfig,
+    pub head: Head,
+    pub varmap: &'a VarMap,
+    pub tokenizer: &'a Tokenizer,
+}
+
+impl StageModel<'_> {
+    /// Write a checkpoint of the run into `out` (atomically; see [`save_checkpoint`]), the
+    /// optimiser's moments under the name "model".
+    pub fn save(&self, out: &Path, state: &TrainerState, metrics: &MetricsLog, opt: &AdamW, meta: &mut CandorMeta) -> Result<()> {
+        let snap = Snapshot {
+            config: self.config,
+            head: self.head,
+            varmap: self.varmap,
+            tokenizer: self.tokenizer,
+            metrics,
+            state,
+            optimizers: &[("model", opt)],
+        };
+        save_checkpoint(out, &snap, meta, |_| Ok(()))
+    }
 }
 
 /// Write `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`.
@@ -79,6 +143,16 @@ pub fn read_trainer(dir: &Path, device: &Device) -> Result<(TrainerState, HashMa
 pub fn restore_optimizer(opt: &mut AdamW, name: &str, state: &TrainerState, tensors: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
     let t = state.optimizer_steps.get(name).copied().unwrap_or(0);
     opt.load_state(tensors, &format!("{name}/"), t, &dir.join(TRAINER_DIR).join("optimizer.safetensors"))
+}
+
+/// How to run a stage: where to write, on what, and whether to resume.
+pub struct RunOptions {
+    pub out: PathBuf,
+    pub device: Device,
+    pub resume: bool,
+    pub overwrite: bool,
+    /// Names the config in error messages (its file path).
+    pub origin: String,
 }
 
 /// What a stage should do with its output directory.
@@ -161,7 +235,7 @@ mod tests {
 }
 
 /// The last value of each metric in the log (what `candor.json` records as final metrics).
-pub fn final_metrics(metrics: &candor_core::metrics::MetricsLog) -> serde_json::Map<String, serde_json::Value> {
+pub fn final_metrics(metrics: &MetricsLog) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
     for r in &metrics.records {
         for (k, v) in r {
@@ -177,7 +251,7 @@ pub struct Snapshot<'a> {
     pub head: Head,
     pub varmap: &'a VarMap,
     pub tokenizer: &'a Tokenizer,
-    pub metrics: &'a candor_core::metrics::MetricsLog,
+    pub metrics: &'a MetricsLog,
     pub state: &'a TrainerState,
     pub optimizers: &'a [(&'a str, &'a AdamW)],
 }

@@ -60,6 +60,22 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Whether to log training metrics after optimiser step `step` (counted from 1).
+    pub fn log_due(&self, step: u64) -> bool {
+        step % self.log_every as u64 == 0 || step == self.steps as u64
+    }
+
+    /// Whether to evaluate after step `step`: every `eval_every` steps, and at the end.
+    pub fn eval_due(&self, step: u64) -> bool {
+        (self.eval_every > 0 && step % self.eval_every as u64 == 0) || step == self.steps as u64
+    }
+
+    /// Whether to write an intermediate checkpoint after step `step` (the final one is
+    /// written anyway).
+    pub fn save_due(&self, step: u64) -> bool {
+        self.save_every > 0 && step % self.save_every as u64 == 0 && step != self.steps as u64
+    }
+
     /// Check ranges; `origin` names the config file in errors.
     pub fn validate(&self, origin: &str) -> crate::Result<()> {
         let bad = |key: &str, msg: &str| Err(crate::Error::Msg(format!("{origin}: train.{key}: {msg}")));
@@ -85,5 +101,19 @@ impl TrainConfig {
             return bad("log_every", "must be at least 1");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cadence_counts_steps_from_one_and_always_ends_with_log_and_eval() {
+        let c = TrainConfig { steps: 10, log_every: 3, eval_every: 0, save_every: 5, ..Default::default() };
+        let due = |f: fn(&TrainConfig, u64) -> bool| (1..=10).filter(|&s| f(&c, s)).collect::<Vec<u64>>();
+        assert_eq!(due(TrainConfig::log_due), vec![3, 6, 9, 10]);
+        assert_eq!(due(TrainConfig::eval_due), vec![10]);
+        assert_eq!(due(TrainConfig::save_due), vec![5], "the final checkpoint is the caller's");
     }
 }

@@ -292,6 +292,18 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
+/// Stop a run whose loss or gradient norm is no longer a number, before the step that would
+/// write NaN into the weights; the error names the step and where the last good checkpoint is.
+pub fn check_finite(loss: f64, grad_norm: f64, step: u64, out: &Path) -> Result<()> {
+    if loss.is_finite() && grad_norm.is_finite() {
+        return Ok(());
+    }
+    Err(Error::Msg(format!(
+        "loss became {loss} (grad norm {grad_norm}) at step {step}; the last good checkpoint (if any) is kept in {}",
+        out.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

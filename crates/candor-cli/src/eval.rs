@@ -1,0 +1,190 @@
+//! `candor eval`: a checkpoint's metrics on a data file, as one line or (`--json`) one JSON
+//! object on stdout and nothing else.
+//!
+//! What is measured depends on the checkpoint's head and the kind of data, told apart by
+//! the fields of the first JSONL line ([`DataKind::of`]):
+//!
+//! | head    | data                                              | metrics                                  |
+//! |---------|---------------------------------------------------|------------------------------------------|
+//! | `lm`    | text: plain text files, or JSONL `text`           | `eval_loss`, `eval_ppl` per token, `tokens` |
+//! | `lm`    | SFT: JSONL `prompt`+`response`, or `messages`     | `eval_loss`, `eval_ppl` per response token, `tokens`, `examples` |
+//! | `score` | preferences: `chosen`/`rejected`, or ranked `responses` | `eval_accuracy`, `eval_margin`, `eval_loss`, `pairs`, `prompts` (candor-reward) |
+//!
+//! A new pairing (a policy's reward on prompts, say) is one more arm in [`evaluate`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use candor_core::checkpoint::Head;
+use candor_data::sft::{chat_tokenizer, load_sft};
+use candor_data::text::{pack_all, read_corpus, tokenize_documents};
+use candor_data::tokenizer::EOT;
+use candor_data::Tokenizer;
+use candor_model::io::{load_frozen, read_config};
+use candor_train::batch::LmExample;
+use candor_train::lm::evaluate as lm_evaluate;
+use clap::Args;
+use serde_json::{json, Map, Value};
+
+use crate::device;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Data file: text (.txt, or .jsonl with `text`), SFT JSONL, or preference JSONL.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Print one JSON object of the metrics and nothing else.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the metrics to DIR/eval.json (atomically).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Metrics by name (DESIGN.md's vocabulary) and counts.
+pub type Metrics = Map<String, Value>;
+
+/// The kinds of data `candor eval` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataKind {
+    /// Plain text, or JSONL with `text`.
+    Text,
+    /// `prompt` + `response`, or `messages`.
+    Sft,
+    /// `chosen`/`rejected`, or ranked `responses`.
+    Preference,
+}
+
+impl DataKind {
+    /// A file not named `.jsonl` is text; a JSONL file is told by its first line's fields.
+    pub fn of(path: &Path) -> Result<DataKind> {
+        if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+            return Ok(DataKind::Text);
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let Some((i, line)) = text.lines().enumerate().find(|(_, l)| !l.trim().is_empty()) else {
+            bail!("{}: holds no lines", path.display());
+        };
+        let v: Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
+        let has = |k: &str| v.get(k).is_some();
+        Ok(if has("chosen") || has("rejected") || has("responses") {
+            DataKind::Preference
+        } else if has("messages") || has("response") {
+            DataKind::Sft
+        } else if has("text") {
+            DataKind::Text
+        } else {
+            bail!(
+                "{}:{}: cannot tell what data this is: expected `text` (text), `prompt` and `response` or `messages` (SFT), or `chosen`/`rejected` or `responses` (preferences)",
+                path.display(),
+                i + 1
+            )
+        })
+    }
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let dev = device(&args.device)?;
+    let metrics = match &args.out {
+        Some(out) => eval_to_dir(&args.model, &args.data, out, &dev, args.batch_size)?,
+        None => evaluate(&args.model, &args.data, &dev, args.batch_size)?,
+    };
+    if args.json {
+        println!("{}", Value::Object(metrics));
+    } else {
+        let fields: Vec<String> = metrics
+            .iter()
+            .map(|(k, v)| match v.as_f64() {
+                Some(x) if !v.is_u64() => format!("{k} {x:.4}"),
+                _ => format!("{k} {v}"),
+            })
+            .collect();
+        println!("eval: {} on {}: {}", args.model.display(), args.data.display(), fields.join(" | "));
+    }
+    Ok(())
+}
+
+/// Measure a checkpoint on a data file: the pairing of its head and the data's kind.
+pub fn evaluate(model: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
+    candor_core::checkpoint::require_model_dir(model)?;
+    let head = read_config(model)?.head();
+    match (head, DataKind::of(data)?) {
+        (Head::Lm, DataKind::Text) => text_metrics(model, data, dev, batch_size),
+        (Head::Lm, DataKind::Sft) => sft_metrics(model, data, dev, batch_size),
+        // the reward-model branch: pairwise accuracy and margin on ranked responses
+        (Head::Score, DataKind::Preference) => reward_metrics(model, data, dev, batch_size),
+        (Head::Lm, DataKind::Preference) => bail!(
+            "{}: preference data measures a reward model, but {} is a language model (lm head)",
+            data.display(),
+            model.display()
+        ),
+        (Head::Score, _) => bail!(
+            "{}: is a reward model (score head); evaluate it on preference data (`chosen`/`rejected` or ranked `responses`), not {}",
+            model.display(),
+            data.display()
+        ),
+    }
+}
+
+/// [`evaluate`], and write the metrics to `out/eval.json` (a directory written atomically).
+pub fn eval_to_dir(model: &Path, data: &Path, out: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
+    let metrics = evaluate(model, data, dev, batch_size)?;
+    let w = candor_core::checkpoint::CheckpointWriter::begin(out)?;
+    let path = w.path().join("eval.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&metrics)? + "\n").with_context(|| path.display().to_string())?;
+    w.commit()?;
+    Ok(metrics)
+}
+
+/// Loss and perplexity per token of a text: documents separated by `<|endoftext|>` (as in
+/// pretraining), cut into windows of the model's context, every token predicted once.
+fn text_metrics(model_dir: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
+    let model = load_frozen(model_dir, dev)?;
+    let tok = Tokenizer::from_dir(model_dir)?;
+    let sep = tok.token_id(EOT).or(tok.eos_id()).context("the tokenizer has no end-of-text token to separate documents")?;
+    let docs = read_corpus(&[data.to_path_buf()])?;
+    let stream = tokenize_documents(&tok, &docs, sep)?;
+    let ctx = model.config.max_position_embeddings.min(2048);
+    let examples: Vec<LmExample> = pack_all(&stream, ctx).into_iter().map(LmExample::dense).collect();
+    if examples.is_empty() {
+        bail!("{}: too little text to evaluate (fewer than two tokens)", data.display());
+    }
+    let e = lm_evaluate(&model, &examples, batch_size, 0, tok.pad_id())?;
+    Ok(to_metrics(json!({"eval_loss": e.loss, "eval_ppl": e.loss.exp(), "tokens": e.tokens})))
+}
+
+/// Loss and perplexity per response token of SFT data, rendered and masked exactly as SFT
+/// trains (the checkpoint's chat template, or ChatML for a model that has none).
+fn sft_metrics(model_dir: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
+    let model = load_frozen(model_dir, dev)?;
+    let (tok, template) = chat_tokenizer(&Tokenizer::from_dir(model_dir)?, None)?;
+    let examples: Vec<LmExample> = load_sft(&[data.to_path_buf()], &tok, &template, model.config.max_position_embeddings, false)?
+        .examples
+        .into_iter()
+        .map(|(e, _, _)| LmExample { tokens: e.tokens, targets: e.trained, segments: None })
+        .collect();
+    let e = lm_evaluate(&model, &examples, batch_size, 0, tok.pad_id())?;
+    Ok(to_metrics(json!({"eval_loss": e.loss, "eval_ppl": e.loss.exp(), "tokens": e.tokens, "examples": examples.len()})))
+}
+
+/// Pairwise accuracy, margin and loss of a reward model on a preference file.
+fn reward_metrics(model_dir: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
+    let stats = candor_reward::score::RewardModel::load(model_dir, dev)?.evaluate_file(data, batch_size)?;
+    Ok(to_metrics(serde_json::to_value(stats)?))
+}
+
+fn to_metrics(v: Value) -> Metrics {
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("metrics are built as objects"),
+    }
+}

@@ -1,0 +1,232 @@
+//! Where the Llama family and GPT-2 differ, each piece a switch on the config ([`Arch`]):
+//!
+//! | piece            | Llama family                           | GPT-2                                  |
+//! |------------------|----------------------------------------|----------------------------------------|
+//! | norm             | RMSNorm (`weight`)                     | LayerNorm (`weight`, `bias`)           |
+//! | positions        | rotary, in attention                   | learned `wpe`, added to the embedding  |
+//! | q/k/v            | `q_proj`, `k_proj`, `v_proj` (Linear)  | fused `c_attn` (Conv1D)                |
+//! | attention output | `o_proj` (Linear)                      | `c_proj` (Conv1D)                      |
+//! | MLP              | SwiGLU: `gate_proj`, `up_proj`, `down_proj` | GELU: `c_fc`, `c_proj` (Conv1D)   |
+//!
+//! Linear stores its weight (out, in); GPT-2's Conv1D stores it (in, out) and computes
+//! `x·W + b`. Keeping each layout as stored means the `VarBuilder` paths below are the
+//! Hugging Face tensor names of each family, for loading and saving alike.
+//!
+//! For f32 on the CPU ([`fused::enabled`]) the Llama pieces run as fused kernels with
+//! hand-written backward (Linear, RMSNorm, SwiGLU); GPT-2's LayerNorm, Conv1D and GELU stay
+//! composed from candle ops with a backward.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::Result;
+use crate::fused;
+use crate::ops::{layer_norm, rms_norm};
+
+/// Tensor-name segments of one family (`{prefix}.{layers}.{i}.{attn}.…`).
+pub struct Names {
+    /// `model` | `transformer`
+    pub prefix: &'static str,
+    /// `embed_tokens` | `wte`
+    pub embed: &'static str,
+    /// learned positions: `None` | `wpe`
+    pub positions: Option<&'static str>,
+    /// `layers` | `h`
+    pub layers: &'static str,
+    /// `input_layernorm` | `ln_1`
+    pub ln1: &'static str,
+    /// `self_attn` | `attn`
+    pub attn: &'static str,
+    /// `post_attention_layernorm` | `ln_2`
+    pub ln2: &'static str,
+    /// `norm` | `ln_f`
+    pub final_norm: &'static str,
+}
+
+pub fn names(arch: Arch) -> Names {
+    match arch {
+        Arch::Llama => Names {
+            prefix: "model",
+            embed: "embed_tokens",
+            positions: None,
+            layers: "layers",
+            ln1: "input_layernorm",
+            attn: "self_attn",
+            ln2: "post_attention_layernorm",
+            final_norm: "norm",
+        },
+        Arch::Gpt2 => Names {
+            prefix: "transformer",
+            embed: "wte",
+            positions: Some("wpe"),
+            layers: "h",
+            ln1: "ln_1",
+            attn: "attn",
+            ln2: "ln_2",
+            final_norm: "ln_f",
+        },
+    }
+}
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+/// `Linear::forward`, through the fused kernel for f32 on the CPU.
+fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    if !fused::enabled(x) {
+        return Ok(l.forward(x)?);
+    }
+    let y = fused::linear(x, l.weight())?;
+    Ok(match l.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// RMSNorm (a fused kernel for f32 on the CPU) or LayerNorm; otherwise composed from ops
+/// with a backward.
+pub enum Norm {
+    Rms { weight: Tensor, eps: f64 },
+    Layer { weight: Tensor, bias: Tensor, eps: f64 },
+}
+
+impl Norm {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let (c, eps) = (cfg.hidden_size, cfg.norm_eps());
+        Ok(match cfg.arch() {
+            Arch::Llama => Norm::Rms { weight: vb.get(c, "weight")?, eps },
+            Arch::Gpt2 => Norm::Layer { weight: vb.get(c, "weight")?, bias: vb.get(c, "bias")?, eps },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms { weight, eps } if fused::enabled(x) => Ok(fused::rms_norm(x, weight, *eps)?),
+            Norm::Rms { weight, eps } => rms_norm(x, weight, *eps),
+            Norm::Layer { weight, bias, eps } => layer_norm(x, weight, bias, *eps),
+        }
+    }
+}
+
+/// GPT-2's Conv1D: `x·W + b` with W stored (in, out).
+pub struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Conv1D { weight: vb.get((in_dim, out_dim), "weight")?, bias: vb.get(out_dim, "bias")? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// A projection in its family's storage layout.
+pub enum Proj {
+    Linear(Linear),
+    Conv1D(Conv1D),
+}
+
+impl Proj {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Linear(l) => lin(l, x),
+            Proj::Conv1D(c) => c.forward(x),
+        }
+    }
+}
+
+/// The attention's input projections: separate q/k/v, or GPT-2's fused `c_attn`.
+pub enum QkvProj {
+    Split { q_proj: Linear, k_proj: Linear, v_proj: Linear },
+    Fused { c_attn: Conv1D, q_dim: usize, kv_dim: usize },
+}
+
+/// Input and output projections of one attention layer, built from its `VarBuilder`.
+pub fn attention_projections(cfg: &ModelConfig, vb: &VarBuilder) -> Result<(QkvProj, Proj)> {
+    let (c, h, kv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+    Ok(match cfg.arch() {
+        Arch::Llama => (
+            QkvProj::Split {
+                q_proj: linear(c, h * d, cfg.qkv_bias(), vb.pp("q_proj"))?,
+                k_proj: linear(c, kv * d, cfg.qkv_bias(), vb.pp("k_proj"))?,
+                v_proj: linear(c, kv * d, cfg.qkv_bias(), vb.pp("v_proj"))?,
+            },
+            Proj::Linear(linear(h * d, c, cfg.o_bias(), vb.pp("o_proj"))?),
+        ),
+        Arch::Gpt2 => (
+            QkvProj::Fused { c_attn: Conv1D::new(c, h * d + 2 * kv * d, vb.pp("c_attn"))?, q_dim: h * d, kv_dim: kv * d },
+            Proj::Conv1D(Conv1D::new(h * d, c, vb.pp("c_proj"))?),
+        ),
+    })
+}
+
+impl QkvProj {
+    /// x (B, T, C) → q (B, T, H·D), k and v (B, T, KV·D).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            QkvProj::Split { q_proj, k_proj, v_proj } => Ok((lin(q_proj, x)?, lin(k_proj, x)?, lin(v_proj, x)?)),
+            QkvProj::Fused { c_attn, q_dim, kv_dim } => {
+                let qkv = c_attn.forward(x)?; // (B, T, H·D + 2·KV·D)
+                Ok((
+                    qkv.narrow(D::Minus1, 0, *q_dim)?,
+                    qkv.narrow(D::Minus1, *q_dim, *kv_dim)?,
+                    qkv.narrow(D::Minus1, q_dim + kv_dim, *kv_dim)?,
+                ))
+            }
+        }
+    }
+}
+
+/// SwiGLU (Llama) or GELU (GPT-2) MLP.
+pub enum Mlp {
+    SwiGlu { gate_proj: Linear, up_proj: Linear, down_proj: Linear },
+    Gelu { c_fc: Conv1D, c_proj: Conv1D, erf: bool },
+}
+
+impl Mlp {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(match cfg.arch() {
+            Arch::Llama => {
+                let bias = cfg.mlp_has_bias();
+                Mlp::SwiGlu {
+                    gate_proj: linear(c, i, bias, vb.pp("gate_proj"))?,
+                    up_proj: linear(c, i, bias, vb.pp("up_proj"))?,
+                    down_proj: linear(i, c, bias, vb.pp("down_proj"))?,
+                }
+            }
+            Arch::Gpt2 => Mlp::Gelu {
+                c_fc: Conv1D::new(c, i, vb.pp("c_fc"))?,
+                c_proj: Conv1D::new(i, c, vb.pp("c_proj"))?,
+                // `gelu` is the exact erf form; gelu_new / gelu_pytorch_tanh / gelu_fast the tanh one
+                erf: cfg.hidden_act == "gelu",
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::SwiGlu { gate_proj, up_proj, down_proj } if fused::enabled(x) => {
+                let gated = fused::swiglu(&lin(gate_proj, x)?, &lin(up_proj, x)?)?; // (B, T, I)
+                lin(down_proj, &gated)
+            }
+            Mlp::SwiGlu { gate_proj, up_proj, down_proj } => {
+                let gated = (gate_proj.forward(x)?.silu()? * up_proj.forward(x)?)?; // (B, T, I)
+                Ok(down_proj.forward(&gated)?)
+            }
+            Mlp::Gelu { c_fc, c_proj, erf } => {
+                let h = c_fc.forward(x)?; // (B, T, I)
+                let h = if *erf { h.gelu_erf()? } else { h.gelu()? }; // both record a backward
+                c_proj.forward(&h)
+            }
+        }
+    }
+}

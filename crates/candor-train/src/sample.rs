@@ -1,0 +1,250 @@
+//! Chat prompts in, candidate responses out: what `candor sample` (K candidates per prompt
+//! for ranking) and a PPO rollout both do; and how a reward model reads an exchange.
+//!
+//! A prompt is posed as one user turn followed by the assistant header (the checkpoint's
+//! chat template, [`ChatTemplate::render_prompt`]); generation stops at the template's
+//! end-of-turn tokens ([`stop_tokens`]). A reward model reads the whole exchange, the
+//! prompt as posed followed by the response and its end-of-turn token, from the same
+//! template ([`encode_exchanges`]); its reward is the score at that last token
+//! ([`last_token_scores`]).
+
+use candle_core::{Tensor, D};
+use candor_core::rng::Rng;
+use candor_data::chat::{stop_tokens, ChatTemplate, Message};
+use candor_data::Tokenizer;
+use candor_model::generate::{generate, SamplingParams};
+use candor_model::Model;
+
+use crate::error::{Error, Result};
+
+/// Token ids of each prompt as posed to a chat model.
+pub fn encode_prompts(tok: &Tokenizer, template: &ChatTemplate, prompts: &[&str]) -> Result<Vec<Vec<u32>>> {
+    let texts = prompts.iter().map(|p| template.render_prompt(p)).collect::<candor_data::Result<Vec<_>>>()?;
+    Ok(tok.encode_batch(&texts)?)
+}
+
+/// Token ids of each (prompt, response) exchange as a reward model scores it, laid out the
+/// way a policy's sample is: the prompt as posed ([`encode_prompts`]) followed by the
+/// assistant turn's tokens up to and including its end-of-turn token. The turn's text is
+/// the chat template's render of `[user: prompt, assistant: response]` after the posed
+/// prompt (ChatML: `response<|im_end|>`, what an SFT model emits before it stops), so PPO,
+/// which scores the policy's own prompt + response tokens, reads the reward model at the
+/// same kind of token it was trained on. The reward is read at the last of these tokens.
+pub fn encode_exchanges(tok: &Tokenizer, template: &ChatTemplate, pairs: &[(&str, &str)]) -> Result<Vec<Vec<u32>>> {
+    let stop = stop_tokens(tok);
+    let (mut prompts, mut turns) = (Vec::with_capacity(pairs.len()), Vec::with_capacity(pairs.len()));
+    for (p, r) in pairs {
+        let posed = template.render_prompt(p)?;
+        let full = template.render(&[Message::new("user", p), Message::new("assistant", r)], false)?;
+        let turn = full.strip_prefix(&posed).ok_or_else(|| {
+            Error::Msg("chat template is not prefix-stable: the render of a conversation does not begin with the posed prompt".into())
+        })?;
+        turns.push(turn.to_string());
+        prompts.push(posed);
+    }
+    let (prompts, turns) = (tok.encode_batch(&prompts)?, tok.encode_batch(&turns)?);
+    Ok(prompts
+        .into_iter()
+        .zip(turns)
+        .map(|(mut ids, mut turn)| {
+            if let Some(end) = turn.iter().position(|t| stop.contains(t)) {
+                turn.truncate(end + 1); // drop what the template adds after the end of turn
+            }
+            ids.extend(turn);
+            ids
+        })
+        .collect())
+}
+
+/// The score-head output at the last token of each sequence, (N,): a reward model's reward.
+///
+/// The sequences are right-padded into one (N, T) batch with the plain causal mask: a real
+/// token never attends to the padding after it, so positions and attention are exactly
+/// those of the sequence alone. Differentiable (training uses it).
+pub fn last_token_scores(model: &Model, seqs: &[&[u32]], pad_id: u32) -> Result<Tensor> {
+    let (n, t) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(0));
+    if n == 0 || seqs.iter().any(|s| s.is_empty()) {
+        return Err(Error::Msg("cannot score an empty batch or an empty sequence".into()));
+    }
+    let mut ids = vec![pad_id; n * t];
+    let mut last = Vec::with_capacity(n);
+    for (r, s) in seqs.iter().enumerate() {
+        ids[r * t..r * t + s.len()].copy_from_slice(s);
+        last.push((s.len() - 1) as u32);
+    }
+    let device = model.device();
+    let ids = Tensor::from_vec(ids, (n, t), device)?;
+    let last = Tensor::from_vec(last, (n, 1), device)?;
+    let hidden = model.forward_hidden(&ids, None, None, None)?; // (N, T, C)
+    let scores = model.scores(&hidden)?; // (N, T)
+    Ok(scores.gather(&last, D::Minus1)?.squeeze(D::Minus1)?) // (N,)
+}
+
+/// How to draw K distinct candidates per prompt.
+#[derive(Clone, Debug)]
+pub struct CandidateParams {
+    /// Distinct responses wanted per prompt.
+    pub k: usize,
+    pub sampling: SamplingParams,
+    /// Sequences per `generate` call.
+    pub batch_size: usize,
+    /// Extra rounds that redraw only the missing responses of prompts that got duplicates.
+    pub max_resample_rounds: usize,
+}
+
+/// The candidates drawn, and how much resampling it took.
+#[derive(Clone, Debug)]
+pub struct Candidates {
+    /// Distinct responses per prompt, in the order drawn; fewer than K where resampling
+    /// ran out of rounds.
+    pub responses: Vec<Vec<String>>,
+    /// Responses drawn that repeated an earlier one of the same prompt (and were redrawn).
+    pub duplicates: usize,
+    /// Resampling rounds run after the first draw.
+    pub resample_rounds: usize,
+}
+
+/// A generated response as text: special tokens (the stop token) dropped, ends trimmed.
+pub fn response_text(tok: &Tokenizer, tokens: &[u32]) -> Result<String> {
+    Ok(tok.decode(tokens, true)?.trim().to_string())
+}
+
+/// Draw `params.k` distinct responses for each prompt (token ids from [`encode_prompts`]),
+/// batched through the KV-cache sampler. A response that repeats one already drawn for
+/// its prompt is dropped and redrawn, for at most `max_resample_rounds` extra rounds;
+/// `on_progress(done, total)` is called after each batch with the sequences drawn so far.
+pub fn sample_candidates(
+    model: &Model,
+    tok: &Tokenizer,
+    prompt_ids: &[Vec<u32>],
+    params: &CandidateParams,
+    rng: &mut Rng,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<Candidates> {
+    if params.k == 0 || params.batch_size == 0 {
+        return Err(Error::Msg("k and batch_size must be at least 1".into()));
+    }
+    let stop = stop_tokens(tok);
+    let pad = tok.pad_id();
+    let mut out: Vec<Vec<String>> = vec![vec![]; prompt_ids.len()];
+    let mut duplicates = 0;
+    let mut drawn = 0;
+    let mut round = 0;
+    loop {
+        // one job per missing response, prompt by prompt
+        let jobs: Vec<usize> =
+            out.iter().enumerate().flat_map(|(i, r)| std::iter::repeat_n(i, params.k - r.len())).collect();
+        if jobs.is_empty() || round > params.max_resample_rounds {
+            break;
+        }
+        let total = drawn + jobs.len();
+        for chunk in jobs.chunks(params.batch_size) {
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompt_ids[i].clone()).collect();
+            let samples = generate(model, &batch, &params.sampling, &stop, pad, rng)?;
+            for (&i, s) in chunk.iter().zip(&samples) {
+                let text = response_text(tok, &s.tokens)?;
+                if out[i].contains(&text) {
+                    duplicates += 1;
+                } else {
+                    out[i].push(text);
+                }
+            }
+            drawn += chunk.len();
+            on_progress(drawn, total);
+        }
+        round += 1;
+    }
+    Ok(Candidates { responses: out, duplicates, resample_rounds: round.saturating_sub(1) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candor_model::io::{build_trainable, frozen_copy};
+    use candor_model::{Head, ModelConfig};
+
+    fn tiny() -> (Model, Tokenizer) {
+        let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little money. ".repeat(20);
+        let tok = Tokenizer::train(std::iter::once(text), 300).unwrap();
+        let cfg = ModelConfig::llama(tok.vocab_size(), 32, 1, 2, 2, 64, 64, 10000.0, true);
+        let dev = candle_core::Device::Cpu;
+        let (_, vm) = build_trainable(&cfg, Head::Lm, None, &[], &mut Rng::new(0), &dev).unwrap();
+        (frozen_copy(&cfg, Head::Lm, &vm, &dev).unwrap(), tok)
+    }
+
+    #[test]
+    fn prompts_and_exchanges_follow_the_chat_template() {
+        let (_, tok) = tiny();
+        let t = ChatTemplate::for_tokenizer(&tok);
+        let p = encode_prompts(&tok, &t, &["Hi there."]).unwrap();
+        assert_eq!(tok.decode(&p[0], false).unwrap(), "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\n");
+        let e = encode_exchanges(&tok, &t, &[("Hi there.", "Hello.")]).unwrap();
+        assert_eq!(tok.decode(&e[0], false).unwrap(), "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>");
+        assert_eq!(e[0].last(), tok.token_id("<|im_end|>").as_ref());
+        assert!(e[0].starts_with(&p[0]));
+    }
+
+    #[test]
+    fn last_token_scores_equal_each_sequence_scored_alone() {
+        let (_, tok) = tiny();
+        let cfg = ModelConfig::llama(tok.vocab_size(), 32, 2, 2, 2, 64, 64, 10000.0, true);
+        let dev = candle_core::Device::Cpu;
+        let (_, vm) = build_trainable(&cfg, Head::Score, None, &[], &mut Rng::new(0), &dev).unwrap();
+        let model = frozen_copy(&cfg, Head::Score, &vm, &dev).unwrap();
+        let a: Vec<u32> = vec![5, 9, 33, 7, 120, 8];
+        let b: Vec<u32> = vec![40, 2];
+        let batch: Vec<f32> = last_token_scores(&model, &[&a, &b], 0).unwrap().to_vec1().unwrap();
+        for (i, s) in [&a, &b].iter().enumerate() {
+            let ids = Tensor::new(s.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+            let alone: Vec<f32> = model.scores(&model.forward_hidden(&ids, None, None, None).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            assert!((batch[i] - alone[s.len() - 1]).abs() < 1e-5, "row {i}: {} vs {}", batch[i], alone[s.len() - 1]);
+        }
+        // a different pad id changes nothing
+        let other: Vec<f32> = last_token_scores(&model, &[&a, &b], 77).unwrap().to_vec1().unwrap();
+        assert!((other[1] - batch[1]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn draws_k_distinct_responses_per_prompt() {
+        let (model, tok) = tiny();
+        let t = ChatTemplate::for_tokenizer(&tok);
+        let ids = encode_prompts(&tok, &t, &["Say one thing.", "Say another thing, at more length."]).unwrap();
+        let params = CandidateParams {
+            k: 4,
+            sampling: SamplingParams { max_new_tokens: 6, temperature: 1.0, top_k: 0, top_p: 1.0 },
+            batch_size: 3,
+            max_resample_rounds: 3,
+        };
+        let mut calls = vec![];
+        let c = sample_candidates(&model, &tok, &ids, &params, &mut Rng::new(1), &mut |d, n| calls.push((d, n))).unwrap();
+        for r in &c.responses {
+            assert_eq!(r.len(), 4);
+            let mut s = r.clone();
+            s.sort();
+            s.dedup();
+            assert_eq!(s.len(), 4, "{r:?}");
+        }
+        assert_eq!(calls.first(), Some(&(3, 8)));
+        // same seed, same candidates
+        let again = sample_candidates(&model, &tok, &ids, &params, &mut Rng::new(1), &mut |_, _| {}).unwrap();
+        assert_eq!(again.responses, c.responses);
+    }
+
+    #[test]
+    fn resampling_is_bounded_when_the_model_repeats_itself() {
+        let (model, tok) = tiny();
+        let t = ChatTemplate::for_tokenizer(&tok);
+        let ids = encode_prompts(&tok, &t, &["Say one thing."]).unwrap();
+        // greedy decoding gives the same response every time
+        let params = CandidateParams {
+            k: 3,
+            sampling: SamplingParams { max_new_tokens: 5, temperature: 0.0, top_k: 0, top_p: 1.0 },
+            batch_size: 8,
+            max_resample_rounds: 2,
+        };
+        let c = sample_candidates(&model, &tok, &ids, &params, &mut Rng::new(0), &mut |_, _| {}).unwrap();
+        assert_eq!(c.responses[0].len(), 1);
+        assert_eq!(c.resample_rounds, 2);
+        assert_eq!(c.duplicates, 2 + 2 + 2); // first draw 3 (1 kept), then 2 redrawn twice
+    }
+}
