@@ -38,8 +38,10 @@ enum Moments {
     Tensors { m: Tensor, v: Tensor },
 }
 
+/// Whether the moments live in host vectors and the update is fused: the same switch as the
+/// model's kernels (f32 on the CPU, unless `CANDOR_FUSED=0`).
 fn host_f32(var: &Var) -> bool {
-    var.device().is_cpu() && var.dtype() == DType::F32 && std::env::var("CANDOR_FUSED").map_or(true, |v| v != "0")
+    candor_model::fused::enabled(var.as_tensor())
 }
 
 pub struct AdamW {
