@@ -43,7 +43,7 @@ fn ppo_with_the_sentiment_judge_raises_the_heldout_judge_score() {
     for key in ["reward_mean", "reward_raw_mean", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl", "response_len", "time_generate", "time_score", "time_train"] {
         assert!(m.iter().any(|r| r.get(key).is_some()), "metric {key} never logged");
     }
-    let text = ok(candor().args(["generate", "--chat", "--device", "cpu", "--prompt", "Describe the sea.", "--model"]).arg(&out));
+    let text = ok(candor().args(["generate", "--chat", "--device", "cpu", "--max-new-tokens", "24", "--prompt", "Describe the sea.", "--model"]).arg(&out));
     assert!(!text.trim().is_empty());
 }
 
