@@ -229,6 +229,31 @@ fn hf_names_resolve_in_the_local_cache_offline() {
     ok(candor().env("HF_HOME", home.path()).env_remove("HF_HUB_CACHE").args(["pretrain", "--config"]).arg(&cfg).arg("--out").arg(&out));
     let meta = read_json(&out.join("candor.json"));
     assert!(meta["parents"][0]["path"].as_str().unwrap().ends_with(&format!("snapshots/{rev}")), "{meta}");
+
+    // so do sft --init and eval --model (every stage input resolves the same way)
+    let in_home = || {
+        let mut c = candor();
+        c.env("HF_HOME", home.path()).env_remove("HF_HUB_CACHE").env("HF_HUB_OFFLINE", "1");
+        c
+    };
+    let sft_data = home.path().join("sft.jsonl");
+    std::fs::write(&sft_data, "{\"prompt\": \"Call me\", \"response\": \"Ishmael.\"}\n".repeat(40)).unwrap();
+    let sft_cfg = home.path().join("sft.yaml");
+    std::fs::write(
+        &sft_cfg,
+        format!("data: {{files: [{}], heldout_fraction: 0.1}}\ntrain: {{steps: 2, batch_size: 2, eval_every: 0, log_every: 1}}\n", sft_data.display()),
+    )
+    .unwrap();
+    let sft_out = home.path().join("sft");
+    ok(in_home().args(["sft", "--device", "cpu", "--init", "hf:Org/Tiny", "--config"]).arg(&sft_cfg).arg("--out").arg(&sft_out));
+    let meta = read_json(&sft_out.join("candor.json"));
+    assert!(meta["parents"][0]["path"].as_str().unwrap().ends_with(&format!("snapshots/{rev}")), "{meta}");
+    let eval = |model: &str| -> Value {
+        serde_json::from_str(&ok(in_home().args(["eval", "--json", "--device", "cpu", "--model", model, "--data"]).arg(&corpus))).unwrap()
+    };
+    let (a, b) = (eval("hf:Org/Tiny"), eval(src.to_str().unwrap()));
+    assert!(a["eval_loss"].as_f64().unwrap().is_finite());
+    assert_eq!(a["eval_loss"], b["eval_loss"]);
 }
 
 /// What candor cannot honour fails with the file and the key or tensor named.

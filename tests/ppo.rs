@@ -22,7 +22,9 @@ fn ppo_with_the_sentiment_judge_raises_the_heldout_judge_score() {
     let sft = tiny_sft();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ppo");
-    ok(&mut ppo(&sft, &out, &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1"]));
+    // VADER scores lie in [-1, 1] and most of the tiny model's responses score 0: a weight of
+    // 4 gives the rare scored response an advantage that stands out of the KL noise
+    ok(&mut ppo(&sft, &out, &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=4"]));
     let meta = read_json(&out.join("candor.json"));
     let before = meta["metrics"]["judge_score_initial"].as_f64().unwrap();
     let after = meta["metrics"]["judge_score"].as_f64().unwrap();
@@ -41,7 +43,7 @@ fn ppo_with_the_sentiment_judge_raises_the_heldout_judge_score() {
     for key in ["reward_mean", "reward_raw_mean", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl", "response_len", "time_generate", "time_score", "time_train"] {
         assert!(m.iter().any(|r| r.get(key).is_some()), "metric {key} never logged");
     }
-    let text = ok(candor().args(["generate", "--chat", "--device", "cpu", "--prompt", "Describe the sea.", "--model"]).arg(&out));
+    let text = ok(candor().args(["generate", "--chat", "--device", "cpu", "--max-new-tokens", "24", "--prompt", "Describe the sea.", "--model"]).arg(&out));
     assert!(!text.trim().is_empty());
 }
 
@@ -130,7 +132,10 @@ fn a_nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let e = fails(&mut ppo(
         &sft,
         &out,
-        &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1", "train.lr=1e30", "train.min_lr=1e30", "train.grad_clip=0", "train.save_every=1", "train.eval_every=0", "train.steps=6"],
+        &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1", "train.lr=1e30", "train.min_lr=1e30", "train.grad_clip=0", "train.save_every=1", "train.eval_every=0", "train.steps=6",
+          // one update in iteration 1 (its loss is computed before the step, so finite and saved);
+          // the blown-up weights make iteration 2's loss NaN
+          "ppo.epochs=1", "rollout.prompts_per_iteration=8"],
     ));
     assert!(e.contains("stopped") && e.contains("last good checkpoint"), "{e}");
     let meta = read_json(&out.join("candor.json"));

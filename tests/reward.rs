@@ -1,4 +1,4 @@
-//! The reward-model stage end to end: the tiny SFT model's samples (`candor sample`, K = 4)
+//! The reward-model stage end to end: the tiny SFT model's samples (`candor sample`, K = 6)
 //! ranked by the sentiment judge (`candor rank --judge sentiment`) train the tiny reward
 //! model (`candor reward`, configs/tiny/reward.yaml), which must order held-out pairs;
 //! `candor score` and `candor eval` read it back. And the stage's clear errors.
@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use common::*;
 
-/// Sampling for the rankings: K = 4 responses per prompt. A low temperature with top-k keeps
+/// Sampling for the rankings: K = 6 responses per prompt. A low temperature with top-k keeps
 /// the tiny model to the words it knows best, so the same sentiment words recur across
 /// prompts (at temperature 1 its text is mostly non-words, and each sentiment word the judge
 /// finds is one the reward model never sees again).
-const SAMPLING: [&str; 8] = ["--k", "4", "--max-new-tokens", "32", "--temperature", "0.4", "--top-k", "20"];
+const SAMPLING: [&str; 8] = ["--k", "6", "--max-new-tokens", "32", "--temperature", "0.4", "--top-k", "20"];
 
 /// `candor sample` then `candor rank --judge sentiment` on a prompt file; returns the ranked file.
 fn sample_and_rank(model: &Path, prompts: &str, dir: &Path, name: &str) -> PathBuf {
@@ -25,7 +25,7 @@ fn sample_and_rank(model: &Path, prompts: &str, dir: &Path, name: &str) -> PathB
     for line in std::fs::read_to_string(&cand).unwrap().lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let mut r: Vec<&str> = v["responses"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
-        assert!(r.len() >= 2 && r.len() <= 4, "{line}");
+        assert!(r.len() >= 2 && r.len() <= 6, "{line}");
         r.sort();
         r.dedup();
         assert_eq!(r.len(), v["responses"].as_array().unwrap().len(), "distinct responses: {line}");

@@ -15,24 +15,8 @@ QUIET_MAX_WAIT="${QUIET_MAX_WAIT:-600}"
 MAX_BG="${MAX_BG:-0.05}"
 TRIES="${TRIES:-4}"
 
-idle_pct() {
-  local a b
-  a=($(head -1 /proc/stat)); sleep 3; b=($(head -1 /proc/stat))
-  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
-  for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
-  echo $(( total > 0 ? 100 * idle / total : 100 ))
-}
-
-wait_quiet() {
-  local waited=0 idle
-  while idle=$(idle_pct); [ "$idle" -lt "$QUIET_IDLE" ]; do
-    waited=$(( waited + 3 ))
-    if [ "$waited" -ge "$QUIET_MAX_WAIT" ]; then
-      echo "warning: machine still busy (${idle}% idle), running anyway" >&2
-      return
-    fi
-  done
-}
+# shellcheck source=quiet.sh
+source "$ROOT/scripts/bench/quiet.sh"
 
 for shape in tiny small medium; do
   for mode in train sample; do

@@ -31,7 +31,7 @@ use crate::device;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or hf:ORG/NAME in the Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Data file: text (.txt, or .jsonl with `text`), SFT JSONL, or preference JSONL.
@@ -94,9 +94,10 @@ impl DataKind {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let dev = device(&args.device)?;
+    let model_dir = candor_model::resolve_model_dir(&args.model)?;
     let metrics = match &args.out {
-        Some(out) => eval_to_dir(&args.model, &args.data, out, &dev, args.batch_size)?,
-        None => evaluate(&args.model, &args.data, &dev, args.batch_size)?,
+        Some(out) => eval_to_dir(&model_dir, &args.data, out, &dev, args.batch_size)?,
+        None => evaluate(&model_dir, &args.data, &dev, args.batch_size)?,
     };
     if args.json {
         println!("{}", Value::Object(metrics));

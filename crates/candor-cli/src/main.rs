@@ -111,6 +111,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    candor_model::fused::runtime::init(); // thread-pool and allocator settings, before any thread
     // A panic is a bug in candor; still end with one line and a non-zero status.
     std::panic::set_hook(Box::new(|info| {
         let msg = info

@@ -11,7 +11,8 @@ use crate::{load_config, CommonStage};
 pub struct PpoArgs {
     #[command(flatten)]
     pub common: CommonStage,
-    /// The SFT checkpoint the policy starts from (and the frozen reference copies).
+    /// The SFT checkpoint the policy starts from (and the frozen reference copies), or
+    /// hf:ORG/NAME in the Hugging Face cache.
     #[arg(long)]
     pub policy: Option<PathBuf>,
     /// The reward model checkpoint (a score head).

@@ -18,7 +18,7 @@ use crate::device;
 
 #[derive(Args)]
 pub struct SampleArgs {
-    /// Checkpoint to sample from (usually the SFT model).
+    /// Checkpoint to sample from (usually the SFT model), or hf:ORG/NAME in the Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
     /// JSONL prompts: {"prompt": ..., "reference": ...?}.
@@ -68,12 +68,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("{}: no prompts", args.prompts.display());
     }
-    let config = candor_model::io::read_config(&args.model)?;
+    let model_dir = candor_model::resolve_model_dir(&args.model)?;
+    let config = candor_model::io::read_config(&model_dir)?;
     if config.head() != Head::Lm {
         bail!("{}: has a score head (a reward model); sample from a language model (`lm` head)", args.model.display());
     }
-    let model = candor_model::io::load_frozen(&args.model, &dev)?;
-    let tok = Tokenizer::from_dir(&args.model)?;
+    let model = candor_model::io::load_frozen(&model_dir, &dev)?;
+    let tok = Tokenizer::from_dir(&model_dir)?;
     let template = ChatTemplate::for_tokenizer(&tok);
     let texts: Vec<&str> = prompts.iter().map(|(_, p)| p.prompt.as_str()).collect();
     let ids = encode_prompts(&tok, &template, &texts)?;

@@ -53,7 +53,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     if items.is_empty() {
         bail!("{}: no lines to score", args.data.display());
     }
-    let rm = RewardModel::load(&args.model, &dev)?;
+    let rm = RewardModel::load(&candor_model::resolve_model_dir(&args.model)?, &dev)?;
     let pairs: Vec<(&str, &str)> =
         lines.iter().zip(&items).flat_map(|((_, l), (_, rs))| rs.iter().map(move |r| (l.prompt.as_str(), r.as_str()))).collect();
     let rewards = rm.score(&pairs, args.batch_size.max(1))?;

@@ -19,7 +19,8 @@ pub struct StageArgs {
 pub struct SftArgs {
     #[command(flatten)]
     pub common: CommonStage,
-    /// The checkpoint to fine-tune (usually the pretrained model); sets `init` in the config.
+    /// The checkpoint to fine-tune (usually the pretrained model), or hf:ORG/NAME in the
+    /// Hugging Face cache; sets `init` in the config.
     #[arg(long)]
     pub init: Option<PathBuf>,
 }

@@ -47,7 +47,10 @@ pub struct Sample {
 pub fn sample_row(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> (u32, f32) {
     let t = if params.temperature > 0.0 { params.temperature as f32 } else { 1.0 };
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits.iter().map(|&l| ((l - max) / t).exp()).sum::<f32>().ln();
+    // exp((l − max)/t) for the whole row at once (vectorised), then its log-sum
+    let mut e: Vec<f32> = logits.iter().map(|&l| (l - max) / t).collect();
+    crate::fused::vmath::exp_inplace(&mut e);
+    let lse = e.iter().sum::<f32>().ln();
     let logprob = |i: usize| (logits[i] - max) / t - lse;
     if params.temperature <= 0.0 {
         let mut best = 0;
@@ -78,7 +81,8 @@ pub fn sample_row(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> (u3
             idx.truncate(keep.max(1));
         }
     }
-    let probs: Vec<f32> = idx.iter().map(|&i| logprob(i).exp()).collect();
+    let inv = (-lse).exp();
+    let probs: Vec<f32> = idx.iter().map(|&i| e[i] * inv).collect();
     let total: f32 = probs.iter().sum();
     let mut u = rng.uniform() as f32 * total;
     let mut choice = *idx.last().unwrap();

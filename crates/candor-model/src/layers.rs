@@ -11,12 +11,17 @@
 //! Linear stores its weight (out, in); GPT-2's Conv1D stores it (in, out) and computes
 //! `x·W + b`. Keeping each layout as stored means the `VarBuilder` paths below are the
 //! Hugging Face tensor names of each family, for loading and saving alike.
+//!
+//! For f32 on the CPU ([`fused::enabled`]) the Llama pieces run as fused kernels with
+//! hand-written backward (Linear, RMSNorm, SwiGLU); GPT-2's LayerNorm, Conv1D and GELU stay
+//! composed from candle ops with a backward.
 
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
+use crate::fused;
 use crate::ops::{layer_norm, rms_norm};
 
 /// Tensor-name segments of one family (`{prefix}.{layers}.{i}.{attn}.…`).
@@ -70,7 +75,20 @@ fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<L
     Ok(Linear::new(w, b))
 }
 
-/// RMSNorm or LayerNorm, both composed from ops with a backward.
+/// `Linear::forward`, through the fused kernel for f32 on the CPU.
+fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    if !fused::enabled(x) {
+        return Ok(l.forward(x)?);
+    }
+    let y = fused::linear(x, l.weight())?;
+    Ok(match l.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// RMSNorm (a fused kernel for f32 on the CPU) or LayerNorm; otherwise composed from ops
+/// with a backward.
 pub enum Norm {
     Rms { weight: Tensor, eps: f64 },
     Layer { weight: Tensor, bias: Tensor, eps: f64 },
@@ -87,6 +105,7 @@ impl Norm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Norm::Rms { weight, eps } if fused::enabled(x) => Ok(fused::rms_norm(x, weight, *eps)?),
             Norm::Rms { weight, eps } => rms_norm(x, weight, *eps),
             Norm::Layer { weight, bias, eps } => layer_norm(x, weight, bias, *eps),
         }
@@ -118,7 +137,7 @@ pub enum Proj {
 impl Proj {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Proj::Linear(l) => Ok(l.forward(x)?),
+            Proj::Linear(l) => lin(l, x),
             Proj::Conv1D(c) => c.forward(x),
         }
     }
@@ -153,7 +172,7 @@ impl QkvProj {
     /// x (B, T, C) → q (B, T, H·D), k and v (B, T, KV·D).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
-            QkvProj::Split { q_proj, k_proj, v_proj } => Ok((q_proj.forward(x)?, k_proj.forward(x)?, v_proj.forward(x)?)),
+            QkvProj::Split { q_proj, k_proj, v_proj } => Ok((lin(q_proj, x)?, lin(k_proj, x)?, lin(v_proj, x)?)),
             QkvProj::Fused { c_attn, q_dim, kv_dim } => {
                 let qkv = c_attn.forward(x)?; // (B, T, H·D + 2·KV·D)
                 Ok((
@@ -195,6 +214,10 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Mlp::SwiGlu { gate_proj, up_proj, down_proj } if fused::enabled(x) => {
+                let gated = fused::swiglu(&lin(gate_proj, x)?, &lin(up_proj, x)?)?; // (B, T, I)
+                lin(down_proj, &gated)
+            }
             Mlp::SwiGlu { gate_proj, up_proj, down_proj } => {
                 let gated = (gate_proj.forward(x)?.silu()? * up_proj.forward(x)?)?; // (B, T, I)
                 Ok(down_proj.forward(&gated)?)

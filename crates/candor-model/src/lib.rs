@@ -6,6 +6,9 @@
 //!   backward in candle (see [`ops`]).
 //! - [`io`]: weights in and out with Hugging Face tensor names (the `VarBuilder` paths
 //!   in `model.rs` *are* the naming map, for loading and saving alike).
+//! - [`fused`]: CPU kernels with hand-written backward passes (matmul, RMSNorm, RoPE,
+//!   attention, SwiGLU, LM head + cross-entropy) that the model uses for f32 on the CPU
+//!   (GPT-2's LayerNorm, Conv1D, GELU and learned positions stay composed).
 //! - [`generate`]: batched sampling with the KV cache (temperature, top-k, top-p).
 //! - [`layers`]: the switches between the Llama family and GPT-2 (norm, projections, MLP).
 //! - [`hf`]: `hf:ORG/NAME` and local checkpoint directories ([`hf::resolve_model_dir`]).
@@ -13,6 +16,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

@@ -10,10 +10,18 @@ use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::fused::{self, attention::CacheBuf, AttnMask};
 use crate::layers::{attention_projections, names, Mlp, Norm, Proj, QkvProj};
 use crate::mask::causal_bias;
 use crate::ops::{apply_rope, reduce_dtype, repeat_kv, rope_tables, softmax};
 use crate::Head;
+
+/// How attention hides keys: candor's additive bias on the composed path, or the fused
+/// kernel's mask.
+enum Mask<'a> {
+    Composed(Tensor),
+    Fused(AttnMask<'a>),
+}
 
 struct Attention {
     qkv: QkvProj,
@@ -30,17 +38,30 @@ impl Attention {
     }
 
     /// x (B, T, C); rope: cos/sin broadcastable to (B, 1, T, D/2), `None` with learned
-    /// positions; bias (B|1, 1, T, Tk).
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: Option<(&Tensor, &Tensor)>,
-        bias: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    /// positions; mask: bias (B|1, 1, T, Tk) on the composed path, or the fused kernel's.
+    fn forward(&self, x: &Tensor, rope: Option<(&Tensor, &Tensor)>, mask: &Mask, cache: Option<&mut LayerKv>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.n_heads, self.n_kv, self.head_dim);
         let (q, k, v) = self.qkv.forward(x)?;
+        let bias = match mask {
+            Mask::Composed(bias) => bias,
+            Mask::Fused(mask) => {
+                // (B, T, heads, D) throughout: no transposes
+                let q = q.reshape((b, t, h, d))?;
+                let k = k.reshape((b, t, kv, d))?;
+                let v = v.reshape((b, t, kv, d))?;
+                let (q, k) = match rope {
+                    Some((cos, sin)) => {
+                        let (cos, sin) = (cos.squeeze(1)?, sin.squeeze(1)?); // (B|1, T, D/2)
+                        (fused::rope(&q, &cos, &sin)?, fused::rope(&k, &cos, &sin)?)
+                    }
+                    None => (q, k),
+                };
+                let y = fused::attention(&q, &k, &v, *mask, cache.map(|c| &mut c.fused))?; // (B, T, H, D)
+                return self.o_proj.forward(&y.reshape((b, t, h * d))?);
+            }
+        };
+        let cache = cache.map(|c| &mut c.composed);
         let q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
         let k = k.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?; // (B, KV, T, D)
         let v = v.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
@@ -89,28 +110,46 @@ impl Block {
     }
 }
 
-/// Per-layer keys and values of the tokens seen so far, (B, KV, T, D) each.
+/// One layer's keys and values: (B, KV, T, D) tensors grown by concatenation on the
+/// composed path, preallocated (B, capacity, KV, D) buffers on the fused one.
+#[derive(Clone, Default)]
+struct LayerKv {
+    composed: Option<(Tensor, Tensor)>,
+    fused: Option<CacheBuf>,
+}
+
+/// Per-layer keys and values of the tokens seen so far.
 #[derive(Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        KvCache { layers: vec![None; n_layers] }
+        KvCache { layers: vec![LayerKv::default(); n_layers] }
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        let Some(l) = self.layers.first() else { return 0 };
+        match (&l.composed, &l.fused) {
+            (Some((k, _)), _) => k.dim(2).unwrap_or(0),
+            (None, Some(c)) => c.len(),
+            (None, None) => 0,
+        }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     /// Keep only the given batch rows (drop finished sequences).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        for layer in &mut self.layers {
+            if let Some((k, v)) = &mut layer.composed {
+                *k = k.index_select(rows, 0)?;
+                *v = v.index_select(rows, 0)?;
+            }
+            if let Some(c) = &mut layer.fused {
+                c.select_rows(rows)?;
+            }
         }
         Ok(())
     }
@@ -212,9 +251,11 @@ impl Model {
             }
             None => None,
         };
-        let bias = match bias {
-            Some(b) => b.to_dtype(self.dtype)?,
-            None => causal_bias(t, past, ids.device())?.to_dtype(self.dtype)?,
+        let mask = match (bias, fused::enabled(self.embed_tokens.embeddings())) {
+            (None, true) => Mask::Fused(AttnMask::Causal),
+            (Some(b), true) => Mask::Fused(AttnMask::Bias { bias: b, causal: fused::attention::bias_is_causal(b)? }),
+            (Some(b), false) => Mask::Composed(b.to_dtype(self.dtype)?),
+            (None, false) => Mask::Composed(causal_bias(t, past, ids.device())?.to_dtype(self.dtype)?),
         };
         let mut x = self.embed_tokens.forward(ids)?; // (B, T, C)
         if let Some(wpe) = &self.position_embeddings {
@@ -224,7 +265,7 @@ impl Model {
         let rope = rope.as_ref().map(|(c, s)| (c, s));
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, rope, &bias, slot)?;
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, rope, &mask, slot)?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;
@@ -234,12 +275,20 @@ impl Model {
 
     /// Logits over the vocabulary (B, T, V) from hidden states (B, T, C).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let w = match (&self.head_weight, self.head) {
-            (None, Head::Lm) => self.embed_tokens.embeddings(),
-            (Some(w), Head::Lm) => w,
-            (_, Head::Score) => return Err(crate::Error::Msg("a score-head model has no LM logits".into())),
-        };
+        let w = self.lm_head_weight()?;
+        if fused::enabled(hidden) {
+            return Ok(fused::linear(hidden, w)?);
+        }
         Ok(hidden.broadcast_matmul(&w.t()?)?)
+    }
+
+    /// The LM head's (V, C) weight (the embedding when tied); an error for a score head.
+    pub fn lm_head_weight(&self) -> Result<&Tensor> {
+        match (&self.head_weight, self.head) {
+            (None, Head::Lm) => Ok(self.embed_tokens.embeddings()),
+            (Some(w), Head::Lm) => Ok(w),
+            (_, Head::Score) => Err(crate::Error::Msg("a score-head model has no LM logits".into())),
+        }
     }
 
     /// One scalar per position (B, T) from hidden states (B, T, C).

@@ -1,11 +1,14 @@
-//! Model tests: gradients reach every parameter, agree with finite differences, the KV cache
-//! and the full forward agree, weights round-trip through the checkpoint format.
+//! Model tests: gradients reach every parameter, agree with finite differences (f64, the
+//! composed ops) and, through the fused CPU kernels (f32), with the f64 gradients; the KV
+//! cache and the full forward agree; weights round-trip through the checkpoint format.
+//! Llama-style and GPT-2 configs, LM and score heads.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use candor_core::rng::Rng;
+use candor_model::config::Arch;
 use candor_model::generate::{generate, SamplingParams};
 use candor_model::io::{build_trainable, load_frozen, load_trainable, read_weights, save_model};
 use candor_model::mask::Layout;
@@ -16,6 +19,26 @@ fn tiny_config(tied: bool, bias: bool) -> ModelConfig {
     let mut c = ModelConfig::llama(37, 16, 2, 4, 2, 24, 32, 10000.0, tied);
     c.attention_bias = bias;
     c
+}
+
+/// GPT-2's switches on the same sizes: LayerNorm, learned positions, Conv1D, GELU.
+fn tiny_gpt2() -> ModelConfig {
+    let mut c = ModelConfig::llama(37, 16, 2, 4, 4, 24, 32, 10000.0, true);
+    c.model_type = "gpt2".into();
+    c.architectures = vec!["GPT2LMHeadModel".into()];
+    c.hidden_act = "gelu_new".into();
+    c
+}
+
+/// The (config, head) pairs the gradient tests cover.
+fn configs() -> Vec<(ModelConfig, Head)> {
+    vec![
+        (tiny_config(true, false), Head::Lm),
+        (tiny_config(false, true), Head::Lm),
+        (tiny_config(true, true), Head::Score),
+        (tiny_gpt2(), Head::Lm),
+        (tiny_gpt2(), Head::Score),
+    ]
 }
 
 fn ids(rows: &[&[u32]]) -> Tensor {
@@ -66,8 +89,8 @@ fn padded_batch() -> (Tensor, Layout) {
 
 #[test]
 fn every_trainable_parameter_gets_a_nonzero_gradient() {
-    for (tied, bias, head) in [(true, false, Head::Lm), (false, true, Head::Lm), (true, true, Head::Score)] {
-        let cfg = tiny_config(tied, bias);
+    for (cfg, head) in configs() {
+        let (tied, bias, arch) = (cfg.tie_word_embeddings, cfg.attention_bias, cfg.arch());
         let (model, varmap) = build_trainable(&cfg, head, None, &[], &mut Rng::new(1), &Device::Cpu).unwrap();
         let (input, layout) = padded_batch();
         let grads = loss(&model, &input, &layout).backward().unwrap();
@@ -76,40 +99,47 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
         for (name, var) in vars.iter() {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
             let norm: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(norm > 0.0, "{name}: zero gradient (tied={tied}, bias={bias}, {head})");
+            assert!(norm > 0.0, "{name}: zero gradient ({arch:?}, tied={tied}, bias={bias}, {head})");
         }
     }
 }
 
 fn model_var_count(cfg: &ModelConfig, head: Head) -> usize {
-    let per_layer = 4 + 3 + 2 + if cfg.attention_bias { 4 } else { 0 };
     let head_vars = match head {
         Head::Lm if cfg.tie_word_embeddings => 0,
         _ => 1,
     };
-    1 + cfg.num_hidden_layers * per_layer + 1 + head_vars
+    match cfg.arch() {
+        // embed; per layer q, k, v, o, gate, up, down, 2 norms (+ 4 attention biases); final norm
+        Arch::Llama => 1 + cfg.num_hidden_layers * (4 + 3 + 2 + if cfg.attention_bias { 4 } else { 0 }) + 1 + head_vars,
+        // wte, wpe; per layer c_attn, c_proj, c_fc, mlp c_proj, ln_1, ln_2 (weight and bias
+        // each); ln_f weight and bias
+        Arch::Gpt2 => 2 + cfg.num_hidden_layers * 12 + 2 + head_vars,
+    }
+}
+
+/// A model in `dtype` with random weights that do not depend on the dtype (each tensor from
+/// its own seeded stream; norm weights 1 + noise, since norms at 1 and biases at 0 would
+/// leave some gradients zero by symmetry). Variables sorted by name.
+fn perturbed(cfg: &ModelConfig, head: Head, dtype: DType) -> (Model, Vec<(String, Var)>) {
+    let varmap = VarMap::new();
+    let model = Model::new(cfg, head, VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu)).unwrap();
+    let mut vars: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in &vars {
+        let mut rng = Rng::derive(5, name);
+        let norm = name.ends_with("norm.weight") || (name.contains(".ln_") && name.ends_with(".weight"));
+        let v: Vec<f64> = (0..var.elem_count()).map(|_| rng.normal() * 0.3 + if norm { 1.0 } else { 0.0 }).collect();
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+    }
+    (model, vars)
 }
 
 #[test]
 fn gradients_match_finite_differences_in_f64() {
-    for head in [Head::Lm, Head::Score] {
-        let cfg = tiny_config(head == Head::Lm, true);
-        let varmap = VarMap::new();
-        let model = Model::new(&cfg, head, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
-        // candle's default init leaves biases at 0 and norms at 1; perturb everything so no
-        // gradient is zero by symmetry.
-        let mut rng = Rng::new(5);
-        let vars: Vec<(String, Var)> = {
-            let mut v: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
-        for (_, var) in &vars {
-            let n = var.elem_count();
-            let noise: Vec<f64> = (0..n).map(|_| rng.normal() * 0.3).collect();
-            let t = (var.as_tensor() + Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            var.set(&t).unwrap();
-        }
+    for (cfg, head) in configs() {
+        let what = format!("{:?} {head} tied={} bias={}", cfg.arch(), cfg.tie_word_embeddings, cfg.attention_bias);
+        let (model, vars) = perturbed(&cfg, head, DType::F64);
         let (input, layout) = padded_batch();
         let f = || -> f64 { loss(&model, &input, &layout).to_scalar::<f64>().unwrap() };
         let grads = loss(&model, &input, &layout).backward().unwrap();
@@ -135,30 +165,60 @@ fn gradients_match_finite_differences_in_f64() {
                 let denom = numeric.abs().max(g[i].abs()).max(1e-6);
                 let rel = (numeric - g[i]).abs() / denom;
                 worst = worst.max(rel);
-                assert!(rel < 1e-4, "{head} {name}[{i}]: analytic {} vs numeric {numeric} (rel {rel:.2e})", g[i]);
+                assert!(rel < 1e-4, "{what} {name}[{i}]: analytic {} vs numeric {numeric} (rel {rel:.2e})", g[i]);
             }
         }
-        println!("{head}: worst relative error vs finite differences {worst:.2e}");
+        println!("{what}: worst relative error vs finite differences {worst:.2e}");
+    }
+}
+
+/// f32 on the CPU runs the fused kernels (linear, RMSNorm, RoPE, attention under the padding
+/// bias, SwiGLU); f64 the composed ops that the finite-difference test above checks. Same
+/// weights, same batch: the loss and every parameter's gradient agree to f32 precision
+/// (error relative to the tensor's largest gradient element).
+#[test]
+fn f32_fused_gradients_match_f64_composed_gradients() {
+    let (input, layout) = padded_batch();
+    for (cfg, head) in configs() {
+        let what = format!("{:?} {head} tied={} bias={}", cfg.arch(), cfg.tie_word_embeddings, cfg.attention_bias);
+        let (m64, v64) = perturbed(&cfg, head, DType::F64);
+        let (m32, v32) = perturbed(&cfg, head, DType::F32);
+        let (l64, l32) = (loss(&m64, &input, &layout), loss(&m32, &input, &layout));
+        let (a, b) = (l64.to_scalar::<f64>().unwrap(), l32.to_scalar::<f32>().unwrap() as f64);
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{what}: loss f64 {a} vs f32 {b}");
+        let (g64, g32) = (l64.backward().unwrap(), l32.backward().unwrap());
+        let mut worst = 0.0f64;
+        for ((name, x64), (_, x32)) in v64.iter().zip(&v32) {
+            let want: Vec<f64> = g64.get(x64.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let got = g32.get(x32.as_tensor()).unwrap_or_else(|| panic!("{what} {name}: no f32 gradient"));
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
+            let err = want.iter().zip(&got).fold(0f64, |m, (w, &g)| m.max((w - g as f64).abs())) / scale;
+            assert!(err < 1e-4, "{what} {name}: f32 gradient off by {err:.2e} of its largest element");
+            worst = worst.max(err);
+        }
+        println!("{what}: worst f32 (fused: {}) vs f64 gradient error {worst:.2e}", candor_model::fused::enabled(&m32.forward_hidden(&input, None, None, None).unwrap()));
     }
 }
 
 #[test]
 fn kv_cache_matches_full_forward() {
-    let cfg = tiny_config(true, false);
-    let (model, _) = build_trainable(&cfg, Head::Lm, None, &[], &mut Rng::new(2), &Device::Cpu).unwrap();
-    let input = ids(&[&[3, 1, 4, 1, 5, 9, 2, 6]]);
-    let full: Vec<Vec<f32>> = model.logits(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-    let mut cache = model.new_cache();
-    let mut inc = vec![];
-    // prefill 3 tokens, then one at a time
-    let h = model.forward_hidden(&input.narrow(1, 0, 3).unwrap(), None, None, Some(&mut cache)).unwrap();
-    inc.extend(model.lm_logits(&h).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap());
-    for t in 3..8 {
-        let h = model.forward_hidden(&input.narrow(1, t, 1).unwrap(), None, None, Some(&mut cache)).unwrap();
+    for cfg in [tiny_config(true, false), tiny_gpt2()] {
+        let (model, _) = build_trainable(&cfg, Head::Lm, None, &[], &mut Rng::new(2), &Device::Cpu).unwrap();
+        let input = ids(&[&[3, 1, 4, 1, 5, 9, 2, 6]]);
+        let full: Vec<Vec<f32>> = model.logits(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let mut cache = model.new_cache();
+        let mut inc = vec![];
+        // prefill 3 tokens, then one at a time
+        let h = model.forward_hidden(&input.narrow(1, 0, 3).unwrap(), None, None, Some(&mut cache)).unwrap();
         inc.extend(model.lm_logits(&h).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap());
+        for t in 3..8 {
+            let h = model.forward_hidden(&input.narrow(1, t, 1).unwrap(), None, None, Some(&mut cache)).unwrap();
+            inc.extend(model.lm_logits(&h).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap());
+        }
+        let worst = full.iter().flatten().zip(inc.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{:?}: max abs diff {worst}", cfg.arch());
     }
-    let worst = full.iter().flatten().zip(inc.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    assert!(worst < 1e-5, "max abs diff {worst}");
 }
 
 #[test]

@@ -175,12 +175,13 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     cfg.train.validate(origin)?;
     validate(cfg, origin)?;
     let policy_dir = cfg.policy.clone().ok_or_else(|| err(format!("{origin}: policy: give the SFT checkpoint (--policy DIR)")))?;
-    candor_core::checkpoint::require_model_dir(&policy_dir)?;
-    if let Some(r) = &cfg.reward {
-        candor_core::checkpoint::require_model_dir(r)?;
-    }
     opts.check_batch("rollout.prompts_per_iteration", cfg.rollout.prompts_per_iteration)?;
+    // the config as given is what candor.json records; the run reads the resolved
+    // directories (a checkpoint directory, or hf:ORG/NAME in the local Hugging Face cache)
     let effective = candor_core::config::effective(cfg);
+    let policy_dir = candor_model::resolve_model_dir(&policy_dir)?;
+    let resolved = PpoConfig { reward: cfg.reward.as_ref().map(candor_model::resolve_model_dir).transpose()?, ..cfg.clone() };
+    let cfg = &resolved;
     let start = opts.plan_start(&effective)?;
     if let Start::Done(meta) = start {
         eprintln!("[ppo] {} is already complete (step {})", opts.out.display(), meta.step);

@@ -124,7 +124,8 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let origin = &opts.origin;
     cfg.train.validate(origin)?;
     let init = cfg.init.as_ref().ok_or_else(|| err(format!("{origin}: init: give the starting checkpoint (the SFT model) with --init DIR")))?;
-    candor_core::checkpoint::require_model_dir(init)?;
+    // a checkpoint directory, or hf:ORG/NAME in the local Hugging Face cache
+    let init = &candor_model::resolve_model_dir(init)?;
     if cfg.data.files.is_empty() {
         return Err(err(format!("{origin}: data.files: list at least one preference JSONL file (`candor rank` output)")));
     }

@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use candor_core::checkpoint::{parent_ref, require_model_dir, CandorMeta, Head};
+use candor_core::checkpoint::{parent_ref, CandorMeta, Head};
 use candor_core::record;
 use candor_core::rng::Rng;
 use candor_data::sft::{chat_tokenizer, load_sft, SftExample};
@@ -105,7 +105,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let origin = &opts.origin;
     cfg.train.validate(origin)?;
     let init = cfg.init.as_ref().ok_or_else(|| err(format!("{origin}: init: give the checkpoint to fine-tune (the pretrained model) with --init DIR")))?;
-    require_model_dir(init)?;
+    // a checkpoint directory, or hf:ORG/NAME in the local Hugging Face cache
+    let init = &candor_model::resolve_model_dir(init)?;
     if cfg.data.files.is_empty() {
         return Err(err(format!("{origin}: data.files: list at least one SFT JSONL file")));
     }

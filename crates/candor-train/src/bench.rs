@@ -78,6 +78,48 @@ pub struct BenchResult {
     pub peak_rss_bytes: u64,
     pub threads: usize,
     pub step_sec_median: f64,
+    /// CPU time (user + system, all threads) per timed step or generation: steadier than
+    /// wall time when other processes share the machine.
+    pub cpu_sec_per_step: f64,
+    /// Share of the machine's CPU time other processes used while timing (as the twin's).
+    pub background_cpu_frac: f64,
+}
+
+/// CPU time of this process so far (user + system, all threads), seconds.
+fn process_cpu_sec() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // fields after the command name, which may contain spaces: utime is field 14, stime 15
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    if f.len() == 2 { (f[0] + f[1]) / 100.0 } else { 0.0 }
+}
+
+/// Busy CPU time of the whole machine so far (all cores, /proc/stat), seconds.
+fn machine_busy_sec() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 8 { 0.0 } else { (v.iter().sum::<f64>() - v[3] - v[4]) / 100.0 }
+}
+
+/// Measures own CPU time and other processes' share of the machine over an interval.
+struct CpuMeter {
+    t0: Instant,
+    own0: f64,
+    busy0: f64,
+}
+
+impl CpuMeter {
+    fn start() -> Self {
+        CpuMeter { t0: Instant::now(), own0: process_cpu_sec(), busy0: machine_busy_sec() }
+    }
+    /// (own CPU seconds, background fraction of all cores).
+    fn stop(&self) -> (f64, f64) {
+        let wall = self.t0.elapsed().as_secs_f64();
+        let own = process_cpu_sec() - self.own0;
+        let others = (machine_busy_sec() - self.busy0 - own).max(0.0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        (own, if wall > 0.0 { others / (wall * cores) } else { 0.0 })
+    }
 }
 
 /// Peak resident set size of this process (VmHWM), bytes.
@@ -115,7 +157,11 @@ pub fn bench_train(name: &str, device: &Device, precision: Precision, warmup: us
     let refs: Vec<&LmExample> = examples.iter().collect();
     let batch = lm_batch(&refs, 0, device)?;
     let mut times = vec![];
+    let mut meter = None;
     for i in 0..warmup + steps {
+        if i == warmup {
+            meter = Some(CpuMeter::start());
+        }
         let t0 = Instant::now();
         let step_model = compute_model(&model, &varmap, precision)?;
         let (_, mean) = lm_loss(&step_model, &batch)?;
@@ -129,6 +175,7 @@ pub fn bench_train(name: &str, device: &Device, precision: Precision, warmup: us
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    let (cpu, background) = meter.map_or((0.0, 0.0), |m| m.stop());
     let med = median(times);
     let params = cfg.param_count(Head::Lm);
     let tokens = (s.batch * s.ctx) as f64;
@@ -145,6 +192,8 @@ pub fn bench_train(name: &str, device: &Device, precision: Precision, warmup: us
         peak_rss_bytes: peak_rss_bytes(),
         threads: threads(),
         step_sec_median: med,
+        cpu_sec_per_step: cpu / steps as f64,
+        background_cpu_frac: background,
     })
 }
 
@@ -159,7 +208,11 @@ pub fn bench_sample(name: &str, device: &Device, precision: Precision, warmup: u
         (0..SAMPLE_BATCH).map(|_| (0..SAMPLE_PROMPT).map(|_| rng.below(s.vocab) as u32).collect()).collect();
     let params_s = SamplingParams { max_new_tokens: SAMPLE_NEW, temperature: 1.0, top_k: 0, top_p: 1.0 };
     let mut times = vec![];
+    let mut meter = None;
     for i in 0..warmup + reps {
+        if i == warmup {
+            meter = Some(CpuMeter::start());
+        }
         let t0 = Instant::now();
         let out = generate(&model, &prompts, &params_s, &[], 0, &mut rng)?;
         device.synchronize()?;
@@ -168,6 +221,7 @@ pub fn bench_sample(name: &str, device: &Device, precision: Precision, warmup: u
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    let (cpu, background) = meter.map_or((0.0, 0.0), |m| m.stop());
     let med = median(times);
     let params = cfg.param_count(Head::Lm);
     let new_tokens = (SAMPLE_BATCH * SAMPLE_NEW) as f64;
@@ -188,5 +242,7 @@ pub fn bench_sample(name: &str, device: &Device, precision: Precision, warmup: u
         peak_rss_bytes: peak_rss_bytes(),
         threads: threads(),
         step_sec_median: med,
+        cpu_sec_per_step: cpu / reps as f64,
+        background_cpu_frac: background,
     })
 }

@@ -4,13 +4,19 @@
 //! (norms and biases too) and skips variables without a gradient silently. This one follows
 //! PyTorch's `torch.optim.AdamW` update exactly, decays only tensors of rank ≥ 2 (as
 //! nanoGPT does), and saves `m`/`v` by parameter name.
+//!
+//! For f32 parameters on the CPU the update is one fused pass per parameter, in place
+//! (moments in host vectors, the parameter's storage written directly, both cores on large
+//! tensors); elsewhere it is composed from tensor ops. Both compute the same formula.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Storage, Tensor, Var};
 use candle_nn::VarMap;
+use rayon::prelude::*;
 
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
@@ -24,10 +30,23 @@ pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
 /// Gradients aligned with an optimiser's parameters; summed over micro-batches.
 pub struct Grads(pub Vec<Option<Tensor>>);
 
+/// First and second moments of one parameter, in f32.
+enum Moments {
+    /// CPU f32 parameters: plain vectors, updated in place by [`FusedStep`].
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Other devices and dtypes: tensors on the parameter's device.
+    Tensors { m: Tensor, v: Tensor },
+}
+
+/// Whether the moments live in host vectors and the update is fused: the same switch as the
+/// model's kernels (f32 on the CPU, unless `CANDOR_FUSED=0`).
+fn host_f32(var: &Var) -> bool {
+    candor_model::fused::enabled(var.as_tensor())
+}
+
 pub struct AdamW {
     pub params: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    moments: Vec<Moments>,
     decay: Vec<bool>,
     /// Optimiser steps taken (bias correction uses it).
     pub t: u64,
@@ -39,10 +58,16 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: &TrainConfig) -> Result<Self> {
-        let zeros = |v: &Var| Tensor::zeros(v.shape(), DType::F32, v.device());
+        let zeros = |v: &Var| -> Result<Moments> {
+            Ok(if host_f32(v) {
+                Moments::Host { m: vec![0.0; v.elem_count()], v: vec![0.0; v.elem_count()] }
+            } else {
+                let z = || Tensor::zeros(v.shape(), DType::F32, v.device());
+                Moments::Tensors { m: z()?, v: z()? }
+            })
+        };
         Ok(AdamW {
-            m: params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?,
-            v: params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?,
+            moments: params.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?,
             decay: params.iter().map(|(_, v)| v.rank() >= 2).collect(),
             params,
             t: 0,
@@ -78,28 +103,58 @@ impl AdamW {
         for (i, (_, var)) in self.params.iter().enumerate() {
             let Some(g) = &grads.0[i] else { continue };
             let g = g.to_dtype(DType::F32)?;
-            let m = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let mut theta = var.as_tensor().to_dtype(DType::F32)?;
-            if self.decay[i] && self.weight_decay > 0.0 {
-                theta = (theta * (1.0 - lr * self.weight_decay))?;
+            let wd = if self.decay[i] { self.weight_decay } else { 0.0 };
+            match &mut self.moments[i] {
+                Moments::Host { m, v } => {
+                    let op = FusedStep {
+                        m: Mutex::new(m),
+                        v: Mutex::new(v),
+                        beta1: self.beta1 as f32,
+                        beta2: self.beta2 as f32,
+                        decay: (1.0 - lr * wd) as f32,
+                        step: (lr / bc1) as f32,
+                        sqrt_bc2: bc2.sqrt() as f32,
+                        eps: self.eps as f32,
+                    };
+                    var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
+                }
+                Moments::Tensors { m, v } => {
+                    let m_new = ((&*m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+                    let v_new = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+                    let mut theta = var.as_tensor().to_dtype(DType::F32)?;
+                    if wd > 0.0 {
+                        theta = (theta * (1.0 - lr * wd))?;
+                    }
+                    // PyTorch: denom = sqrt(v) / sqrt(bc2) + eps; theta -= (lr / bc1) * m / denom
+                    let denom = ((v_new.sqrt()? / bc2.sqrt())? + self.eps)?;
+                    let theta = (theta - ((&m_new / denom)? * (lr / bc1))?)?;
+                    var.set(&theta.to_dtype(var.dtype())?)?;
+                    *m = m_new;
+                    *v = v_new;
+                }
             }
-            // PyTorch: denom = sqrt(v) / sqrt(bc2) + eps; theta -= (lr / bc1) * m / denom
-            let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
-            let theta = (theta - ((&m / denom)? * (lr / bc1))?)?;
-            var.set(&theta.to_dtype(var.dtype())?)?;
-            self.m[i] = m;
-            self.v[i] = v;
         }
         Ok(())
+    }
+
+    /// (m, v) of parameter `i` as tensors on the parameter's device.
+    fn moment_tensors(&self, i: usize) -> Result<(Tensor, Tensor)> {
+        Ok(match &self.moments[i] {
+            Moments::Host { m, v } => {
+                let shape = self.params[i].1.shape();
+                (Tensor::from_slice(m, shape, &Device::Cpu)?, Tensor::from_slice(v, shape, &Device::Cpu)?)
+            }
+            Moments::Tensors { m, v } => (m.clone(), v.clone()),
+        })
     }
 
     /// Save the moments as `<prefix>m.<name>` / `<prefix>v.<name>` tensors.
     pub fn state_tensors(&self, prefix: &str) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            out.insert(format!("{prefix}m.{name}"), self.m[i].to_device(&Device::Cpu)?);
-            out.insert(format!("{prefix}v.{name}"), self.v[i].to_device(&Device::Cpu)?);
+            let (m, v) = self.moment_tensors(i)?;
+            out.insert(format!("{prefix}m.{name}"), m.to_device(&Device::Cpu)?);
+            out.insert(format!("{prefix}v.{name}"), v.to_device(&Device::Cpu)?);
         }
         Ok(out)
     }
@@ -107,7 +162,8 @@ impl AdamW {
     /// Restore moments saved by [`state_tensors`](Self::state_tensors) and the step count.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, prefix: &str, t: u64, origin: &Path) -> Result<()> {
         for (i, (name, var)) in self.params.iter().enumerate() {
-            for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+            let mut loaded = vec![];
+            for kind in ["m", "v"] {
                 let key = format!("{prefix}{kind}.{name}");
                 let t = tensors
                     .get(&key)
@@ -120,12 +176,105 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(var.device())?;
+                loaded.push(t.to_dtype(DType::F32)?);
             }
+            let (m, v) = (loaded.remove(0), loaded.remove(0));
+            self.moments[i] = match self.moments[i] {
+                Moments::Host { .. } => Moments::Host {
+                    m: m.flatten_all()?.to_vec1()?,
+                    v: v.flatten_all()?.to_vec1()?,
+                },
+                Moments::Tensors { .. } => Moments::Tensors { m: m.to_device(var.device())?, v: v.to_device(var.device())? },
+            };
         }
         self.t = t;
         Ok(())
     }
+}
+
+/// Elements per parallel chunk of the fused CPU passes (fixed, so sums are deterministic).
+const CHUNK: usize = 1 << 15;
+
+/// One AdamW update of an f32 CPU parameter in place, with its moments, from its gradient:
+/// the composed formula of [`AdamW::step`], element by element.
+struct FusedStep<'a> {
+    m: Mutex<&'a mut Vec<f32>>,
+    v: Mutex<&'a mut Vec<f32>>,
+    beta1: f32,
+    beta2: f32,
+    /// 1 − lr·weight_decay
+    decay: f32,
+    /// lr / (1 − β₁ᵗ)
+    step: f32,
+    /// √(1 − β₂ᵗ)
+    sqrt_bc2: f32,
+    eps: f32,
+}
+
+impl FusedStep<'_> {
+    fn update(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        let (b1, b2) = (self.beta1, self.beta2);
+        for i in 0..theta.len() {
+            let gi = g[i];
+            let mi = b1 * m[i] + (1.0 - b1) * gi;
+            let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+            m[i] = mi;
+            v[i] = vi;
+            let denom = vi.sqrt() / self.sqrt_bc2 + self.eps;
+            theta[i] = theta[i] * self.decay - self.step * (mi / denom);
+        }
+    }
+}
+
+impl InplaceOp2 for FusedStep<'_> {
+    fn name(&self) -> &'static str {
+        "candor-adamw"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, src: &CpuStorage, sl: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(theta), CpuStorage::F32(g)) = (dst, src) else {
+            candle_core::bail!("adamw: f32 parameters and gradients only");
+        };
+        let (Some((t0, t1)), Some((g0, g1))) = (dl.contiguous_offsets(), sl.contiguous_offsets()) else {
+            candle_core::bail!("adamw: contiguous parameters and gradients only");
+        };
+        let (theta, g) = (&mut theta[t0..t1], &g[g0..g1]);
+        let (mut m, mut v) = (self.m.lock().unwrap(), self.v.lock().unwrap());
+        if theta.len() != g.len() || theta.len() != m.len() {
+            candle_core::bail!("adamw: parameter of {} elements, gradient of {}", theta.len(), g.len());
+        }
+        if theta.len() < 2 * CHUNK {
+            self.update(theta, &mut m[..], &mut v[..], g);
+        } else {
+            theta
+                .par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((t, m), v), g)| self.update(t, m, v, g));
+        }
+        Ok(())
+    }
+}
+
+/// Σ g² of one gradient: f64 partial sums over fixed chunks (both cores on CPU f32).
+fn sum_sq(g: &Tensor) -> Result<f64> {
+    if host_f32_tensor(g) {
+        let g = g.contiguous()?;
+        let (s, l) = g.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
+            let parts: Vec<f64> = data[a..b]
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect();
+            return Ok(parts.iter().sum());
+        }
+    }
+    Ok(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+fn host_f32_tensor(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// Global L2 norm of the gradients; when above `max_norm` (> 0), scale them down to it
@@ -133,7 +282,7 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
     let mut sq = 0.0f64;
     for g in grads.0.iter().flatten() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        sq += sum_sq(g)?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -249,7 +398,9 @@ mod tests {
         let saved = opt.state_tensors("").unwrap();
         let mut other = AdamW::new(vec![("x".into(), x.clone())], &cfg).unwrap();
         other.load_state(&saved, "", opt.t, Path::new("opt")).unwrap();
-        assert_eq!(other.m[0].to_vec2::<f32>().unwrap(), opt.m[0].to_vec2::<f32>().unwrap());
+        let again = other.state_tensors("").unwrap();
+        assert_eq!(again["m.x"].to_vec2::<f32>().unwrap(), saved["m.x"].to_vec2::<f32>().unwrap());
+        assert_eq!(again["v.x"].to_vec2::<f32>().unwrap(), saved["v.x"].to_vec2::<f32>().unwrap());
         let e = other.load_state(&HashMap::new(), "", 1, Path::new("opt.safetensors")).err().unwrap().to_string();
         assert!(e.contains("opt.safetensors: optimizer state lacks `m.x`"), "{e}");
     }

@@ -11,6 +11,27 @@ use sha2::{Digest, Sha256};
 use super::plan::{Kind, Planned, Recipe};
 use super::RunArgs;
 
+/// A `model` stage: an existing checkpoint to start from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelStage {
+    /// A checkpoint directory (candor's or a Hugging Face one) or hf:ORG/NAME[@REVISION].
+    pub path: String,
+}
+
+/// An `import` stage: a llama.cpp GGUF file dequantized into a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportStage {
+    pub gguf: PathBuf,
+    /// f32 or bf16.
+    #[serde(default = "d_dtype")]
+    pub dtype: String,
+}
+fn d_dtype() -> String {
+    "f32".into()
+}
+
 /// A `tokenizer` stage: train a byte-level BPE on a corpus.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +102,8 @@ fn typed<T: serde::de::DeserializeOwned + Serialize>(p: &Planned) -> Result<T> {
 /// The stage's effective config (defaults filled in) as JSON: what its fingerprint covers.
 fn effective(p: &Planned) -> Result<serde_json::Value> {
     Ok(match p.kind {
+        Kind::Model => serde_json::to_value(typed::<ModelStage>(p)?)?,
+        Kind::Import => serde_json::to_value(typed::<ImportStage>(p)?)?,
         Kind::Tokenizer => serde_json::to_value(typed::<TokenizerStage>(p)?)?,
         Kind::Pretrain => serde_json::to_value(typed::<candor_pretrain::PretrainConfig>(p)?)?,
         Kind::Sft => serde_json::to_value(typed::<candor_sft::SftConfig>(p)?)?,
@@ -108,6 +131,12 @@ pub fn check_config(p: &Planned) -> Result<()> {
             };
             if !path.is_file() {
                 bail!("{}: {} does not exist", p.origin, path.display());
+            }
+        }
+        Kind::Import => {
+            let g = typed::<ImportStage>(p)?.gguf;
+            if !g.is_file() {
+                bail!("{}: gguf file {} does not exist", p.origin, g.display());
             }
         }
         Kind::Tokenizer => {
@@ -148,6 +177,10 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// Hash of what a stage produced, or None when it is missing or incomplete.
 fn output_hash(p: &Planned) -> Option<String> {
+    if p.kind == Kind::Model {
+        // someone else's checkpoint: no candor.json to vouch for it, its files are the output
+        return content_hash(&p.dir).ok();
+    }
     if p.kind.makes_model() {
         let meta = CandorMeta::read(&p.dir).ok()??;
         if !meta.complete {
@@ -320,6 +353,12 @@ fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<
         Kind::Ppo => {
             let cfg: candor_ppo::PpoConfig = typed(p)?;
             candor_ppo::run(&cfg, &candor_ppo::RunOptions { out, device: device.clone(), resume, overwrite, origin, dist: Default::default() })?;
+        }
+        // resolved and hashed while planning; nothing to make
+        Kind::Model => {}
+        Kind::Import => {
+            let i: ImportStage = typed(p)?;
+            crate::import::run(crate::import::ImportArgs { gguf: i.gguf, out, dtype: i.dtype, overwrite: true })?;
         }
         Kind::Tokenizer => {
             let t: TokenizerStage = typed(p)?;

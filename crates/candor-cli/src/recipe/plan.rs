@@ -10,6 +10,11 @@ use serde_yaml::{Mapping, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// An existing checkpoint (a directory or hf:ORG/NAME): nothing runs, its content is
+    /// hashed so that the stages made from it rerun when it changes.
+    Model,
+    /// `candor import` of a GGUF file.
+    Import,
     Tokenizer,
     Pretrain,
     Sft,
@@ -20,11 +25,13 @@ pub enum Kind {
     Eval,
 }
 
-pub const KINDS: &str = "tokenizer, pretrain, sft, sample, rank, reward, ppo, eval";
+pub const KINDS: &str = "model, import, tokenizer, pretrain, sft, sample, rank, reward, ppo, eval";
 
 impl Kind {
     fn parse(s: &str) -> Option<Kind> {
         Some(match s {
+            "model" => Kind::Model,
+            "import" => Kind::Import,
             "tokenizer" => Kind::Tokenizer,
             "pretrain" => Kind::Pretrain,
             "sft" => Kind::Sft,
@@ -39,6 +46,8 @@ impl Kind {
 
     pub fn name(self) -> &'static str {
         match self {
+            Kind::Model => "model",
+            Kind::Import => "import",
             Kind::Tokenizer => "tokenizer",
             Kind::Pretrain => "pretrain",
             Kind::Sft => "sft",
@@ -57,13 +66,13 @@ impl Kind {
 
     /// Whether the output is a model checkpoint directory (hashed by its model files).
     pub fn makes_model(self) -> bool {
-        matches!(self, Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo)
+        matches!(self, Kind::Model | Kind::Import | Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo)
     }
 
     /// Input roles: (role, required, where the input's path goes in the stage config).
     fn roles(self) -> &'static [(&'static str, bool, &'static str)] {
         match self {
-            Kind::Tokenizer => &[],
+            Kind::Model | Kind::Import | Kind::Tokenizer => &[],
             Kind::Pretrain => &[("tokenizer", false, "data.tokenizer"), ("init", false, "init")],
             Kind::Sft => &[("init", true, "init")],
             Kind::Reward => &[("init", true, "init"), ("data", false, "data.files"), ("heldout", false, "data.heldout")],
@@ -368,7 +377,15 @@ impl Builder {
             candor_core::config::set_path(&mut config, target, pv).map_err(|e| anyhow!("{at}: {e}"))?;
             inputs.push((role.to_string(), i));
         }
-        let dir = self.out.join(&id);
+        // an existing checkpoint is where it is (resolved now, so a missing one fails before
+        // anything trains); everything else writes under the run directory
+        let dir = match kind {
+            Kind::Model => {
+                let spec = config.get("path").and_then(s).ok_or_else(|| anyhow!("{at}: `path` (a checkpoint directory or hf:ORG/NAME) is missing"))?;
+                candor_model::resolve_model_dir(spec).map_err(|e| anyhow!("{at}: {e}"))?
+            }
+            _ => self.out.join(&id),
+        };
         let planned = Planned { id, name: name.clone(), kind, dir, inputs, config, origin: at };
         super::exec::check_config(&planned)?;
         self.stages.push(planned);

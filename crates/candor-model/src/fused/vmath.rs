@@ -1,0 +1,81 @@
+//! `exp` over a slice, eight lanes at a time with AVX2/FMA where the CPU has them (the
+//! Cephes single-precision polynomial, within 2 ulp of libm's `expf` on [−87, 88]; 0 below),
+//! else libm's `expf` element by element. Softmax, the SwiGLU sigmoid and the cross-entropy
+//! spent ~5% of a training step in scalar `expf`.
+
+/// `x[i] = exp(x[i])`.
+pub fn exp_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        unsafe { exp_avx2(x) };
+        return;
+    }
+    x.iter_mut().for_each(|v| *v = v.exp());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_avx2(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n8 = x.len() / 8 * 8;
+    let p = x.as_mut_ptr();
+    let mut i = 0;
+    while i < n8 {
+        _mm256_storeu_ps(p.add(i), exp8(_mm256_loadu_ps(p.add(i))));
+        i += 8;
+    }
+    if i < x.len() {
+        let mut tail = [0f32; 8];
+        tail[..x.len() - i].copy_from_slice(&x[i..]);
+        let y = exp8(_mm256_loadu_ps(tail.as_ptr()));
+        _mm256_storeu_ps(tail.as_mut_ptr(), y);
+        let rest = x.len() - i;
+        x[i..].copy_from_slice(&tail[..rest]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let hi = _mm256_set1_ps(88.376_26);
+    let lo = _mm256_set1_ps(-88.376_26);
+    let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3), _CMP_LT_OQ);
+    let x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    // x = n·ln2 + r, |r| ≤ ln2/2
+    let fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
+    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let z = _mm256_mul_ps(r, r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_199_9e-3));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.666_666_5e-1));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.000_000_1e-1));
+    y = _mm256_fmadd_ps(y, z, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    // 2^n
+    let n = _mm256_cvtps_epi32(fx);
+    let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+    _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2n))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn matches_libm_exp_within_a_few_ulp() {
+        let xs: Vec<f32> = (0..20_001).map(|i| -100.0 + i as f32 * 0.0094).chain([0.0, -0.0, 1e-8, -1e9, 88.0]).collect();
+        let mut got = xs.clone();
+        super::exp_inplace(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = x.exp();
+            if x < -87.3 {
+                assert!(g == 0.0 || (g - want).abs() < 1e-37, "exp({x}) = {g}, want {want}");
+                continue;
+            }
+            let rel = ((g - want) / want).abs();
+            assert!(rel < 3e-7, "exp({x}) = {g}, want {want} (rel {rel:.1e})");
+        }
+    }
+}

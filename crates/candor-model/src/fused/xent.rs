@@ -1,0 +1,115 @@
+//! The LM head and softmax cross-entropy in one pass over row chunks, so the (N, V) logits
+//! never exist at once:
+//!
+//! ```text
+//! per chunk of rows:  L = H·Wᵀ;  lse = log Σ_j exp L_j;  loss_i = −w_i·(L_i[t_i] − lse_i)
+//!                     dL = w_i·(softmax(L_i) − onehot(t_i))          (in place of L)
+//!                     dH_chunk = dL·W;   dW += dLᵀ·H_chunk
+//! ```
+//!
+//! The output is the scalar `Σ_i −w_i·log p(t_i)`, so the gradient for an upstream gradient
+//! g is `g·(dH, dW)`: both are computed in the forward pass (when an input tracks
+//! gradients) and only scaled by the backward, which saves recomputing the logits.
+//!
+//! Reference: `−(ops::token_logprobs(h·Wᵀ, t) · w).sum()` (what `candor_train::loss::lm_loss`
+//! computes from `Model::lm_logits`).
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::sgemm;
+use super::vmath::exp_inplace;
+use super::{f32_slice, tensor, uninit, PAR_MIN};
+
+/// Logits per chunk (floats): bounds the chunk's rows as V grows.
+const CHUNK_FLOATS: usize = 1 << 21;
+
+struct Xent {
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    want_grad: bool,
+    grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl CustomOp2 for Xent {
+    fn name(&self) -> &'static str {
+        "candor-lm-head-xent"
+    }
+
+    fn cpu_fwd(&self, hs: &CpuStorage, hl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = f32_slice(hs, hl, "lm_head_xent")?;
+        let w = f32_slice(ws, wl, "lm_head_xent")?;
+        let (n, c) = hl.shape().dims2()?;
+        let (v, wc) = wl.shape().dims2()?;
+        if wc != c || self.targets.len() != n || self.weights.len() != n {
+            bail!("lm_head_xent: hidden {:?}, weight {:?}, {} targets, {} weights", hl.shape(), wl.shape(), self.targets.len(), self.weights.len());
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("lm_head_xent: target token {t} is outside the vocabulary of {v}");
+        }
+        let rows = (CHUNK_FLOATS / v).clamp(16, n.max(16));
+        let mut logits = uninit(rows.min(n) * v);
+        let mut loss = vec![0f32; n];
+        let (mut dh, mut dw) = if self.want_grad { (uninit(n * c), uninit(v * c)) } else { (vec![], vec![]) };
+        for start in (0..n).step_by(rows) {
+            let r = rows.min(n - start);
+            let l = &mut logits[..r * v];
+            let hc = &h[start * c..(start + r) * c];
+            sgemm(false, true, r, v, c, 1.0, hc, c, w, c, 0.0, l, v);
+            let row = |(i, (lr, out)): (usize, (&mut [f32], &mut f32))| {
+                let (t, wi) = (self.targets[start + i] as usize, self.weights[start + i]);
+                let max = lr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lt = lr[t];
+                lr.iter_mut().for_each(|x| *x -= max);
+                exp_inplace(lr);
+                let sum: f32 = lr.iter().sum();
+                let lse = max + sum.ln();
+                *out = -wi * (lt - lse);
+                if self.want_grad {
+                    let scale = wi / sum;
+                    lr.iter_mut().for_each(|x| *x *= scale);
+                    lr[t] -= wi;
+                }
+            };
+            let lossc = &mut loss[start..start + r];
+            if r * v >= PAR_MIN {
+                l.par_chunks_mut(v).zip(lossc.par_iter_mut()).enumerate().for_each(row);
+            } else {
+                l.chunks_mut(v).zip(lossc.iter_mut()).enumerate().for_each(row);
+            }
+            if self.want_grad {
+                sgemm(false, false, r, c, v, 1.0, l, v, w, c, 0.0, &mut dh[start * c..(start + r) * c], c);
+                let beta = if start == 0 { 0.0 } else { 1.0 };
+                sgemm(true, false, v, c, r, 1.0, l, v, hc, c, beta, &mut dw, c);
+            }
+        }
+        if self.want_grad {
+            *self.grads.lock().unwrap() = Some((dh, dw));
+        }
+        let total: f64 = loss.iter().map(|&x| x as f64).sum();
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some((mut dh, mut dw)) = self.grads.lock().unwrap().take() else {
+            bail!("lm_head_xent: backward without the forward's gradients (run twice?)");
+        };
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        if g != 1.0 {
+            let scale = |x: &mut Vec<f32>| x.par_iter_mut().for_each(|v| *v *= g);
+            scale(&mut dh);
+            scale(&mut dw);
+        }
+        Ok((Some(tensor(dh, h.shape())?), Some(tensor(dw, w.shape())?)))
+    }
+}
+
+/// `Σ_i −w_i · log softmax(hidden_i · weightᵀ)[targets_i]` for `hidden (N, C)` and the LM
+/// head `weight (V, C)`: a scalar, with gradients for both inputs.
+pub fn lm_head_xent(hidden: &Tensor, weight: &Tensor, targets: &[u32], row_weights: &[f32]) -> Result<Tensor> {
+    let want_grad = hidden.track_op() || weight.track_op();
+    let op = Xent { targets: targets.to_vec(), weights: row_weights.to_vec(), want_grad, grads: Mutex::new(None) };
+    hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
