@@ -202,7 +202,7 @@ fn bad_input_fails_with_one_clear_line_naming_file_and_line() {
     let e = sft(None, &[good]);
     assert!(e.contains("sft.yaml: init:") && e.contains("--init"), "{e}");
     let e = sft(Some(d), &[good]);
-    assert!(e.contains("config.json is missing"), "{e}");
+    assert!(e.contains("config.json: missing: place config.json into"), "{e}");
     // a data file that is not there, a key that does not exist
     std::fs::write(&cfg, "data: {files: [/nonexistent/sft.jsonl]}\n").unwrap();
     let e = sft(Some(&base), &[good]);
