@@ -790,8 +790,14 @@ mod tests {
                 let scale = g1.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
                 println!("world {world}, rows {chunk:?}: worst gradient difference {worst:.2e} (largest gradient {scale:.2e}); stats {s:?}");
                 assert!(worst < 1e-5 * scale.max(1.0), "gradients differ by {worst}");
-                for (a, b) in s1.iter().zip(&s) {
-                    assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "stats {s:?} vs {s1:?}");
+                // value_clip_frac (index 4) counts tokens where the clipped value loss is the
+                // larger, and where the clip is inactive the two losses are equal but for
+                // rounding (TRL's formula: v_old + (v − v_old) vs v), so a token may tip
+                // either way when the batch's layout changes the last bit of v
+                let tokens: usize = chunk.iter().map(|&i| rollout().1.responses[i].len()).sum();
+                for (k, (a, b)) in s1.iter().zip(&s).enumerate() {
+                    let tol = if k == 4 { 1.0 / tokens as f64 + 1e-6 } else { 1e-5 * a.abs().max(1.0) };
+                    assert!((a - b).abs() < tol, "stats {s:?} vs {s1:?}");
                 }
             }
             assert!(s1[3] > 0.0 && s1[3] < 1.0, "some ratios clipped, some not: {s1:?}");
