@@ -154,6 +154,47 @@ fn an_interrupted_recipe_resumes_where_it_stopped() {
     }
 }
 
+/// InstructGPT's iterated loop as a `repeat` group, starting from an existing checkpoint (a
+/// `model` stage): each round samples from the policy the round before produced.
+#[test]
+fn a_repeat_group_chains_its_rounds() {
+    let sft = tiny_sft();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let recipe = tmp.path().join("rlhf.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "out: {}\nseed: 1\ndevice: cpu\nstages:\n  - {{name: sft, kind: model, path: {}}}\n  - name: rlhf\n    repeat: 2\n    \
+             carry: {{policy: sft}}\n    next: {{policy: ppo}}\n    stages:\n      \
+             - {{name: samples, kind: sample, model: policy, prompts: data/prompts/sentiment-train.jsonl, k: 4, max_prompts: 40, temperature: 0.4, top_k: 20}}\n      \
+             - {{name: rankings, kind: rank, input: samples, judge: sentiment}}\n      \
+             - {{name: reward, kind: reward, config: configs/tiny/reward.yaml, init: sft, data: rankings, set: [train.steps=10, train.eval_every=0, data.heldout=null, data.heldout_fraction=0.1]}}\n      \
+             - {{name: ppo, kind: ppo, config: configs/tiny/ppo.yaml, policy: policy, reward: reward, set: [train.steps=2, train.eval_every=0]}}\n",
+            out.display(),
+            sft.display()
+        ),
+    )
+    .unwrap();
+    let first = ok(candor().arg("run").arg(&recipe));
+    let want = ["sft", "rlhf-1/samples", "rlhf-1/rankings", "rlhf-1/reward", "rlhf-1/ppo", "rlhf-2/samples", "rlhf-2/rankings", "rlhf-2/reward", "rlhf-2/ppo"];
+    assert_eq!(plan(&first).iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(), want, "{first}");
+    let parents = |stage: &str| -> Vec<(String, String)> {
+        read_json(&out.join(stage).join("candor.json"))["parents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["role"].as_str().unwrap().to_string(), p["content_hash"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let hash = |dir: &Path| content_hash(dir).unwrap();
+    assert_eq!(parents("rlhf-1/ppo"), [("policy".into(), hash(&sft)), ("reward".into(), hash(&out.join("rlhf-1/reward")))]);
+    assert_eq!(parents("rlhf-2/ppo"), [("policy".into(), hash(&out.join("rlhf-1/ppo"))), ("reward".into(), hash(&out.join("rlhf-2/reward")))]);
+    assert_eq!(parents("rlhf-2/reward"), [("init".to_string(), hash(&sft))]);
+    let again = ok(candor().arg("run").arg(&recipe));
+    assert!(ran(&again).is_empty(), "{again}");
+}
+
 #[test]
 fn bad_recipes_fail_before_training_naming_the_stage() {
     let tmp = tempfile::tempdir().unwrap();
@@ -181,6 +222,12 @@ fn bad_recipes_fail_before_training_naming_the_stage() {
             "missing-config",
             "  - {name: pre, kind: pretrain, config: configs/tiny/pretrain.yaml}\n  - {name: sft, kind: sft, config: configs/tiny/nope.yaml, init: pre}\n",
             "stage `sft`: config file configs/tiny/nope.yaml does not exist",
+        ),
+        ("missing-model", "  - {name: base, kind: model, path: /nonexistent/ckpt}\n", "stage `base`: /nonexistent/ckpt"),
+        (
+            "missing-data",
+            "  - {name: pre, kind: pretrain, config: configs/tiny/pretrain.yaml}\n  - {name: sft, kind: sft, config: configs/tiny/sft.yaml, init: pre, set: [data.heldout=/nonexistent/h.jsonl]}\n",
+            "stage `sft`: data.heldout: /nonexistent/h.jsonl does not exist",
         ),
         (
             "bad-config-key",

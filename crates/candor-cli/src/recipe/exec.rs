@@ -115,9 +115,37 @@ fn effective(p: &Planned) -> Result<serde_json::Value> {
     })
 }
 
-/// Check a stage's config before anything runs (called while planning).
-pub fn check_config(p: &Planned) -> Result<()> {
+/// The config keys of each stage kind that name input files.
+fn file_keys(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Pretrain => &["data.files", "data.tokenizer"],
+        Kind::Sft | Kind::Reward => &["data.files", "data.heldout"],
+        Kind::Ppo => &["data.prompts", "data.heldout_prompts", "data.ptx_files"],
+        _ => &[],
+    }
+}
+
+/// Check a stage's config before anything runs (called while planning): it parses, and
+/// every file it names exists unless an earlier stage writes it (it lies under `out`).
+pub fn check_config(p: &Planned, out: &Path) -> Result<()> {
     effective(p)?;
+    for key in file_keys(p.kind) {
+        let mut v = Some(&p.config);
+        for part in key.split('.') {
+            v = v.and_then(|v| v.get(part));
+        }
+        let paths: Vec<&str> = match v {
+            Some(serde_yaml::Value::String(s)) => vec![s.as_str()],
+            Some(serde_yaml::Value::Sequence(xs)) => xs.iter().filter_map(|x| x.as_str()).collect(),
+            _ => vec![],
+        };
+        for f in paths {
+            let f = Path::new(f);
+            if !f.starts_with(out) && !f.exists() {
+                bail!("{}: {key}: {} does not exist", p.origin, f.display());
+            }
+        }
+    }
     match p.kind {
         Kind::Rank => {
             if let Some(j) = typed::<RankStage>(p)?.judge {

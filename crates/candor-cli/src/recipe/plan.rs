@@ -387,7 +387,7 @@ impl Builder {
             _ => self.out.join(&id),
         };
         let planned = Planned { id, name: name.clone(), kind, dir, inputs, config, origin: at };
-        super::exec::check_config(&planned)?;
+        super::exec::check_config(&planned, &self.out)?;
         self.stages.push(planned);
         let i = self.stages.len() - 1;
         self.by_name.insert(name, i);
