@@ -14,7 +14,7 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: T = serde_json::from_str(line).map_err(|e| line_err(path, i + 1, format!("{}", strip_pos(&e))))?;
+        let v: T = serde_json::from_str(line).map_err(|e| line_err(path, i + 1, strip_pos(&e).to_string()))?;
         out.push((i + 1, v));
     }
     Ok(out)

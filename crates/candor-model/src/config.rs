@@ -241,19 +241,19 @@ impl ModelConfig {
                 return bad(key, "must be positive".into());
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
             );
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad("num_key_value_heads", format!("{kv} does not divide num_attention_heads {}", self.num_attention_heads));
         }
         match self.arch() {
             Arch::Llama => {
-                if self.head_dim() % 2 != 0 {
+                if !self.head_dim().is_multiple_of(2) {
                     return bad("head_dim", format!("rotary embeddings need an even head dimension, got {}", self.head_dim()));
                 }
                 if !matches!(self.hidden_act.as_str(), "silu" | "swish") {

@@ -493,7 +493,7 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             "lr" => lr, "time_generate" => time_generate, "time_score" => time_score, "time_train" => time_train,
             "early_stopped" => stats.early_stopped,
             "advantage_mean" => masked_mean_rows(&advantages, &mask_rows));
-        if state.step as usize % cfg.train.log_every != 0 && state.step as usize != cfg.train.steps {
+        if !(state.step as usize).is_multiple_of(cfg.train.log_every) && state.step as usize != cfg.train.steps {
             rec.retain(|k, _| k == "step" || k == "reward_mean" || k == "kl");
         }
         metrics.push(rec);
@@ -505,12 +505,12 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             continue; // rank 0 alone evaluates and writes
         }
         let last = state.step as usize == cfg.train.steps;
-        if (cfg.train.eval_every > 0 && state.step as usize % cfg.train.eval_every == 0) || last {
+        if (cfg.train.eval_every > 0 && (state.step as usize).is_multiple_of(cfg.train.eval_every)) || last {
             if let Some(j) = evaluate(&*inference_model(&policy, &policy_vars, dtype)?, state.step, &mut metrics, &mut samples_log)? {
                 progress.log(&format!("iteration {} | reward {reward_mean:+.4} | kl {mean_kl:.4} | judge_score {j:.4}", state.step));
             }
         }
-        if cfg.train.save_every > 0 && state.step as usize % cfg.train.save_every == 0 && !last {
+        if cfg.train.save_every > 0 && (state.step as usize).is_multiple_of(cfg.train.save_every) && !last {
             meta.complete = false;
             save(&state, &metrics, &samples_log, &policy_opt, &critic_opt, &mut meta)?;
         }

@@ -270,19 +270,6 @@ pub fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn first_difference_names_the_key() {
-        let a = serde_json::json!({"train": {"lr": 1, "steps": 2}, "seed": 1});
-        let b = serde_json::json!({"train": {"lr": 1, "steps": 3}, "seed": 1});
-        assert_eq!(first_difference(&a, &b, "").as_deref(), Some("train.steps"));
-        assert_eq!(first_difference(&a, &a, ""), None);
-    }
-}
-
 /// The last value of each metric in the log (what `candor.json` records as final metrics).
 pub fn final_metrics(metrics: &MetricsLog) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
@@ -324,4 +311,17 @@ pub fn save_checkpoint(
     meta.write(w.path())?;
     w.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_difference_names_the_key() {
+        let a = serde_json::json!({"train": {"lr": 1, "steps": 2}, "seed": 1});
+        let b = serde_json::json!({"train": {"lr": 1, "steps": 3}, "seed": 1});
+        assert_eq!(first_difference(&a, &b, "").as_deref(), Some("train.steps"));
+        assert_eq!(first_difference(&a, &a, ""), None);
+    }
 }

@@ -68,18 +68,18 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Whether to log training metrics after optimiser step `step` (counted from 1).
     pub fn log_due(&self, step: u64) -> bool {
-        step % self.log_every as u64 == 0 || step == self.steps as u64
+        step.is_multiple_of(self.log_every as u64) || step == self.steps as u64
     }
 
     /// Whether to evaluate after step `step`: every `eval_every` steps, and at the end.
     pub fn eval_due(&self, step: u64) -> bool {
-        (self.eval_every > 0 && step % self.eval_every as u64 == 0) || step == self.steps as u64
+        (self.eval_every > 0 && step.is_multiple_of(self.eval_every as u64)) || step == self.steps as u64
     }
 
     /// Whether to write an intermediate checkpoint after step `step` (the final one is
     /// written anyway).
     pub fn save_due(&self, step: u64) -> bool {
-        self.save_every > 0 && step % self.save_every as u64 == 0 && step != self.steps as u64
+        self.save_every > 0 && step.is_multiple_of(self.save_every as u64) && step != self.steps as u64
     }
 
     /// Check ranges; `origin` names the config file in errors.

@@ -80,6 +80,9 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> 
 
 /// A vector for an output that is written in full before anything reads it (skips the
 /// zeroing pass, and the page faults it would take, of `vec![0.0; n]`).
+/// (Zeroing instead measured ~10% slower on the tiny training step: 16.0k vs 14.2k tokens/s,
+/// 3 alternating runs of `candor bench --shape tiny`.)
+#[allow(clippy::uninit_vec)]
 pub(crate) fn uninit(n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);
     // SAFETY: f32 has no invalid bit patterns and every caller overwrites all n elements
