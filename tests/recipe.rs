@@ -230,6 +230,11 @@ fn bad_recipes_fail_before_training_naming_the_stage() {
             "stage `sft`: data.heldout: /nonexistent/h.jsonl does not exist",
         ),
         (
+            "missing-prompts",
+            "  - {name: pre, kind: pretrain, config: configs/tiny/pretrain.yaml}\n  - {name: s, kind: sample, model: pre, prompts: /nonexistent/p.jsonl}\n",
+            "stage `s`: prompts: /nonexistent/p.jsonl does not exist",
+        ),
+        (
             "bad-config-key",
             "  - {name: pre, kind: pretrain, config: configs/tiny/pretrain.yaml, set: [train.stepz=3]}\n",
             "stage `pre`",

@@ -115,21 +115,27 @@ fn effective(p: &Planned) -> Result<serde_json::Value> {
     })
 }
 
-/// The config keys of each stage kind that name input files.
-fn file_keys(kind: Kind) -> &'static [&'static str] {
+/// The config keys of each stage kind that name input files: (key, a directory of files is
+/// accepted too, an earlier stage may write it so a path under the run's `out` need not
+/// exist yet).
+fn file_keys(kind: Kind) -> &'static [(&'static str, bool, bool)] {
     match kind {
-        Kind::Pretrain => &["data.files", "data.tokenizer"],
-        Kind::Sft | Kind::Reward => &["data.files", "data.heldout"],
-        Kind::Ppo => &["data.prompts", "data.heldout_prompts", "data.ptx_files"],
-        _ => &[],
+        Kind::Pretrain => &[("data.files", true, true), ("data.tokenizer", true, true)],
+        Kind::Sft | Kind::Reward => &[("data.files", true, true), ("data.heldout", true, true)],
+        Kind::Ppo => &[("data.prompts", true, true), ("data.heldout_prompts", true, true), ("data.ptx_files", true, true)],
+        Kind::Sample => &[("prompts", false, false)],
+        Kind::Eval => &[("data", false, false)],
+        Kind::Import => &[("gguf", false, false)],
+        Kind::Tokenizer => &[("corpus", true, false)],
+        Kind::Model | Kind::Rank => &[],
     }
 }
 
-/// Check a stage's config before anything runs (called while planning): it parses, and
-/// every file it names exists unless an earlier stage writes it (it lies under `out`).
+/// Check a stage's config before anything runs (called while planning): it parses, every
+/// file it names exists (unless an earlier stage writes it), and its judge is known.
 pub fn check_config(p: &Planned, out: &Path) -> Result<()> {
     effective(p)?;
-    for key in file_keys(p.kind) {
+    for (key, dirs, made_in_run) in file_keys(p.kind) {
         let mut v = Some(&p.config);
         for part in key.split('.') {
             v = v.and_then(|v| v.get(part));
@@ -141,40 +147,16 @@ pub fn check_config(p: &Planned, out: &Path) -> Result<()> {
         };
         for f in paths {
             let f = Path::new(f);
-            if !f.starts_with(out) && !f.exists() {
+            let there = if *dirs { f.exists() } else { f.is_file() };
+            if !there && !(*made_in_run && f.starts_with(out)) {
                 bail!("{}: {key}: {} does not exist", p.origin, f.display());
             }
         }
     }
-    match p.kind {
-        Kind::Rank => {
-            if let Some(j) = typed::<RankStage>(p)?.judge {
-                candor_judge::judge_by_name(&j).map_err(|e| anyhow!("{}: judge: {e}", p.origin))?;
-            }
+    if p.kind == Kind::Rank {
+        if let Some(j) = typed::<RankStage>(p)?.judge {
+            candor_judge::judge_by_name(&j).map_err(|e| anyhow!("{}: judge: {e}", p.origin))?;
         }
-        Kind::Sample | Kind::Eval => {
-            let path = match p.kind {
-                Kind::Sample => typed::<SampleStage>(p)?.prompts,
-                _ => typed::<EvalStage>(p)?.data,
-            };
-            if !path.is_file() {
-                bail!("{}: {} does not exist", p.origin, path.display());
-            }
-        }
-        Kind::Import => {
-            let g = typed::<ImportStage>(p)?.gguf;
-            if !g.is_file() {
-                bail!("{}: gguf file {} does not exist", p.origin, g.display());
-            }
-        }
-        Kind::Tokenizer => {
-            for f in typed::<TokenizerStage>(p)?.corpus {
-                if !f.exists() {
-                    bail!("{}: corpus {} does not exist", p.origin, f.display());
-                }
-            }
-        }
-        _ => {}
     }
     Ok(())
 }
