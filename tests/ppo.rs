@@ -8,7 +8,17 @@ use common::*;
 
 fn ppo(policy: &Path, out: &Path, sets: &[&str]) -> std::process::Command {
     let mut c = candor();
-    c.args(["ppo", "--config", "configs/tiny/ppo.yaml", "--device", "cpu", "--policy"]).arg(policy).arg("--out").arg(out);
+    c.args([
+        "ppo",
+        "--config",
+        "configs/tiny/ppo.yaml",
+        "--device",
+        "cpu",
+        "--policy",
+    ])
+    .arg(policy)
+    .arg("--out")
+    .arg(out);
     for s in sets {
         c.args(["--set", s]);
     }
@@ -24,26 +34,82 @@ fn ppo_with_the_sentiment_judge_raises_the_heldout_judge_score() {
     let out = tmp.path().join("ppo");
     // VADER scores lie in [-1, 1] and most of the tiny model's responses score 0: a weight of
     // 4 gives the rare scored response an advantage that stands out of the KL noise
-    ok(&mut ppo(&sft, &out, &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=4"]));
+    ok(&mut ppo(
+        &sft,
+        &out,
+        &[
+            "score.reward_model_weight=0",
+            "score.judge=sentiment",
+            "score.judge_weight=4",
+        ],
+    ));
     let meta = read_json(&out.join("candor.json"));
     let before = meta["metrics"]["judge_score_initial"].as_f64().unwrap();
     let after = meta["metrics"]["judge_score"].as_f64().unwrap();
     let m = metrics(&out);
-    let kls: Vec<f64> = m.iter().filter_map(|r| r.get("kl").and_then(|v| v.as_f64())).collect();
+    let kls: Vec<f64> = m
+        .iter()
+        .filter_map(|r| r.get("kl").and_then(|v| v.as_f64()))
+        .collect();
     let max_kl = kls.iter().cloned().fold(0.0, f64::max);
     println!("ppo (judge reward): held-out judge_score {before:.4} -> {after:.4}, max KL {max_kl:.3}, final KL {:.3}", kls.last().unwrap());
-    assert!(after > before + 0.05, "judge score did not rise: {before} -> {after}");
+    assert!(
+        after > before + 0.05,
+        "judge score did not rise: {before} -> {after}"
+    );
     assert!(max_kl < 15.0, "KL to the reference not bounded: {max_kl}");
     // the contract: an lm checkpoint any stage loads, the critic beside it
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "candor.json", "metrics.jsonl", "samples.jsonl", "critic/config.json", "critic/model.safetensors", "trainer/optimizer.safetensors"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "candor.json",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "critic/config.json",
+        "critic/model.safetensors",
+        "trainer/optimizer.safetensors",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    assert_eq!(read_json(&out.join("critic/config.json"))["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(
+        read_json(&out.join("critic/config.json"))["architectures"][0],
+        "LlamaForSequenceClassification"
+    );
     assert_eq!(meta["parents"][0]["role"], "policy");
-    for key in ["reward_mean", "reward_raw_mean", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl", "response_len", "time_generate", "time_score", "time_train"] {
-        assert!(m.iter().any(|r| r.get(key).is_some()), "metric {key} never logged");
+    for key in [
+        "reward_mean",
+        "reward_raw_mean",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "policy_loss",
+        "value_loss",
+        "clip_frac",
+        "approx_kl",
+        "response_len",
+        "time_generate",
+        "time_score",
+        "time_train",
+    ] {
+        assert!(
+            m.iter().any(|r| r.get(key).is_some()),
+            "metric {key} never logged"
+        );
     }
-    let text = ok(candor().args(["generate", "--chat", "--device", "cpu", "--max-new-tokens", "24", "--prompt", "Describe the sea.", "--model"]).arg(&out));
+    let text = ok(candor()
+        .args([
+            "generate",
+            "--chat",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "24",
+            "--prompt",
+            "Describe the sea.",
+            "--model",
+        ])
+        .arg(&out));
     assert!(!text.trim().is_empty());
 }
 
@@ -51,12 +117,23 @@ fn ppo_with_the_sentiment_judge_raises_the_heldout_judge_score() {
 fn resume_restores_policy_critic_and_optimizers() {
     let sft = tiny_sft();
     let tmp = tempfile::tempdir().unwrap();
-    let sets = ["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1", "train.steps=4", "train.save_every=2", "train.eval_every=0", "rollout.prompts_per_iteration=8"];
+    let sets = [
+        "score.reward_model_weight=0",
+        "score.judge=sentiment",
+        "score.judge_weight=1",
+        "train.steps=4",
+        "train.save_every=2",
+        "train.eval_every=0",
+        "rollout.prompts_per_iteration=8",
+    ];
     let straight = tmp.path().join("straight");
     ok(&mut ppo(&sft, &straight, &sets));
     // kill a second run once its iteration-2 checkpoint is on disk, then resume it
     let partial = tmp.path().join("partial");
-    let mut child = ppo(&sft, &partial, &sets).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = ppo(&sft, &partial, &sets)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     loop {
         if let Ok(t) = std::fs::read_to_string(partial.join("candor.json")) {
@@ -73,8 +150,15 @@ fn resume_restores_policy_critic_and_optimizers() {
     assert_eq!(read_json(&partial.join("candor.json"))["complete"], false);
     let mut resumed = ppo(&sft, &partial, &sets);
     ok(resumed.arg("--resume"));
-    for f in ["model.safetensors", "critic/model.safetensors", "trainer/optimizer.safetensors"] {
-        assert!(std::fs::read(straight.join(f)).unwrap() == std::fs::read(partial.join(f)).unwrap(), "{f} differs after resume");
+    for f in [
+        "model.safetensors",
+        "critic/model.safetensors",
+        "trainer/optimizer.safetensors",
+    ] {
+        assert!(
+            std::fs::read(straight.join(f)).unwrap() == std::fs::read(partial.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
     }
 }
 
@@ -84,7 +168,11 @@ fn bad_input_is_refused_before_training() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let out = d.join("ppo");
-    let judge = ["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1"];
+    let judge = [
+        "score.reward_model_weight=0",
+        "score.judge=sentiment",
+        "score.judge_weight=1",
+    ];
 
     // empty prompt file
     let empty = d.join("empty.jsonl");
@@ -97,25 +185,47 @@ fn bad_input_is_refused_before_training() {
 
     // a prompt longer than the context
     let long = d.join("long.jsonl");
-    std::fs::write(&long, format!("{{\"prompt\": \"hi\"}}\n{{\"prompt\": \"{}\"}}\n", "word ".repeat(400))).unwrap();
+    std::fs::write(
+        &long,
+        format!(
+            "{{\"prompt\": \"hi\"}}\n{{\"prompt\": \"{}\"}}\n",
+            "word ".repeat(400)
+        ),
+    )
+    .unwrap();
     let p = format!("data.prompts={}", long.display());
     let mut sets = judge.to_vec();
     sets.push(&p);
     let e = fails(&mut ppo(&sft, &out, &sets));
-    assert!(e.contains("long.jsonl:2: prompt is") && e.contains("exceeds the policy's context"), "{e}");
+    assert!(
+        e.contains("long.jsonl:2: prompt is") && e.contains("exceeds the policy's context"),
+        "{e}"
+    );
 
     // a reward model with a different tokenizer
     let corpus = small_corpus(d);
     let cfg = small_pretrain_config(d, &corpus, 2);
     let other = d.join("other");
-    ok(candor().args(["pretrain", "--device", "cpu", "--config"]).arg(&cfg).arg("--out").arg(&other));
+    ok(candor()
+        .args(["pretrain", "--device", "cpu", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&other));
     let mut c = ppo(&sft, &out, &[]);
     c.arg("--reward").arg(&other);
     let e = fails(&mut c);
     assert!(e.contains("use different tokenizers"), "{e}");
 
     // unknown judge
-    let e = fails(&mut ppo(&sft, &out, &["score.reward_model_weight=0", "score.judge=vibes", "score.judge_weight=1"]));
+    let e = fails(&mut ppo(
+        &sft,
+        &out,
+        &[
+            "score.reward_model_weight=0",
+            "score.judge=vibes",
+            "score.judge_weight=1",
+        ],
+    ));
     assert!(e.contains("unknown judge `vibes`"), "{e}");
 
     // no reward at all
@@ -132,15 +242,40 @@ fn a_nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let e = fails(&mut ppo(
         &sft,
         &out,
-        &["score.reward_model_weight=0", "score.judge=sentiment", "score.judge_weight=1", "train.lr=1e30", "train.min_lr=1e30", "train.grad_clip=0", "train.save_every=1", "train.eval_every=0", "train.steps=6",
-          // one update in iteration 1 (its loss is computed before the step, so finite and saved);
-          // the blown-up weights make iteration 2's loss NaN
-          "ppo.epochs=1", "rollout.prompts_per_iteration=8"],
+        &[
+            "score.reward_model_weight=0",
+            "score.judge=sentiment",
+            "score.judge_weight=1",
+            "train.lr=1e30",
+            "train.min_lr=1e30",
+            "train.grad_clip=0",
+            "train.save_every=1",
+            "train.eval_every=0",
+            "train.steps=6",
+            // one update in iteration 1 (its loss is computed before the step, so finite and saved);
+            // the blown-up weights make iteration 2's loss NaN
+            "ppo.epochs=1",
+            "rollout.prompts_per_iteration=8",
+        ],
     ));
-    assert!(e.contains("stopped") && e.contains("last good checkpoint"), "{e}");
+    assert!(
+        e.contains("stopped") && e.contains("last good checkpoint"),
+        "{e}"
+    );
     let meta = read_json(&out.join("candor.json"));
     assert_eq!(meta["complete"], false);
     assert!(meta["step"].as_u64().unwrap() >= 1);
     // the kept checkpoint loads
-    ok(candor().args(["generate", "--device", "cpu", "--max-new-tokens", "3", "--prompt", "x", "--model"]).arg(&out));
+    ok(candor()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "3",
+            "--prompt",
+            "x",
+            "--model",
+        ])
+        .arg(&out));
 }

@@ -19,7 +19,8 @@ const MODEL_STAGES: [(&str, &str, &[(&str, &str)]); 4] = [
 
 fn run_recipe(out: &Path, extra: &[&str]) -> String {
     let mut c = candor();
-    c.args(["run", "configs/recipes/tiny.yaml", "--set"]).arg(format!("out={}", out.display()));
+    c.args(["run", "configs/recipes/tiny.yaml", "--set"])
+        .arg(format!("out={}", out.display()));
     for s in extra {
         c.args(["--set", s]);
     }
@@ -33,7 +34,9 @@ fn plan(stdout: &str) -> Vec<(String, String)> {
         .filter_map(|l| {
             let mut w = l.split_whitespace();
             match (w.next(), w.next()) {
-                (Some(a @ ("run" | "skip")), Some(stage)) => Some((a.to_string(), stage.to_string())),
+                (Some(a @ ("run" | "skip")), Some(stage)) => {
+                    Some((a.to_string(), stage.to_string()))
+                }
                 _ => None,
             }
         })
@@ -41,11 +44,18 @@ fn plan(stdout: &str) -> Vec<(String, String)> {
 }
 
 fn ran(stdout: &str) -> Vec<String> {
-    plan(stdout).into_iter().filter(|(a, _)| a == "run").map(|(_, s)| s).collect()
+    plan(stdout)
+        .into_iter()
+        .filter(|(a, _)| a == "run")
+        .map(|(_, s)| s)
+        .collect()
 }
 
 fn series(dir: &Path, key: &str) -> Vec<f64> {
-    metrics(dir).iter().filter_map(|r| r.get(key).and_then(|v| v.as_f64())).collect()
+    metrics(dir)
+        .iter()
+        .filter_map(|r| r.get(key).and_then(|v| v.as_f64()))
+        .collect()
 }
 
 fn file_bytes(p: PathBuf) -> Vec<u8> {
@@ -59,25 +69,73 @@ fn tiny_recipe_end_to_end_then_skips_then_reruns_only_downstream_of_a_change() {
     let clock = std::time::Instant::now();
     let first = run_recipe(&out, &[]);
     let first_sec = clock.elapsed().as_secs_f64();
-    let stages = ["pretrain", "sft", "samples", "rankings", "heldout-samples", "heldout-rankings", "reward", "ppo"];
+    let stages = [
+        "pretrain",
+        "sft",
+        "samples",
+        "rankings",
+        "heldout-samples",
+        "heldout-rankings",
+        "reward",
+        "ppo",
+    ];
     assert_eq!(ran(&first), stages, "{first}");
 
     // every model stage: the checkpoint contract, complete, parents' hashes are the parents'
     for (stage, head, parents) in MODEL_STAGES {
         let dir = out.join(stage);
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "candor.json", "metrics.jsonl"] {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "candor.json",
+            "metrics.jsonl",
+        ] {
             assert!(dir.join(f).is_file(), "{stage}: {f} missing");
         }
         let meta = read_json(&dir.join("candor.json"));
-        assert_eq!((meta["stage"].as_str(), meta["head"].as_str(), meta["complete"].as_bool()), (Some(stage), Some(head), Some(true)), "{stage}");
-        assert_eq!(meta["content_hash"].as_str().unwrap(), content_hash(&dir).unwrap(), "{stage}: stored hash is not its content's");
-        let got: Vec<(String, String)> = meta["parents"].as_array().unwrap().iter().map(|p| (p["role"].as_str().unwrap().into(), p["content_hash"].as_str().unwrap().into())).collect();
-        let want: Vec<(String, String)> = parents.iter().map(|(role, p)| (role.to_string(), content_hash(&out.join(p)).unwrap())).collect();
+        assert_eq!(
+            (
+                meta["stage"].as_str(),
+                meta["head"].as_str(),
+                meta["complete"].as_bool()
+            ),
+            (Some(stage), Some(head), Some(true)),
+            "{stage}"
+        );
+        assert_eq!(
+            meta["content_hash"].as_str().unwrap(),
+            content_hash(&dir).unwrap(),
+            "{stage}: stored hash is not its content's"
+        );
+        let got: Vec<(String, String)> = meta["parents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["role"].as_str().unwrap().into(),
+                    p["content_hash"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String)> = parents
+            .iter()
+            .map(|(role, p)| (role.to_string(), content_hash(&out.join(p)).unwrap()))
+            .collect();
         assert_eq!(got, want, "{stage}: parents");
     }
     assert!(out.join("ppo/critic/model.safetensors").is_file());
-    for (stage, file) in [("samples", "samples.jsonl"), ("rankings", "ranked.jsonl"), ("heldout-samples", "samples.jsonl"), ("heldout-rankings", "ranked.jsonl")] {
-        assert!(std::fs::metadata(out.join(stage).join(file)).unwrap().len() > 0, "{stage}/{file} empty");
+    for (stage, file) in [
+        ("samples", "samples.jsonl"),
+        ("rankings", "ranked.jsonl"),
+        ("heldout-samples", "samples.jsonl"),
+        ("heldout-rankings", "ranked.jsonl"),
+    ] {
+        assert!(
+            std::fs::metadata(out.join(stage).join(file)).unwrap().len() > 0,
+            "{stage}/{file} empty"
+        );
     }
 
     // the direction of the key metrics
@@ -85,16 +143,28 @@ fn tiny_recipe_end_to_end_then_skips_then_reruns_only_downstream_of_a_change() {
     let sft = series(&out.join("sft"), "eval_loss");
     let acc = series(&out.join("reward"), "eval_accuracy");
     let ppo = read_json(&out.join("ppo/candor.json"))["metrics"].clone();
-    let (j0, j1) = (ppo["judge_score_initial"].as_f64().unwrap(), ppo["judge_score"].as_f64().unwrap());
+    let (j0, j1) = (
+        ppo["judge_score_initial"].as_f64().unwrap(),
+        ppo["judge_score"].as_f64().unwrap(),
+    );
     println!(
         "tiny recipe: {first_sec:.0} s; pretrain eval_loss {:.3} -> {:.3}; sft eval_loss {:.3} -> {:.3}; \
          reward eval_accuracy {:.3}; ppo judge_score {j0:.4} -> {j1:.4} (kl {:.3})",
         pre[0], pre.last().unwrap(), sft[0], sft.last().unwrap(), acc.last().unwrap(), ppo["kl"].as_f64().unwrap()
     );
-    assert!(pre.last() < pre.first(), "pretrain loss did not fall: {pre:?}");
+    assert!(
+        pre.last() < pre.first(),
+        "pretrain loss did not fall: {pre:?}"
+    );
     assert!(sft.last() < sft.first(), "sft loss did not fall: {sft:?}");
-    assert!(*acc.last().unwrap() > 0.5, "reward accuracy not above chance: {acc:?}");
-    assert!(j1 > j0, "PPO did not raise the held-out judge score: {j0} -> {j1}");
+    assert!(
+        *acc.last().unwrap() > 0.5,
+        "reward accuracy not above chance: {acc:?}"
+    );
+    assert!(
+        j1 > j0,
+        "PPO did not raise the held-out judge score: {j0} -> {j1}"
+    );
 
     // the same command again: nothing to do
     let second = run_recipe(&out, &[]);
@@ -104,15 +174,38 @@ fn tiny_recipe_end_to_end_then_skips_then_reruns_only_downstream_of_a_change() {
     // one SFT config value changed: SFT and everything after it reruns, pretraining does not
     let pre_weights = file_bytes(out.join("pretrain/model.safetensors"));
     let old_reward = content_hash(&out.join("reward")).unwrap();
-    let dry = ok(candor().args(["run", "configs/recipes/tiny.yaml", "--dry-run", "--set", &format!("out={}", out.display()), "--set", "sft.train.lr=1e-3"]));
+    let dry = ok(candor().args([
+        "run",
+        "configs/recipes/tiny.yaml",
+        "--dry-run",
+        "--set",
+        &format!("out={}", out.display()),
+        "--set",
+        "sft.train.lr=1e-3",
+    ]));
     assert!(dry.contains("config changed at `train.lr`"), "{dry}");
     let third = run_recipe(&out, &["sft.train.lr=1e-3"]);
     assert_eq!(ran(&third), &stages[1..], "{third}");
-    assert_eq!(file_bytes(out.join("pretrain/model.safetensors")), pre_weights, "pretraining was touched");
-    assert_eq!(read_json(&out.join("sft/candor.json"))["config"]["train"]["lr"], 1e-3);
-    assert_ne!(content_hash(&out.join("reward")).unwrap(), old_reward, "reward model not retrained");
+    assert_eq!(
+        file_bytes(out.join("pretrain/model.safetensors")),
+        pre_weights,
+        "pretraining was touched"
+    );
+    assert_eq!(
+        read_json(&out.join("sft/candor.json"))["config"]["train"]["lr"],
+        1e-3
+    );
+    assert_ne!(
+        content_hash(&out.join("reward")).unwrap(),
+        old_reward,
+        "reward model not retrained"
+    );
     let ppo_parent = read_json(&out.join("ppo/candor.json"))["parents"][0]["content_hash"].clone();
-    assert_eq!(ppo_parent.as_str().unwrap(), content_hash(&out.join("sft")).unwrap(), "ppo did not start from the new sft");
+    assert_eq!(
+        ppo_parent.as_str().unwrap(),
+        content_hash(&out.join("sft")).unwrap(),
+        "ppo did not start from the new sft"
+    );
 }
 
 /// A small two-stage recipe whose pretraining is killed midway: the next `candor run` resumes
@@ -143,14 +236,24 @@ fn an_interrupted_recipe_resumes_where_it_stopped() {
 
     let out = d.join("killed");
     write(&out);
-    let mut child = candor().arg("run").arg(&recipe).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = candor()
+        .arg("run")
+        .arg(&recipe)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let step = kill_after_checkpoint(&mut child, &out.join("base"), 10);
     assert!(step < 60, "the run finished before it could be killed");
     let resumed = ok(candor().arg("run").arg(&recipe));
     assert_eq!(plan(&resumed)[0], ("run".to_string(), "base".to_string()));
     assert!(resumed.contains("output incomplete (resumes)"), "{resumed}");
     for stage in ["base", "more"] {
-        assert_eq!(file_bytes(out.join(stage).join("model.safetensors")), file_bytes(straight.join(stage).join("model.safetensors")), "{stage} differs after resuming");
+        assert_eq!(
+            file_bytes(out.join(stage).join("model.safetensors")),
+            file_bytes(straight.join(stage).join("model.safetensors")),
+            "{stage} differs after resuming"
+        );
     }
 }
 
@@ -177,19 +280,53 @@ fn a_repeat_group_chains_its_rounds() {
     )
     .unwrap();
     let first = ok(candor().arg("run").arg(&recipe));
-    let want = ["sft", "rlhf-1/samples", "rlhf-1/rankings", "rlhf-1/reward", "rlhf-1/ppo", "rlhf-2/samples", "rlhf-2/rankings", "rlhf-2/reward", "rlhf-2/ppo"];
-    assert_eq!(plan(&first).iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(), want, "{first}");
+    let want = [
+        "sft",
+        "rlhf-1/samples",
+        "rlhf-1/rankings",
+        "rlhf-1/reward",
+        "rlhf-1/ppo",
+        "rlhf-2/samples",
+        "rlhf-2/rankings",
+        "rlhf-2/reward",
+        "rlhf-2/ppo",
+    ];
+    assert_eq!(
+        plan(&first)
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .collect::<Vec<_>>(),
+        want,
+        "{first}"
+    );
     let parents = |stage: &str| -> Vec<(String, String)> {
         read_json(&out.join(stage).join("candor.json"))["parents"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| (p["role"].as_str().unwrap().to_string(), p["content_hash"].as_str().unwrap().to_string()))
+            .map(|p| {
+                (
+                    p["role"].as_str().unwrap().to_string(),
+                    p["content_hash"].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     };
     let hash = |dir: &Path| content_hash(dir).unwrap();
-    assert_eq!(parents("rlhf-1/ppo"), [("policy".into(), hash(&sft)), ("reward".into(), hash(&out.join("rlhf-1/reward")))]);
-    assert_eq!(parents("rlhf-2/ppo"), [("policy".into(), hash(&out.join("rlhf-1/ppo"))), ("reward".into(), hash(&out.join("rlhf-2/reward")))]);
+    assert_eq!(
+        parents("rlhf-1/ppo"),
+        [
+            ("policy".into(), hash(&sft)),
+            ("reward".into(), hash(&out.join("rlhf-1/reward")))
+        ]
+    );
+    assert_eq!(
+        parents("rlhf-2/ppo"),
+        [
+            ("policy".into(), hash(&out.join("rlhf-1/ppo"))),
+            ("reward".into(), hash(&out.join("rlhf-2/reward")))
+        ]
+    );
     assert_eq!(parents("rlhf-2/reward"), [("init".to_string(), hash(&sft))]);
     let again = ok(candor().arg("run").arg(&recipe));
     assert!(ran(&again).is_empty(), "{again}");
@@ -242,10 +379,20 @@ fn bad_recipes_fail_before_training_naming_the_stage() {
     ];
     for (name, stages, want) in cases {
         let path = d.join(format!("{name}.yaml"));
-        std::fs::write(&path, format!("out: {}\ndevice: cpu\nstages:\n{stages}", out.display())).unwrap();
+        std::fs::write(
+            &path,
+            format!("out: {}\ndevice: cpu\nstages:\n{stages}", out.display()),
+        )
+        .unwrap();
         let e = fails(candor().arg("run").arg(&path));
         assert!(e.contains(want), "{name}: {e}");
-        assert!(e.contains(&format!("{name}.yaml")), "{name}: the error does not name the recipe: {e}");
-        assert!(!out.exists(), "{name}: something was written before the recipe was refused");
+        assert!(
+            e.contains(&format!("{name}.yaml")),
+            "{name}: the error does not name the recipe: {e}"
+        );
+        assert!(
+            !out.exists(),
+            "{name}: something was written before the recipe was refused"
+        );
     }
 }

@@ -11,7 +11,10 @@ pub fn candor() -> Command {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Run and require success; returns stdout.
@@ -31,16 +34,34 @@ pub fn ok(cmd: &mut Command) -> String {
 pub fn fails(cmd: &mut Command) -> String {
     let out: Output = cmd.output().expect("run candor");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert_eq!(out.status.code(), Some(1), "exit status {:?}; stderr: {stderr}", out.status);
-    assert!(!stderr.contains("panicked") && !stderr.contains("internal error"), "panic: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit status {:?}; stderr: {stderr}",
+        out.status
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("internal error"),
+        "panic: {stderr}"
+    );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "want exactly one error line, got: {stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "want exactly one error line, got: {stderr}"
+    );
     errors[0].to_string()
 }
 
 pub fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
@@ -81,7 +102,11 @@ pub fn small_checkpoint(dir: &Path) -> PathBuf {
     let corpus = small_corpus(dir);
     let cfg = small_pretrain_config(dir, &corpus, 2);
     let out = dir.join("base");
-    ok(candor().args(["pretrain", "--device", "cpu", "--config"]).arg(&cfg).arg("--out").arg(&out));
+    ok(candor()
+        .args(["pretrain", "--device", "cpu", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out));
     out
 }
 
@@ -98,7 +123,11 @@ pub fn kill_after_checkpoint(child: &mut std::process::Child, out: &Path, min_st
                 return meta["step"].as_u64().unwrap();
             }
         }
-        assert!(std::time::Instant::now() < deadline, "no checkpoint appeared in {}", out.display());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared in {}",
+            out.display()
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
@@ -112,9 +141,15 @@ pub fn cached_checkpoint(name: &str, make: impl FnOnce(&Path)) -> PathBuf {
     let stamp = format!(
         "{}-{}",
         bin.len(),
-        bin.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        bin.modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     );
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("candor-test-cache").join(stamp);
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("candor-test-cache")
+        .join(stamp);
     std::fs::create_dir_all(&root).unwrap();
     let lock = std::fs::File::create(root.join(format!("{name}.lock"))).unwrap();
     lock.lock().unwrap();
@@ -124,7 +159,10 @@ pub fn cached_checkpoint(name: &str, make: impl FnOnce(&Path)) -> PathBuf {
     if !done {
         let _ = std::fs::remove_dir_all(&out);
         make(&out);
-        assert!(out.join("candor.json").is_file(), "{name}: make() wrote no checkpoint");
+        assert!(
+            out.join("candor.json").is_file(),
+            "{name}: make() wrote no checkpoint"
+        );
     }
     lock.unlock().unwrap();
     out
@@ -133,7 +171,16 @@ pub fn cached_checkpoint(name: &str, make: impl FnOnce(&Path)) -> PathBuf {
 /// The tiny pretrained checkpoint (configs/tiny/pretrain.yaml), shared across tests.
 pub fn tiny_pretrained() -> PathBuf {
     cached_checkpoint("tiny-pretrain", |out| {
-        ok(candor().args(["pretrain", "--config", "configs/tiny/pretrain.yaml", "--device", "cpu", "--out"]).arg(out));
+        ok(candor()
+            .args([
+                "pretrain",
+                "--config",
+                "configs/tiny/pretrain.yaml",
+                "--device",
+                "cpu",
+                "--out",
+            ])
+            .arg(out));
     })
 }
 
@@ -141,6 +188,17 @@ pub fn tiny_pretrained() -> PathBuf {
 pub fn tiny_sft() -> PathBuf {
     let init = tiny_pretrained();
     cached_checkpoint("tiny-sft", |out| {
-        ok(candor().args(["sft", "--config", "configs/tiny/sft.yaml", "--device", "cpu", "--init"]).arg(&init).arg("--out").arg(out));
+        ok(candor()
+            .args([
+                "sft",
+                "--config",
+                "configs/tiny/sft.yaml",
+                "--device",
+                "cpu",
+                "--init",
+            ])
+            .arg(&init)
+            .arg("--out")
+            .arg(out));
     })
 }

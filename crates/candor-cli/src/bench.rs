@@ -1,9 +1,9 @@
 //! `candor bench`: how fast this machine trains and samples a named model shape.
 
 use anyhow::Result;
-use clap::Args;
 use candor_train::bench::{bench_sample, bench_train, shape};
 use candor_train::precision::Precision;
+use clap::Args;
 
 use crate::device;
 
@@ -36,7 +36,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let dev = device(&args.device)?;
     shape(&args.shape)?;
     let precision = Precision::parse(&args.dtype, "--dtype")?;
-    let steps = if args.sample { args.steps.min(3).max(1) } else { args.steps.max(1) };
+    let steps = if args.sample {
+        args.steps.min(3).max(1)
+    } else {
+        args.steps.max(1)
+    };
     let r = if args.sample {
         bench_sample(&args.shape, &dev, precision, 1, steps)?
     } else {

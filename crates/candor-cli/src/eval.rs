@@ -70,11 +70,13 @@ impl DataKind {
         if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
             return Ok(DataKind::Text);
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
         let Some((i, line)) = text.lines().enumerate().find(|(_, l)| !l.trim().is_empty()) else {
             bail!("{}: holds no lines", path.display());
         };
-        let v: Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
         let has = |k: &str| v.get(k).is_some();
         Ok(if has("chosen") || has("rejected") || has("responses") {
             DataKind::Preference
@@ -109,7 +111,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 _ => format!("{k} {v}"),
             })
             .collect();
-        println!("eval: {} on {}: {}", args.model.display(), args.data.display(), fields.join(" | "));
+        println!(
+            "eval: {} on {}: {}",
+            args.model.display(),
+            args.data.display(),
+            fields.join(" | ")
+        );
     }
     Ok(())
 }
@@ -137,11 +144,18 @@ pub fn evaluate(model: &Path, data: &Path, dev: &Device, batch_size: usize) -> R
 }
 
 /// [`evaluate`], and write the metrics to `out/eval.json` (a directory written atomically).
-pub fn eval_to_dir(model: &Path, data: &Path, out: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
+pub fn eval_to_dir(
+    model: &Path,
+    data: &Path,
+    out: &Path,
+    dev: &Device,
+    batch_size: usize,
+) -> Result<Metrics> {
     let metrics = evaluate(model, data, dev, batch_size)?;
     let w = candor_core::checkpoint::CheckpointWriter::begin(out)?;
     let path = w.path().join("eval.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&metrics)? + "\n").with_context(|| path.display().to_string())?;
+    std::fs::write(&path, serde_json::to_string_pretty(&metrics)? + "\n")
+        .with_context(|| path.display().to_string())?;
     w.commit()?;
     Ok(metrics)
 }
@@ -151,16 +165,27 @@ pub fn eval_to_dir(model: &Path, data: &Path, out: &Path, dev: &Device, batch_si
 fn text_metrics(model_dir: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
     let model = load_frozen(model_dir, dev)?;
     let tok = Tokenizer::from_dir(model_dir)?;
-    let sep = tok.token_id(EOT).or(tok.eos_id()).context("the tokenizer has no end-of-text token to separate documents")?;
+    let sep = tok
+        .token_id(EOT)
+        .or(tok.eos_id())
+        .context("the tokenizer has no end-of-text token to separate documents")?;
     let docs = read_corpus(&[data.to_path_buf()])?;
     let stream = tokenize_documents(&tok, &docs, sep)?;
     let ctx = model.config.max_position_embeddings.min(2048);
-    let examples: Vec<LmExample> = pack_all(&stream, ctx).into_iter().map(LmExample::dense).collect();
+    let examples: Vec<LmExample> = pack_all(&stream, ctx)
+        .into_iter()
+        .map(LmExample::dense)
+        .collect();
     if examples.is_empty() {
-        bail!("{}: too little text to evaluate (fewer than two tokens)", data.display());
+        bail!(
+            "{}: too little text to evaluate (fewer than two tokens)",
+            data.display()
+        );
     }
     let e = lm_evaluate(&model, &examples, batch_size, 0, tok.pad_id())?;
-    Ok(to_metrics(json!({"eval_loss": e.loss, "eval_ppl": e.loss.exp(), "tokens": e.tokens})))
+    Ok(to_metrics(
+        json!({"eval_loss": e.loss, "eval_ppl": e.loss.exp(), "tokens": e.tokens}),
+    ))
 }
 
 /// Loss and perplexity per response token of SFT data, rendered and masked exactly as SFT
@@ -168,18 +193,36 @@ fn text_metrics(model_dir: &Path, data: &Path, dev: &Device, batch_size: usize) 
 fn sft_metrics(model_dir: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
     let model = load_frozen(model_dir, dev)?;
     let (tok, template) = chat_tokenizer(&Tokenizer::from_dir(model_dir)?, None)?;
-    let examples: Vec<LmExample> = load_sft(&[data.to_path_buf()], &tok, &template, model.config.max_position_embeddings, false)?
-        .examples
-        .into_iter()
-        .map(|(e, _, _)| LmExample { tokens: e.tokens, targets: e.trained, segments: None })
-        .collect();
+    let examples: Vec<LmExample> = load_sft(
+        &[data.to_path_buf()],
+        &tok,
+        &template,
+        model.config.max_position_embeddings,
+        false,
+    )?
+    .examples
+    .into_iter()
+    .map(|(e, _, _)| LmExample {
+        tokens: e.tokens,
+        targets: e.trained,
+        segments: None,
+    })
+    .collect();
     let e = lm_evaluate(&model, &examples, batch_size, 0, tok.pad_id())?;
-    Ok(to_metrics(json!({"eval_loss": e.loss, "eval_ppl": e.loss.exp(), "tokens": e.tokens, "examples": examples.len()})))
+    Ok(to_metrics(
+        json!({"eval_loss": e.loss, "eval_ppl": e.loss.exp(), "tokens": e.tokens, "examples": examples.len()}),
+    ))
 }
 
 /// Pairwise accuracy, margin and loss of a reward model on a preference file.
-fn reward_metrics(model_dir: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
-    let stats = candor_reward::score::RewardModel::load(model_dir, dev)?.evaluate_file(data, batch_size)?;
+fn reward_metrics(
+    model_dir: &Path,
+    data: &Path,
+    dev: &Device,
+    batch_size: usize,
+) -> Result<Metrics> {
+    let stats =
+        candor_reward::score::RewardModel::load(model_dir, dev)?.evaluate_file(data, batch_size)?;
     Ok(to_metrics(serde_json::to_value(stats)?))
 }
 

@@ -6,7 +6,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use candor_core::rng::Rng;
 use candor_data::chat::{stop_tokens, ChatTemplate};
 use candor_data::jsonl::read_jsonl;
@@ -14,6 +13,7 @@ use candor_data::Tokenizer;
 use candor_model::generate::{generate, SamplingParams};
 use candor_train::precision::{load_frozen, Precision};
 use candor_train::sample::{encode_prompts, response_text};
+use clap::Args;
 use serde::Deserialize;
 
 use crate::device;
@@ -63,7 +63,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut prompts: Vec<String> = args.prompt.clone();
     let from_file = args.prompts.is_some();
     if let Some(path) = &args.prompts {
-        prompts.extend(read_jsonl::<PromptLine>(path)?.into_iter().map(|(_, p)| p.prompt));
+        prompts.extend(
+            read_jsonl::<PromptLine>(path)?
+                .into_iter()
+                .map(|(_, p)| p.prompt),
+        );
     }
     if prompts.is_empty() {
         bail!("give --prompt TEXT or --prompts FILE.jsonl");
@@ -74,9 +78,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let (ids, stop): (Vec<Vec<u32>>, Vec<u32>) = if args.chat {
         let template = ChatTemplate::for_tokenizer(&tok);
         let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        (encode_prompts(&tok, &template, &texts).context("posing the prompts with the chat template")?, stop_tokens(&tok))
+        (
+            encode_prompts(&tok, &template, &texts)
+                .context("posing the prompts with the chat template")?,
+            stop_tokens(&tok),
+        )
     } else {
-        let ids = prompts.iter().map(|p| tok.encode(p)).collect::<candor_data::Result<_>>().context("encoding the prompts")?;
+        let ids = prompts
+            .iter()
+            .map(|p| tok.encode(p))
+            .collect::<candor_data::Result<_>>()
+            .context("encoding the prompts")?;
         (ids, tok.eos_id().into_iter().collect())
     };
     if let Some(i) = ids.iter().position(Vec::is_empty) {
@@ -92,9 +104,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let samples = generate(&model, &ids, &params, &stop, tok.pad_id(), &mut rng)?;
     let mut out = std::io::stdout().lock();
     for (prompt, s) in prompts.iter().zip(&samples) {
-        let text = if args.chat { response_text(&tok, &s.tokens)? } else { tok.decode(&s.tokens, true)? };
+        let text = if args.chat {
+            response_text(&tok, &s.tokens)?
+        } else {
+            tok.decode(&s.tokens, true)?
+        };
         if from_file {
-            writeln!(out, "{}", serde_json::json!({"prompt": prompt, "response": text, "stopped": s.stopped}))?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"prompt": prompt, "response": text, "stopped": s.stopped})
+            )?;
         } else if args.chat {
             writeln!(out, "{text}")?;
         } else {

@@ -39,7 +39,10 @@ pub fn run(args: ImportArgs) -> Result<()> {
         other => bail!("--dtype: `{other}` (expected f32 or bf16)"),
     };
     if args.out.exists() && !args.overwrite {
-        bail!("{}: already exists (give --overwrite to replace it)", args.out.display());
+        bail!(
+            "{}: already exists (give --overwrite to replace it)",
+            args.out.display()
+        );
     }
     let start = Instant::now();
     eprintln!("[import] reading and dequantizing {}", args.gguf.display());
@@ -58,9 +61,18 @@ pub fn run(args: ImportArgs) -> Result<()> {
         );
     };
     if v.tokens.len() > gguf.config.vocab_size {
-        bail!("{origin}: `tokenizer.ggml.tokens` has {} tokens, more than the model's vocabulary {}", v.tokens.len(), gguf.config.vocab_size);
+        bail!(
+            "{origin}: `tokenizer.ggml.tokens` has {} tokens, more than the model's vocabulary {}",
+            v.tokens.len(),
+            gguf.config.vocab_size
+        );
     }
-    let bpe = ByteLevelBpe { tokens: v.tokens.clone(), merges: v.merges.clone(), special_ids: v.special_ids(), individual_digits };
+    let bpe = ByteLevelBpe {
+        tokens: v.tokens.clone(),
+        merges: v.merges.clone(),
+        special_ids: v.special_ids(),
+        individual_digits,
+    };
     let special = SpecialTokens {
         bos: v.bos_id,
         eos: v.eos_id,
@@ -69,14 +81,18 @@ pub fn run(args: ImportArgs) -> Result<()> {
         chat_template: v.chat_template.clone(),
         model_max_length: Some(gguf.config.max_position_embeddings),
     };
-    let tokenizer = from_byte_level_bpe(&bpe, &special).with_context(|| format!("{origin}: tokenizer"))?;
+    let tokenizer =
+        from_byte_level_bpe(&bpe, &special).with_context(|| format!("{origin}: tokenizer"))?;
 
     // 2. weights in the requested dtype, config, tokenizer, candor.json: written atomically
     let mut config = gguf.config.clone();
     config.set_head(Head::Lm);
     config.torch_dtype = torch_dtype.into();
-    let tensors: HashMap<String, Tensor> =
-        gguf.tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?))).collect::<Result<_>>()?;
+    let tensors: HashMap<String, Tensor> = gguf
+        .tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
     let mut types: BTreeMap<&str, usize> = BTreeMap::new();
     for t in gguf.stored_types.values() {
         *types.entry(t.as_str()).or_default() += 1;
@@ -85,7 +101,8 @@ pub fn run(args: ImportArgs) -> Result<()> {
     let dir = writer.path().to_path_buf();
     config.write(&dir.join("config.json"))?;
     let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &weights).with_context(|| format!("{}", weights.display()))?;
+    candle_core::safetensors::save(&tensors, &weights)
+        .with_context(|| format!("{}", weights.display()))?;
     tokenizer.save(&dir)?;
     let size = std::fs::metadata(&args.gguf).map(|m| m.len()).unwrap_or(0);
     let source = std::fs::canonicalize(&args.gguf).unwrap_or_else(|_| args.gguf.clone());
@@ -107,7 +124,11 @@ pub fn run(args: ImportArgs) -> Result<()> {
         params as f64 / 1e6,
         tokenizer.vocab_size(),
         torch_dtype,
-        types.iter().map(|(t, n)| format!("{n}×{t}")).collect::<Vec<_>>().join(" "),
+        types
+            .iter()
+            .map(|(t, n)| format!("{n}×{t}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         start.elapsed().as_secs_f64()
     );
     Ok(())

@@ -34,7 +34,8 @@ pub fn join(spec: &str) -> Result<(Device, Dist)> {
     };
     let device = crate::device(&spec)?;
     let backend = std::env::var("CANDOR_DIST_BACKEND").unwrap_or_else(|_| "auto".into());
-    let dist = connect(&env, &device, &backend).with_context(|| format!("rank {} of {}", env.rank, env.world_size))?;
+    let dist = connect(&env, &device, &backend)
+        .with_context(|| format!("rank {} of {}", env.rank, env.world_size))?;
     Ok((device, dist))
 }
 
@@ -48,8 +49,11 @@ pub fn run_ranks(n: usize) -> Result<()> {
         .context("no free local port for the ranks' rendezvous")?
         .port();
     // CPU ranks share the cores instead of each starting a thread per core
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .unwrap_or_else(|_| (std::thread::available_parallelism().map_or(1, |c| c.get()) / n).max(1).to_string());
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        (std::thread::available_parallelism().map_or(1, |c| c.get()) / n)
+            .max(1)
+            .to_string()
+    });
     let mut children: Vec<Child> = vec![];
     let mut forwarders = vec![];
     for rank in 0..n {
@@ -75,7 +79,10 @@ pub fn run_ranks(n: usize) -> Result<()> {
         };
         if let Some(err) = child.stderr.take() {
             forwarders.push(std::thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(std::result::Result::ok) {
+                for line in BufReader::new(err)
+                    .lines()
+                    .map_while(std::result::Result::ok)
+                {
                     eprintln!("[rank {rank}] {line}");
                 }
             }));

@@ -22,7 +22,11 @@ mod stage;
 mod tokenizer;
 
 #[derive(Parser)]
-#[command(name = "candor", version, about = "Train language models the InstructGPT way: pretrain, SFT, reward model, PPO")]
+#[command(
+    name = "candor",
+    version,
+    about = "Train language models the InstructGPT way: pretrain, SFT, reward model, PPO"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -112,7 +116,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     candor_model::fused::runtime::init(); // thread-pool and allocator settings, before any thread
-    // A panic is a bug in candor; still end with one line and a non-zero status.
+                                          // A panic is a bug in candor; still end with one line and a non-zero status.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()
@@ -124,7 +128,10 @@ fn main() -> ExitCode {
         if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
             std::process::exit(141);
         }
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         eprintln!("error: internal error (please report): {msg}{at}");
     }));
     let cli = Cli::parse();

@@ -33,12 +33,19 @@ pub fn run(args: PpoArgs) -> Result<()> {
         print!("{}", serde_yaml::to_string(&cfg)?);
         return Ok(());
     }
-    let Some(opts) = crate::stage::run_options(c, "ppo")? else { return Ok(()) };
+    let Some(opts) = crate::stage::run_options(c, "ppo")? else {
+        return Ok(());
+    };
     let meta = candor_ppo::run(&cfg, &opts)?;
     if !opts.dist.is_main() {
         return Ok(());
     }
-    let m = |k: &str| meta.metrics.get(k).and_then(|v| v.as_f64()).map_or("-".into(), |v| format!("{v:.4}"));
+    let m = |k: &str| {
+        meta.metrics
+            .get(k)
+            .and_then(|v| v.as_f64())
+            .map_or("-".into(), |v| format!("{v:.4}"))
+    };
     println!(
         "ppo: {} (iteration {}, reward_mean {}, kl {}, judge_score {} from {})",
         opts.out.display(),

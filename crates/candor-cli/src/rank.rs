@@ -45,7 +45,10 @@ fn answered(out: &Path) -> Result<HashMap<(String, Vec<String>), usize>> {
         let cut = text.rfind('\n').map_or(0, |i| i + 1);
         if serde_json::from_str::<PreferenceLine>(&text[cut..]).is_err() {
             eprintln!("[rank] {}: removed an incomplete last line (an answer cut off mid-write); its prompt is asked again", out.display());
-            let f = OpenOptions::new().write(true).open(out).with_context(|| format!("{}", out.display()))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(out)
+                .with_context(|| format!("{}", out.display()))?;
             f.set_len(cut as u64)?;
             f.sync_all()?;
             text.truncate(cut);
@@ -60,14 +63,23 @@ fn answered(out: &Path) -> Result<HashMap<(String, Vec<String>), usize>> {
         }
         let p: PreferenceLine = serde_json::from_str(line)
             .map_err(|e| anyhow::anyhow!("{}:{}: not a ranked line: {e}", out.display(), i + 1))?;
-        let responses = p.responses.clone().or_else(|| Some(vec![p.chosen.clone()?, p.rejected.clone()?])).unwrap_or_default();
+        let responses = p
+            .responses
+            .clone()
+            .or_else(|| Some(vec![p.chosen.clone()?, p.rejected.clone()?]))
+            .unwrap_or_default();
         *done.entry(key(&p.prompt, &responses)).or_insert(0) += 1;
     }
     Ok(done)
 }
 
 /// Append one answer and fsync, so it survives a crash the moment it is given.
-fn append(file: &mut std::fs::File, c: &Candidates, ranking: &Ranking, scores: Option<(&[f64], &str)>) -> Result<()> {
+fn append(
+    file: &mut std::fs::File,
+    c: &Candidates,
+    ranking: &Ranking,
+    scores: Option<(&[f64], &str)>,
+) -> Result<()> {
     let order = ranking.order();
     let line = PreferenceLine {
         prompt: c.prompt.clone(),
@@ -85,9 +97,16 @@ fn append(file: &mut std::fs::File, c: &Candidates, ranking: &Ranking, scores: O
 
 pub fn run(args: RankArgs) -> Result<()> {
     if args.input == args.out {
-        bail!("--out {}: must differ from --in (answers are appended to it)", args.out.display());
+        bail!(
+            "--out {}: must differ from --in (answers are appended to it)",
+            args.out.display()
+        );
     }
-    let judge = args.judge.as_deref().map(candor_judge::judge_by_name).transpose()?;
+    let judge = args
+        .judge
+        .as_deref()
+        .map(candor_judge::judge_by_name)
+        .transpose()?;
     let candidates = read_candidates(&args.input)?;
     let mut done = answered(&args.out)?;
     let todo: Vec<&(usize, Candidates)> = candidates
@@ -102,7 +121,12 @@ pub fn run(args: RankArgs) -> Result<()> {
         .collect();
     let already = candidates.len() - todo.len();
     if todo.is_empty() {
-        println!("rank: all {} prompts of {} are ranked in {}", candidates.len(), args.input.display(), args.out.display());
+        println!(
+            "rank: all {} prompts of {} are ranked in {}",
+            candidates.len(),
+            args.input.display(),
+            args.out.display()
+        );
         return Ok(());
     }
     let mut file = OpenOptions::new()
@@ -118,10 +142,18 @@ pub fn run(args: RankArgs) -> Result<()> {
                 let scores = c
                     .responses
                     .iter()
-                    .map(|r| judge.score(&c.prompt, r, c.reference.as_deref()))
+                    .map(|r| {
+                        candor_judge::score_with_reference(
+                            judge.as_ref(),
+                            &c.prompt,
+                            r,
+                            c.reference.as_deref(),
+                        )
+                    })
                     .collect::<candor_judge::Result<Vec<f64>>>()
                     .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", args.input.display()))?;
-                let ranking = rank_by_scores(&scores).map_err(|e| anyhow::anyhow!("{}:{line}: {e}", args.input.display()))?;
+                let ranking = rank_by_scores(&scores)
+                    .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", args.input.display()))?;
                 ties += (ranking.ties() > 0) as usize;
                 append(&mut file, c, &ranking, Some((&scores, judge.name())))?;
                 progress.set(n as u64 + 1, String::new());
@@ -140,7 +172,13 @@ pub fn run(args: RankArgs) -> Result<()> {
 }
 
 /// Ask a person, prompt by prompt, reading answers line by line from stdin.
-fn interactive(todo: &[&(usize, Candidates)], file: &mut std::fs::File, already: usize, total: usize, out: &Path) -> Result<()> {
+fn interactive(
+    todo: &[&(usize, Candidates)],
+    file: &mut std::fs::File,
+    already: usize,
+    total: usize,
+    out: &Path,
+) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut lines = std::io::stdin().lock().lines();
     writeln!(

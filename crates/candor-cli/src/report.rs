@@ -33,13 +33,20 @@ fn find_stages(root: &Path) -> Result<Vec<Stage>> {
         if let Some(meta) = CandorMeta::read(&dir)? {
             let id = dir.strip_prefix(root).unwrap_or(&dir).display().to_string();
             let metrics = MetricsLog::read(&dir, None)?;
-            out.push(Stage { id: if id.is_empty() { ".".into() } else { id }, dir, meta, metrics });
+            out.push(Stage {
+                id: if id.is_empty() { ".".into() } else { id },
+                dir,
+                meta,
+                metrics,
+            });
             continue;
         }
         if depth >= 2 {
             continue;
         }
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if e.path().is_dir() && !name.starts_with('.') {
@@ -48,7 +55,11 @@ fn find_stages(root: &Path) -> Result<Vec<Stage>> {
         }
     }
     // run order: by when each stage finished its work (mtime of candor.json)
-    out.sort_by_key(|s| std::fs::metadata(s.dir.join("candor.json")).and_then(|m| m.modified()).ok());
+    out.sort_by_key(|s| {
+        std::fs::metadata(s.dir.join("candor.json"))
+            .and_then(|m| m.modified())
+            .ok()
+    });
     Ok(out)
 }
 
@@ -60,11 +71,24 @@ fn series(m: &MetricsLog, key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
 
 /// One SVG line chart of named series.
-fn plot(path: &Path, title: &str, x_desc: &str, lines: &[(String, Vec<(f64, f64)>)]) -> Result<bool> {
-    let lines: Vec<&(String, Vec<(f64, f64)>)> = lines.iter().filter(|(_, s)| !s.is_empty()).collect();
+fn plot(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    lines: &[(String, Vec<(f64, f64)>)],
+) -> Result<bool> {
+    let lines: Vec<&(String, Vec<(f64, f64)>)> =
+        lines.iter().filter(|(_, s)| !s.is_empty()).collect();
     if lines.is_empty() {
         return Ok(false);
     }
@@ -95,12 +119,18 @@ fn plot(path: &Path, title: &str, x_desc: &str, lines: &[(String, Vec<(f64, f64)
             chart
                 .draw_series(LineSeries::new(s.iter().cloned(), c.stroke_width(2)))?
                 .label(name.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
             if s.len() < 12 {
                 chart.draw_series(s.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
             }
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
         Ok(())
     };
@@ -124,8 +154,22 @@ fn fmt(v: &Value) -> String {
 }
 
 const TABLE_KEYS: [&str; 16] = [
-    "loss", "eval_loss", "eval_ppl", "unigram_loss", "eval_accuracy", "eval_margin", "reward_mean", "reward_std",
-    "reward_raw_mean", "kl", "kl_coef", "judge_score_initial", "judge_score", "entropy", "response_len", "params",
+    "loss",
+    "eval_loss",
+    "eval_ppl",
+    "unigram_loss",
+    "eval_accuracy",
+    "eval_margin",
+    "reward_mean",
+    "reward_std",
+    "reward_raw_mean",
+    "kl",
+    "kl_coef",
+    "judge_score_initial",
+    "judge_score",
+    "entropy",
+    "response_len",
+    "params",
 ];
 
 pub fn run(args: ReportArgs) -> Result<()> {
@@ -135,13 +179,19 @@ pub fn run(args: ReportArgs) -> Result<()> {
     }
     let stages = find_stages(root)?;
     if stages.is_empty() {
-        bail!("{}: no checkpoints (candor.json) found in this directory or two levels below", root.display());
+        bail!(
+            "{}: no checkpoints (candor.json) found in this directory or two levels below",
+            root.display()
+        );
     }
     let plots = root.join("plots");
     std::fs::create_dir_all(&plots).with_context(|| plots.display().to_string())?;
     let mut md = String::new();
     writeln!(md, "# candor run report: {}\n", root.display())?;
-    writeln!(md, "| stage | kind | head | steps | time (s) | tokens | complete |")?;
+    writeln!(
+        md,
+        "| stage | kind | head | steps | time (s) | tokens | complete |"
+    )?;
     writeln!(md, "|---|---|---|---:|---:|---:|---|")?;
     let mut total = 0.0;
     for s in &stages {
@@ -149,14 +199,33 @@ pub fn run(args: ReportArgs) -> Result<()> {
         writeln!(
             md,
             "| {} | {} | {} | {}/{} | {:.1} | {} | {} |",
-            s.id, s.meta.stage, s.meta.head, s.meta.step, s.meta.total_steps, s.meta.elapsed_sec, s.meta.tokens, s.meta.complete
+            s.id,
+            s.meta.stage,
+            s.meta.head,
+            s.meta.step,
+            s.meta.total_steps,
+            s.meta.elapsed_sec,
+            s.meta.tokens,
+            s.meta.complete
         )?;
     }
     writeln!(md, "\nTotal training time {total:.1} s.\n")?;
     for s in &stages {
         writeln!(md, "## {} ({})\n", s.id, s.meta.stage)?;
         if !s.meta.parents.is_empty() {
-            let parents: Vec<String> = s.meta.parents.iter().map(|p| format!("{} = `{}` ({})", p.role, p.path, &p.content_hash[..19.min(p.content_hash.len())])).collect();
+            let parents: Vec<String> = s
+                .meta
+                .parents
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} = `{}` ({})",
+                        p.role,
+                        p.path,
+                        &p.content_hash[..19.min(p.content_hash.len())]
+                    )
+                })
+                .collect();
             writeln!(md, "From {}.\n", parents.join(", "))?;
         }
         writeln!(md, "| metric | final |\n|---|---:|")?;
@@ -171,7 +240,14 @@ pub fn run(args: ReportArgs) -> Result<()> {
         let kind = s.meta.stage.as_str();
         let charts: Vec<(&str, &str, Vec<&str>)> = match kind {
             "pretrain" | "sft" => vec![("loss", "loss", vec!["loss", "eval_loss"])],
-            "reward" => vec![("loss", "loss", vec!["loss", "eval_loss"]), ("accuracy", "held-out pairwise accuracy", vec!["eval_accuracy"])],
+            "reward" => vec![
+                ("loss", "loss", vec!["loss", "eval_loss"]),
+                (
+                    "accuracy",
+                    "held-out pairwise accuracy",
+                    vec!["eval_accuracy"],
+                ),
+            ],
             "ppo" => vec![
                 ("reward", "reward", vec!["reward_mean", "reward_raw_mean"]),
                 ("kl", "KL to the reference", vec!["kl"]),
@@ -180,7 +256,10 @@ pub fn run(args: ReportArgs) -> Result<()> {
             _ => vec![],
         };
         for (name, title, keys) in charts {
-            let lines: Vec<(String, Vec<(f64, f64)>)> = keys.iter().map(|k| (k.to_string(), series(&s.metrics, k))).collect();
+            let lines: Vec<(String, Vec<(f64, f64)>)> = keys
+                .iter()
+                .map(|k| (k.to_string(), series(&s.metrics, k)))
+                .collect();
             let file = plots.join(format!("{slug}-{name}.svg"));
             let x = if kind == "ppo" { "iteration" } else { "step" };
             if plot(&file, &format!("{} — {title}", s.id), x, &lines)? {
@@ -207,10 +286,19 @@ fn side_by_side(md: &mut String, ppo_dir: &Path) -> Result<()> {
     if samples.records.is_empty() {
         return Ok(());
     }
-    let last_step = samples.records.iter().filter_map(|r| r.get("step")?.as_u64()).max().unwrap_or(0);
+    let last_step = samples
+        .records
+        .iter()
+        .filter_map(|r| r.get("step")?.as_u64())
+        .max()
+        .unwrap_or(0);
     let mut by_prompt: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
     for r in &samples.records {
-        let (Some(step), Some(p), Some(resp)) = (r.get("step").and_then(Value::as_u64), r.get("prompt").and_then(Value::as_str), r.get("response").and_then(Value::as_str)) else {
+        let (Some(step), Some(p), Some(resp)) = (
+            r.get("step").and_then(Value::as_u64),
+            r.get("prompt").and_then(Value::as_str),
+            r.get("response").and_then(Value::as_str),
+        ) else {
             continue;
         };
         let e = by_prompt.entry(p.to_string()).or_default();
@@ -223,13 +311,33 @@ fn side_by_side(md: &mut String, ppo_dir: &Path) -> Result<()> {
     let meta = CandorMeta::read(ppo_dir)?;
     let judge = meta
         .as_ref()
-        .and_then(|m| m.config.get("eval").and_then(|e| e.get("judge")).and_then(Value::as_str).map(String::from))
-        .or_else(|| meta.as_ref().and_then(|m| m.config.get("score")?.get("judge")?.as_str().map(String::from)));
+        .and_then(|m| {
+            m.config
+                .get("eval")
+                .and_then(|e| e.get("judge"))
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .or_else(|| {
+            meta.as_ref().and_then(|m| {
+                m.config
+                    .get("score")?
+                    .get("judge")?
+                    .as_str()
+                    .map(String::from)
+            })
+        });
     let judge = judge.and_then(|j| candor_judge::judge_by_name(&j).ok());
-    writeln!(md, "### SFT vs PPO on held-out prompts (iteration 0 vs {last_step})\n")?;
+    writeln!(
+        md,
+        "### SFT vs PPO on held-out prompts (iteration 0 vs {last_step})\n"
+    )?;
     let judged = judge.is_some();
     if judged {
-        writeln!(md, "| prompt | SFT policy | judge | PPO policy | judge |\n|---|---|---:|---|---:|")?;
+        writeln!(
+            md,
+            "| prompt | SFT policy | judge | PPO policy | judge |\n|---|---|---:|---|---:|"
+        )?;
     } else {
         writeln!(md, "| prompt | SFT policy | PPO policy |\n|---|---|---|")?;
     }
@@ -238,9 +346,19 @@ fn side_by_side(md: &mut String, ppo_dir: &Path) -> Result<()> {
         let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
         match &judge {
             Some(j) => {
-                let sa = j.score(&p, &a, None).map(|x| format!("{x:+.3}")).unwrap_or_default();
-                let sb = j.score(&p, &b, None).map(|x| format!("{x:+.3}")).unwrap_or_default();
-                writeln!(md, "| {} | {} | {sa} | {} | {sb} |", cell(&p), cell(&a), cell(&b))?;
+                let sa = candor_judge::score_with_reference(j.as_ref(), &p, &a, None)
+                    .map(|x| format!("{x:+.3}"))
+                    .unwrap_or_default();
+                let sb = candor_judge::score_with_reference(j.as_ref(), &p, &b, None)
+                    .map(|x| format!("{x:+.3}"))
+                    .unwrap_or_default();
+                writeln!(
+                    md,
+                    "| {} | {} | {sa} | {} | {sb} |",
+                    cell(&p),
+                    cell(&a),
+                    cell(&b)
+                )?;
             }
             None => writeln!(md, "| {} | {} | {} |", cell(&p), cell(&a), cell(&b))?,
         }

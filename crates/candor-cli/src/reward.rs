@@ -26,12 +26,20 @@ pub fn run(args: RewardArgs) -> Result<()> {
         print!("{}", serde_yaml::to_string(&cfg)?);
         return Ok(());
     }
-    let Some(opts) = crate::stage::run_options(c, "reward")? else { return Ok(()) };
+    let Some(opts) = crate::stage::run_options(c, "reward")? else {
+        return Ok(());
+    };
     let meta = candor_reward::run(&cfg, &opts)?;
     if !opts.dist.is_main() {
         return Ok(());
     }
-    let m = |k: &str| meta.metrics.get(k).and_then(|v| v.as_f64()).map(|v| format!("{v:.4}")).unwrap_or("-".into());
+    let m = |k: &str| {
+        meta.metrics
+            .get(k)
+            .and_then(|v| v.as_f64())
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or("-".into())
+    };
     println!(
         "reward: {} (step {}, eval_accuracy {}, eval_margin {}, reward_mean {}, reward_std {})",
         opts.out.display(),

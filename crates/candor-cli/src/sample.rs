@@ -55,7 +55,10 @@ pub struct SampleArgs {
 
 pub fn run(args: SampleArgs) -> Result<()> {
     if args.k < 2 {
-        bail!("--k {}: a ranking needs at least 2 responses per prompt", args.k);
+        bail!(
+            "--k {}: a ranking needs at least 2 responses per prompt",
+            args.k
+        );
     }
     if args.temperature <= 0.0 {
         bail!("--temperature {}: greedy decoding gives the same response every time; use a temperature above 0", args.temperature);
@@ -71,7 +74,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let model_dir = candor_model::resolve_model_dir(&args.model)?;
     let config = candor_model::io::read_config(&model_dir)?;
     if config.head() != Head::Lm {
-        bail!("{}: has a score head (a reward model); sample from a language model (`lm` head)", args.model.display());
+        bail!(
+            "{}: has a score head (a reward model); sample from a language model (`lm` head)",
+            args.model.display()
+        );
     }
     let model = candor_model::io::load_frozen(&model_dir, &dev)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
@@ -104,7 +110,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
     };
     let total = (ids.len() * args.k) as u64;
     let progress = Progress::new("sample", total, 0);
-    progress.log(&format!("{} prompts x {} responses from {}", ids.len(), args.k, args.model.display()));
+    progress.log(&format!(
+        "{} prompts x {} responses from {}",
+        ids.len(),
+        args.k,
+        args.model.display()
+    ));
     let mut rng = Rng::new(args.seed);
     let drawn = sample_candidates(&model, &tok, &ids, &params, &mut rng, &mut |done, _| {
         progress.set((done as u64).min(total), String::new())
@@ -114,14 +125,23 @@ pub fn run(args: SampleArgs) -> Result<()> {
     // write to a temporary sibling, then rename: a killed run leaves no half-written file
     let tmp = args.out.with_file_name(format!(
         ".{}.tmp-{}",
-        args.out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        args.out
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
         std::process::id()
     ));
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?);
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?,
+    );
     let (mut written, mut short, mut dropped) = (0, 0, 0);
     for ((line, p), responses) in prompts.iter().zip(drawn.responses) {
         if responses.len() < args.k {
-            let what = if responses.len() < 2 { "dropped" } else { "kept" };
+            let what = if responses.len() < 2 {
+                "dropped"
+            } else {
+                "kept"
+            };
             eprintln!(
                 "[sample] warning: {}:{line}: only {} distinct response(s) of {} after {} resampling rounds; {what}",
                 args.prompts.display(),
@@ -135,7 +155,11 @@ pub fn run(args: SampleArgs) -> Result<()> {
             }
             short += 1;
         }
-        let c = Candidates { prompt: p.prompt.clone(), responses, reference: p.reference.clone() };
+        let c = Candidates {
+            prompt: p.prompt.clone(),
+            responses,
+            reference: p.reference.clone(),
+        };
         writeln!(w, "{}", serde_json::to_string(&c)?)?;
         written += 1;
     }
@@ -147,8 +171,16 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "sample: {written} prompts -> {} ({} duplicate responses redrawn{}{})",
         args.out.display(),
         drawn.duplicates,
-        if short > 0 { format!(", {short} prompts with fewer than {}", args.k) } else { String::new() },
-        if dropped > 0 { format!(", {dropped} dropped") } else { String::new() }
+        if short > 0 {
+            format!(", {short} prompts with fewer than {}", args.k)
+        } else {
+            String::new()
+        },
+        if dropped > 0 {
+            format!(", {dropped} dropped")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

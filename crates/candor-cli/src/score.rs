@@ -45,8 +45,14 @@ pub fn run(args: ScoreArgs) -> Result<()> {
             (Some(r), None) => vec![r.clone()],
             (None, Some(rs)) if !rs.is_empty() => rs.clone(),
             (None, Some(_)) => bail!("{}:{n}: `responses` is empty", args.data.display()),
-            (Some(_), Some(_)) => bail!("{}:{n}: give `response` or `responses`, not both", args.data.display()),
-            (None, None) => bail!("{}:{n}: expected `response` (or `responses`) beside `prompt`", args.data.display()),
+            (Some(_), Some(_)) => bail!(
+                "{}:{n}: give `response` or `responses`, not both",
+                args.data.display()
+            ),
+            (None, None) => bail!(
+                "{}:{n}: expected `response` (or `responses`) beside `prompt`",
+                args.data.display()
+            ),
         };
         items.push((*n, responses));
     }
@@ -54,8 +60,11 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         bail!("{}: no lines to score", args.data.display());
     }
     let rm = RewardModel::load(&candor_model::resolve_model_dir(&args.model)?, &dev)?;
-    let pairs: Vec<(&str, &str)> =
-        lines.iter().zip(&items).flat_map(|((_, l), (_, rs))| rs.iter().map(move |r| (l.prompt.as_str(), r.as_str()))).collect();
+    let pairs: Vec<(&str, &str)> = lines
+        .iter()
+        .zip(&items)
+        .flat_map(|((_, l), (_, rs))| rs.iter().map(move |r| (l.prompt.as_str(), r.as_str())))
+        .collect();
     let rewards = rm.score(&pairs, args.batch_size.max(1))?;
     let mut out = std::io::stdout().lock();
     let mut next = rewards.iter();
@@ -77,7 +86,11 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     }
     if !args.json {
         let (mean, std) = candor_reward::mean_std(&rewards);
-        writeln!(out, "score: {} responses, reward mean {mean:.4}, std {std:.4}", rewards.len())?;
+        writeln!(
+            out,
+            "score: {} responses, reward mean {mean:.4}, std {std:.4}",
+            rewards.len()
+        )?;
     }
     Ok(())
 }

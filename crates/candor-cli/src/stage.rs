@@ -44,7 +44,10 @@ pub fn run_options(c: &CommonStage, stage: &str) -> Result<Option<RunOptions>> {
     }
     let (device, dist) = launch::join(&c.device)?;
     Ok(Some(RunOptions {
-        out: c.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(stage)),
+        out: c
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(stage)),
         device,
         resume: c.resume,
         overwrite: c.overwrite,
@@ -62,7 +65,10 @@ fn print_summary(stage: &str, opts: &RunOptions, meta: &CandorMeta) {
         "{stage}: {} (step {}, eval_loss {})",
         opts.out.display(),
         meta.step,
-        meta.metrics.get("eval_loss").map(|v| format!("{:.4}", v.as_f64().unwrap_or(f64::NAN))).unwrap_or("-".into())
+        meta.metrics
+            .get("eval_loss")
+            .map(|v| format!("{:.4}", v.as_f64().unwrap_or(f64::NAN)))
+            .unwrap_or("-".into())
     );
 }
 
@@ -72,7 +78,9 @@ pub fn pretrain(args: StageArgs) -> Result<()> {
     if c.show_config {
         return print_config(&cfg);
     }
-    let Some(opts) = run_options(c, "pretrain")? else { return Ok(()) };
+    let Some(opts) = run_options(c, "pretrain")? else {
+        return Ok(());
+    };
     let meta = candor_pretrain::run(&cfg, &opts)?;
     print_summary("pretrain", &opts, &meta);
     Ok(())
@@ -87,7 +95,9 @@ pub fn sft(args: SftArgs) -> Result<()> {
     if c.show_config {
         return print_config(&cfg);
     }
-    let Some(opts) = run_options(c, "sft")? else { return Ok(()) };
+    let Some(opts) = run_options(c, "sft")? else {
+        return Ok(());
+    };
     let meta = candor_sft::run(&cfg, &opts)?;
     print_summary("sft", &opts, &meta);
     Ok(())

@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Subcommand;
 use candor_data::text::read_corpus;
 use candor_data::Tokenizer;
+use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum TokenizerCommand {
@@ -38,16 +38,27 @@ pub enum TokenizerCommand {
 /// The directory of an `--out .../tokenizer.json`, created.
 fn out_dir(out: &std::path::Path) -> Result<PathBuf> {
     if out.file_name().and_then(|n| n.to_str()) != Some("tokenizer.json") {
-        anyhow::bail!("{}: --out must name a file called tokenizer.json", out.display());
+        anyhow::bail!(
+            "{}: --out must name a file called tokenizer.json",
+            out.display()
+        );
     }
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| ".".into());
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ".".into());
     std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
     Ok(dir)
 }
 
 pub fn run(cmd: TokenizerCommand) -> Result<()> {
     match cmd {
-        TokenizerCommand::Train { corpus, vocab_size, out } => {
+        TokenizerCommand::Train {
+            corpus,
+            vocab_size,
+            out,
+        } => {
             let docs = read_corpus(&corpus)?;
             let tok = Tokenizer::train(docs.iter().map(String::as_str), vocab_size)?;
             tok.save(&out_dir(&out)?)?;
@@ -58,7 +69,13 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             let dir = out_dir(&out)?;
             let tok = candor_data::convert::from_gpt2_files(&vocab, &merges)?;
             tok.save(&dir)?;
-            println!("tokenizer: {} ({} tokens, from {} and {})", out.display(), tok.vocab_size(), vocab.display(), merges.display());
+            println!(
+                "tokenizer: {} ({} tokens, from {} and {})",
+                out.display(),
+                tok.vocab_size(),
+                vocab.display(),
+                merges.display()
+            );
             Ok(())
         }
     }

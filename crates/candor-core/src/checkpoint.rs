@@ -106,7 +106,10 @@ impl CandorMeta {
         let text = fs::read_to_string(&path).map_err(io_err(&path))?;
         serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| Error::Checkpoint { path, msg: format!("not a valid candor.json: {e}") })
+            .map_err(|e| Error::Checkpoint {
+                path,
+                msg: format!("not a valid candor.json: {e}"),
+            })
     }
 
     /// Hash the model files in `dir` into `content_hash`, then write `candor.json` there.
@@ -123,7 +126,11 @@ impl CandorMeta {
 pub fn parent_ref(role: &str, dir: &Path) -> Result<ParentRef> {
     let hash = content_hash(dir)?;
     let path = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    Ok(ParentRef { role: role.to_string(), path: path.display().to_string(), content_hash: hash })
+    Ok(ParentRef {
+        role: role.to_string(),
+        path: path.display().to_string(),
+        content_hash: hash,
+    })
 }
 
 /// The files whose bytes define a model: top-level `*.json` and `*.safetensors` except the
@@ -136,7 +143,10 @@ fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let name = entry.file_name().to_string_lossy().to_string();
         // follows symlinks: a Hugging Face cache snapshot links its files to blobs/
         let is_file = entry.path().is_file();
-        if is_file && name != META_FILE && (name.ends_with(".json") || name.ends_with(".safetensors")) {
+        if is_file
+            && name != META_FILE
+            && (name.ends_with(".json") || name.ends_with(".safetensors"))
+        {
             files.push(entry.path());
         }
     }
@@ -148,7 +158,10 @@ fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn content_hash(dir: &Path) -> Result<String> {
     let files = model_files(dir)?;
     if files.is_empty() {
-        return Err(Error::Checkpoint { path: dir.to_path_buf(), msg: "no model files (config.json, *.safetensors) to hash".into() });
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: "no model files (config.json, *.safetensors) to hash".into(),
+        });
     }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -168,7 +181,13 @@ pub fn content_hash(dir: &Path) -> Result<String> {
         }
     }
     let digest = hasher.finalize();
-    Ok(format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+    Ok(format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
 }
 
 /// Writes a checkpoint directory atomically: files go into a temporary sibling
@@ -183,7 +202,10 @@ pub struct CheckpointWriter {
 fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
     let name = dir
         .file_name()
-        .ok_or_else(|| Error::Checkpoint { path: dir.to_path_buf(), msg: "checkpoint path has no directory name".into() })?
+        .ok_or_else(|| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: "checkpoint path has no directory name".into(),
+        })?
         .to_string_lossy()
         .to_string();
     let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -198,7 +220,11 @@ impl CheckpointWriter {
             fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         }
         fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
-        Ok(CheckpointWriter { final_dir: final_dir.to_path_buf(), tmp_dir, committed: false })
+        Ok(CheckpointWriter {
+            final_dir: final_dir.to_path_buf(),
+            tmp_dir,
+            committed: false,
+        })
     }
 
     /// Where to write the checkpoint's files.
@@ -245,26 +271,39 @@ fn fsync_tree(dir: &Path) -> Result<()> {
         if entry.file_type().map_err(io_err(&path))?.is_dir() {
             fsync_tree(&path)?;
         } else {
-            fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&path))?;
         }
     }
-    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// A kill between the two renames of a commit leaves the previous checkpoint at
 /// `.<name>.old-<pid>` and nothing at `<name>`: put it back. Stale temporaries of dead
 /// writers are removed.
 pub fn recover_interrupted(final_dir: &Path) -> Result<()> {
-    let Some(name) = final_dir.file_name().map(|n| n.to_string_lossy().to_string()) else { return Ok(()) };
+    let Some(name) = final_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+    else {
+        return Ok(());
+    };
     let parent = match final_dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let Ok(entries) = fs::read_dir(&parent) else { return Ok(()) };
+    let Ok(entries) = fs::read_dir(&parent) else {
+        return Ok(());
+    };
     let me = std::process::id();
     for entry in entries.flatten() {
         let fname = entry.file_name().to_string_lossy().to_string();
-        let Some(rest) = fname.strip_prefix(&format!(".{name}.")) else { continue };
+        let Some(rest) = fname.strip_prefix(&format!(".{name}.")) else {
+            continue;
+        };
         let (tag, pid) = rest.split_once('-').unwrap_or((rest, ""));
         if pid.parse::<u32>().ok() == Some(me) || !pid_is_dead(pid) {
             continue;
@@ -289,10 +328,16 @@ fn pid_is_dead(pid: &str) -> bool {
 /// Fail with a message naming `dir` unless it holds a loadable model (config.json and weights).
 pub fn require_model_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
-        return Err(Error::Checkpoint { path: dir.to_path_buf(), msg: "no such checkpoint directory".into() });
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: "no such checkpoint directory".into(),
+        });
     }
     if !dir.join("config.json").is_file() {
-        return Err(Error::Checkpoint { path: dir.to_path_buf(), msg: "not a checkpoint: config.json is missing".into() });
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: "not a checkpoint: config.json is missing".into(),
+        });
     }
     Ok(())
 }
@@ -321,7 +366,10 @@ mod tests {
         let w = CheckpointWriter::begin(&dir).unwrap();
         fs::write(w.path().join("config.json"), "{\"a\":1}").unwrap();
         w.commit().unwrap();
-        assert_eq!(fs::read_to_string(dir.join("config.json")).unwrap(), "{\"a\":1}");
+        assert_eq!(
+            fs::read_to_string(dir.join("config.json")).unwrap(),
+            "{\"a\":1}"
+        );
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 

@@ -29,7 +29,10 @@ pub fn parse_yaml(text: &str, origin: &str) -> Result<Value> {
             .location()
             .map(|l| format!(":{}:{}", l.line(), l.column()))
             .unwrap_or_default();
-        Error::Config { path: format!("{origin}{at}"), msg: format!("malformed YAML: {}", strip_location(&e.to_string())) }
+        Error::Config {
+            path: format!("{origin}{at}"),
+            msg: format!("malformed YAML: {}", strip_location(&e.to_string())),
+        }
     })?;
     Ok(match value {
         Value::Null => Value::Mapping(Default::default()),
@@ -54,10 +57,17 @@ pub fn apply_overrides(value: &mut Value, overrides: &[String], origin: &str) ->
         })?;
         let key = key.trim();
         if key.is_empty() || key.split('.').any(str::is_empty) {
-            return Err(Error::Config { path: origin.to_string(), msg: format!("--set `{ov}`: empty key segment") });
+            return Err(Error::Config {
+                path: origin.to_string(),
+                msg: format!("--set `{ov}`: empty key segment"),
+            });
         }
-        let new: Value = serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
-        set_path(value, key, new).map_err(|msg| Error::Config { path: origin.to_string(), msg: format!("--set `{ov}`: {msg}") })?;
+        let new: Value =
+            serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+        set_path(value, key, new).map_err(|msg| Error::Config {
+            path: origin.to_string(),
+            msg: format!("--set `{ov}`: {msg}"),
+        })?;
     }
     Ok(())
 }
@@ -81,9 +91,13 @@ pub fn set_path(root: &mut Value, key: &str, new: Value) -> std::result::Result<
                 map.entry(k).or_insert(Value::Null)
             }
             Value::Sequence(seq) => {
-                let idx: usize = part.parse().map_err(|_| format!("`{part}` indexes a list and must be a number"))?;
+                let idx: usize = part
+                    .parse()
+                    .map_err(|_| format!("`{part}` indexes a list and must be a number"))?;
                 let len = seq.len();
-                let slot = seq.get_mut(idx).ok_or_else(|| format!("index {idx} is past the list's end ({len} items)"))?;
+                let slot = seq
+                    .get_mut(idx)
+                    .ok_or_else(|| format!("index {idx} is past the list's end ({len} items)"))?;
                 if last {
                     *slot = new;
                     return Ok(());
@@ -102,7 +116,11 @@ pub fn from_value<T: DeserializeOwned>(value: Value, origin: &str) -> Result<T> 
     serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
         let path = e.path().to_string();
         let msg = strip_location(&e.inner().to_string());
-        let path = if path == "." { origin.to_string() } else { format!("{origin}: {path}") };
+        let path = if path == "." {
+            origin.to_string()
+        } else {
+            format!("{origin}: {path}")
+        };
         Error::Config { path, msg }
     })
 }
@@ -133,7 +151,10 @@ mod tests {
     }
     impl Default for Train {
         fn default() -> Self {
-            Train { lr: 1e-3, steps: 10 }
+            Train {
+                lr: 1e-3,
+                steps: 10,
+            }
         }
     }
     #[derive(Debug, Deserialize, Serialize, PartialEq, Default)]
@@ -159,7 +180,11 @@ mod tests {
 
     #[test]
     fn overrides_set_nested_keys_with_yaml_types() {
-        let s = load_str("train: {lr: 0.1}\n", &["train.steps=7", "train.lr=2e-3", "name=abc"]).unwrap();
+        let s = load_str(
+            "train: {lr: 0.1}\n",
+            &["train.steps=7", "train.lr=2e-3", "name=abc"],
+        )
+        .unwrap();
         assert_eq!(s.train.steps, 7);
         assert_eq!(s.train.lr, 2e-3);
         assert_eq!(s.name, "abc");
@@ -167,7 +192,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_path() {
-        let e = load_str("train: {lrr: 0.1}\n", &[]).unwrap_err().to_string();
+        let e = load_str("train: {lrr: 0.1}\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("cfg.yaml: train"), "{e}");
         assert!(e.contains("unknown field `lrr`"), "{e}");
         let e = load_str("", &["train.nope=1"]).unwrap_err().to_string();
@@ -176,13 +203,17 @@ mod tests {
 
     #[test]
     fn wrong_type_is_named_with_its_path() {
-        let e = load_str("train: {steps: many}\n", &[]).unwrap_err().to_string();
+        let e = load_str("train: {steps: many}\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("train.steps"), "{e}");
     }
 
     #[test]
     fn malformed_yaml_names_line() {
-        let e = load_str("train: {lr: 0.1\nname: [\n", &[]).unwrap_err().to_string();
+        let e = load_str("train: {lr: 0.1\nname: [\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("cfg.yaml:"), "{e}");
         assert!(e.contains("malformed YAML"), "{e}");
     }
@@ -191,13 +222,17 @@ mod tests {
     fn bad_override_syntax_is_rejected() {
         let e = load_str("", &["train.lr"]).unwrap_err().to_string();
         assert!(e.contains("expected key.path=value"), "{e}");
-        let e = load_str("name: x\n", &["name.sub=1"]).unwrap_err().to_string();
+        let e = load_str("name: x\n", &["name.sub=1"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a mapping"), "{e}");
     }
 
     #[test]
     fn missing_file_is_named() {
-        let e = load::<Stage>(Path::new("/nonexistent/cfg.yaml"), &[]).unwrap_err().to_string();
+        let e = load::<Stage>(Path::new("/nonexistent/cfg.yaml"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("/nonexistent/cfg.yaml: cannot read"), "{e}");
     }
 }

@@ -50,8 +50,13 @@ impl MetricsLog {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Map<String, Value> = serde_json::from_str(line)
-                .map_err(|e| Error::Msg(format!("{}:{}: not a JSON object: {e}", path.display(), i + 1)))?;
+            let v: Map<String, Value> = serde_json::from_str(line).map_err(|e| {
+                Error::Msg(format!(
+                    "{}:{}: not a JSON object: {e}",
+                    path.display(),
+                    i + 1
+                ))
+            })?;
             let step = v.get("step").and_then(Value::as_u64).unwrap_or(0);
             if max_step.is_none_or(|m| step <= m) {
                 records.push(v);
@@ -76,11 +81,16 @@ impl MetricsLog {
 
     /// The last value logged under `key`.
     pub fn last(&self, key: &str) -> Option<f64> {
-        self.records.iter().rev().find_map(|r| r.get(key).and_then(Value::as_f64))
+        self.records
+            .iter()
+            .rev()
+            .find_map(|r| r.get(key).and_then(Value::as_f64))
     }
 
     /// The first value logged under `key`.
     pub fn first(&self, key: &str) -> Option<f64> {
-        self.records.iter().find_map(|r| r.get(key).and_then(Value::as_f64))
+        self.records
+            .iter()
+            .find_map(|r| r.get(key).and_then(Value::as_f64))
     }
 }

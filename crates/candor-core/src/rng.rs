@@ -21,7 +21,14 @@ fn splitmix64(x: &mut u64) -> u64 {
 impl Rng {
     pub fn new(seed: u64) -> Self {
         let mut x = seed;
-        Rng { s: [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)] }
+        Rng {
+            s: [
+                splitmix64(&mut x),
+                splitmix64(&mut x),
+                splitmix64(&mut x),
+                splitmix64(&mut x),
+            ],
+        }
     }
 
     /// An independent stream derived from this seed and a label (e.g. "init", "data").
@@ -86,7 +93,10 @@ mod tests {
         let saved = serde_json::to_string(&a).unwrap();
         let mut c: Rng = serde_json::from_str(&saved).unwrap();
         assert_eq!(a.next_u64(), c.next_u64());
-        assert_ne!(Rng::derive(7, "a").next_u64(), Rng::derive(7, "b").next_u64());
+        assert_ne!(
+            Rng::derive(7, "a").next_u64(),
+            Rng::derive(7, "b").next_u64()
+        );
     }
 
     #[test]
@@ -96,13 +106,19 @@ mod tests {
         let xs: Vec<f64> = (0..n).map(|_| r.normal()).collect();
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.02, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+            "{mean} {var}"
+        );
         let u: f64 = (0..n).map(|_| r.uniform()).sum::<f64>() / n as f64;
         assert!((u - 0.5).abs() < 0.01);
         let mut counts = [0usize; 3];
         for _ in 0..30_000 {
             counts[r.below(3)] += 1;
         }
-        assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

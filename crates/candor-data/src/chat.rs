@@ -21,7 +21,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -39,15 +42,36 @@ fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
 
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Self {
-        ChatTemplate { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() }
+        ChatTemplate {
+            source: source.into(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        }
     }
 
     /// The tokenizer's own template, or the default ChatML one.
     pub fn for_tokenizer(tok: &Tokenizer) -> Self {
-        let source = tok.config.chat_template().unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
-        let bos = tok.config.bos_token.as_ref().map(|t| t.content().to_string()).unwrap_or_default();
-        let eos = tok.config.eos_token.as_ref().map(|t| t.content().to_string()).unwrap_or_default();
-        ChatTemplate { source, bos_token: bos, eos_token: eos }
+        let source = tok
+            .config
+            .chat_template()
+            .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
+        let bos = tok
+            .config
+            .bos_token
+            .as_ref()
+            .map(|t| t.content().to_string())
+            .unwrap_or_default();
+        let eos = tok
+            .config
+            .eos_token
+            .as_ref()
+            .map(|t| t.content().to_string())
+            .unwrap_or_default();
+        ChatTemplate {
+            source,
+            bos_token: bos,
+            eos_token: eos,
+        }
     }
 
     /// Render a conversation; with `add_generation_prompt`, end with the assistant header.
@@ -60,7 +84,8 @@ impl ChatTemplate {
             let _ = fmt;
             "26 Jul 2024".to_string()
         });
-        env.add_template("chat", &self.source).map_err(|e| Error::Msg(format!("chat template does not parse: {e}")))?;
+        env.add_template("chat", &self.source)
+            .map_err(|e| Error::Msg(format!("chat template does not parse: {e}")))?;
         let tmpl = env.get_template("chat").expect("just added");
         tmpl.render(context! {
             messages => messages,
@@ -142,12 +167,23 @@ mod tests {
     /// `scripts/make_chat_template_fixture.py`.
     #[test]
     fn renders_match_transformers_apply_chat_template() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/chat_templates.json");
-        let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/chat_templates.json"
+        );
+        let cases: Vec<Case> =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert!(cases.len() >= 12);
-        assert!(cases.iter().any(|c| c.name.starts_with("llama3")) && cases.iter().any(|c| c.messages.len() >= 4));
+        assert!(
+            cases.iter().any(|c| c.name.starts_with("llama3"))
+                && cases.iter().any(|c| c.messages.len() >= 4)
+        );
         for c in &cases {
-            let t = ChatTemplate::new(&c.template, c.bos_token.as_deref().unwrap_or(""), c.eos_token.as_deref().unwrap_or(""));
+            let t = ChatTemplate::new(
+                &c.template,
+                c.bos_token.as_deref().unwrap_or(""),
+                c.eos_token.as_deref().unwrap_or(""),
+            );
             let got = t.render(&c.messages, c.add_generation_prompt).unwrap();
             assert_eq!(got, c.expected, "{}", c.name);
         }
@@ -166,7 +202,11 @@ mod tests {
         let segs = t.segments(&msgs).unwrap();
         let joined: String = segs.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(joined, t.render(&msgs, false).unwrap());
-        let trained: Vec<&str> = segs.iter().filter(|(_, a)| *a).map(|(s, _)| s.as_str()).collect();
+        let trained: Vec<&str> = segs
+            .iter()
+            .filter(|(_, a)| *a)
+            .map(|(s, _)| s.as_str())
+            .collect();
         assert_eq!(trained, vec!["4<|im_end|>\n", "6<|im_end|>\n"]);
         assert!(segs[0].0.ends_with("<|im_start|>assistant\n") && !segs[0].1);
     }
@@ -177,6 +217,10 @@ mod tests {
         let e = t.render(&[], false).unwrap_err().to_string();
         assert!(e.contains("roles must alternate"), "{e}");
         let t = ChatTemplate::new("{% for %}", "", "");
-        assert!(t.render(&[], false).unwrap_err().to_string().contains("does not parse"));
+        assert!(t
+            .render(&[], false)
+            .unwrap_err()
+            .to_string()
+            .contains("does not parse"));
     }
 }

@@ -47,21 +47,33 @@ pub fn gguf_pre_tokenizer(pre: Option<&str>) -> Option<bool> {
 impl ByteLevelBpe {
     /// Build the `tokenizers` tokenizer (special tokens registered as added tokens).
     pub fn build(&self) -> Result<tokenizers::Tokenizer> {
-        let vocab: Vocab = self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: Vocab = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         if vocab.len() != self.tokens.len() {
             return Err(Error::Msg("vocabulary has duplicate tokens".into()));
         }
         let mut merges = Vec::with_capacity(self.merges.len());
         for (i, m) in self.merges.iter().enumerate() {
             let Some((a, b)) = m.split_once(' ') else {
-                return Err(Error::Msg(format!("merge {} `{m}` is not two tokens separated by a space", i + 1)));
+                return Err(Error::Msg(format!(
+                    "merge {} `{m}` is not two tokens separated by a space",
+                    i + 1
+                )));
             };
             merges.push((a.to_string(), b.to_string()));
         }
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
-            .map_err(|e| Error::Tokenizer(format!("BPE vocabulary and merges do not fit together: {e}")))?;
+            .map_err(|e| {
+                Error::Tokenizer(format!(
+                    "BPE vocabulary and merges do not fit together: {e}"
+                ))
+            })?;
         let mut tok = tokenizers::Tokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
         if self.individual_digits {
@@ -72,9 +84,13 @@ impl ByteLevelBpe {
         }
         tok.with_decoder(Some(ByteLevel::default()));
         tok.with_post_processor(Some(ByteLevel::new(true, false, true)));
-        let specials: Vec<AddedToken> =
-            self.special_ids.iter().map(|&i| AddedToken::from(self.tokens[i as usize].clone(), true)).collect();
-        tok.add_special_tokens(specials).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let specials: Vec<AddedToken> = self
+            .special_ids
+            .iter()
+            .map(|&i| AddedToken::from(self.tokens[i as usize].clone(), true))
+            .collect();
+        tok.add_special_tokens(specials)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(tok)
     }
 }
@@ -82,21 +98,35 @@ impl ByteLevelBpe {
 /// GPT-2's `encoder.json`/`vocab.json` + `vocab.bpe`/`merges.txt` as a candor tokenizer
 /// (`<|endoftext|>` is BOS, EOS and the unknown token, as in transformers' GPT-2).
 pub fn from_gpt2_files(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
-    let text = std::fs::read_to_string(vocab_path).map_err(|e| file_err(vocab_path, format!("cannot read: {e}")))?;
-    let map: HashMap<String, u32> = serde_json::from_str(&text)
-        .map_err(|e| file_err(vocab_path, format!("not a GPT-2 vocabulary (a JSON object of token → id): {e}")))?;
+    let text = std::fs::read_to_string(vocab_path)
+        .map_err(|e| file_err(vocab_path, format!("cannot read: {e}")))?;
+    let map: HashMap<String, u32> = serde_json::from_str(&text).map_err(|e| {
+        file_err(
+            vocab_path,
+            format!("not a GPT-2 vocabulary (a JSON object of token → id): {e}"),
+        )
+    })?;
     let mut tokens = vec![None; map.len()];
     for (t, &id) in &map {
         match tokens.get_mut(id as usize) {
             Some(slot @ None) => *slot = Some(t.clone()),
             Some(Some(other)) => {
-                return Err(file_err(vocab_path, format!("tokens `{other}` and `{t}` share id {id}")));
+                return Err(file_err(
+                    vocab_path,
+                    format!("tokens `{other}` and `{t}` share id {id}"),
+                ));
             }
-            None => return Err(file_err(vocab_path, format!("token `{t}` has id {id}, outside 0..{}", map.len()))),
+            None => {
+                return Err(file_err(
+                    vocab_path,
+                    format!("token `{t}` has id {id}, outside 0..{}", map.len()),
+                ))
+            }
         }
     }
     let tokens: Vec<String> = tokens.into_iter().map(Option::unwrap).collect();
-    let text = std::fs::read_to_string(merges_path).map_err(|e| file_err(merges_path, format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(merges_path)
+        .map_err(|e| file_err(merges_path, format!("cannot read: {e}")))?;
     let mut merges = vec![];
     for (i, line) in text.lines().enumerate() {
         if (i == 0 && line.starts_with("#version")) || line.is_empty() {
@@ -104,17 +134,30 @@ pub fn from_gpt2_files(vocab_path: &Path, merges_path: &Path) -> Result<Tokenize
         }
         let parts: Vec<&str> = line.split(' ').collect();
         if parts.len() != 2 {
-            return Err(line_err(merges_path, i + 1, format!("expected two tokens separated by a space, got `{line}`")));
+            return Err(line_err(
+                merges_path,
+                i + 1,
+                format!("expected two tokens separated by a space, got `{line}`"),
+            ));
         }
         for p in &parts {
             if !map.contains_key(*p) {
-                return Err(line_err(merges_path, i + 1, format!("merge part `{p}` is not in {}", vocab_path.display())));
+                return Err(line_err(
+                    merges_path,
+                    i + 1,
+                    format!("merge part `{p}` is not in {}", vocab_path.display()),
+                ));
             }
         }
         merges.push(line.to_string());
     }
     let special_ids: Vec<u32> = map.get(EOT).copied().into_iter().collect();
-    let bpe = ByteLevelBpe { tokens, merges, special_ids, individual_digits: false };
+    let bpe = ByteLevelBpe {
+        tokens,
+        merges,
+        special_ids,
+        individual_digits: false,
+    };
     let inner = bpe.build()?;
     let eot = map.contains_key(EOT).then(|| TokenValue::Text(EOT.into()));
     let config = TokenizerConfig {
@@ -123,11 +166,20 @@ pub fn from_gpt2_files(vocab_path: &Path, merges_path: &Path) -> Result<Tokenize
         pad_token: None,
         chat_template: None,
         extra: serde_json::Map::from_iter([
-            ("tokenizer_class".to_string(), Value::String("PreTrainedTokenizerFast".into())),
+            (
+                "tokenizer_class".to_string(),
+                Value::String("PreTrainedTokenizerFast".into()),
+            ),
             ("add_bos_token".to_string(), Value::Bool(false)),
             ("add_prefix_space".to_string(), Value::Bool(false)),
-            ("clean_up_tokenization_spaces".to_string(), Value::Bool(false)),
-            ("unk_token".to_string(), eot.map_or(Value::Null, |t| Value::String(t.content().into()))),
+            (
+                "clean_up_tokenization_spaces".to_string(),
+                Value::Bool(false),
+            ),
+            (
+                "unk_token".to_string(),
+                eot.map_or(Value::Null, |t| Value::String(t.content().into())),
+            ),
         ]),
     };
     Ok(Tokenizer { inner, config })
@@ -152,15 +204,24 @@ pub fn from_byte_level_bpe(bpe: &ByteLevelBpe, special: &SpecialTokens) -> Resul
             None => Ok(None),
             Some(i) => match bpe.tokens.get(i as usize) {
                 Some(t) => Ok(Some(TokenValue::Text(t.clone()))),
-                None => Err(Error::Msg(format!("special token id {i} is outside the vocabulary of {}", bpe.tokens.len()))),
+                None => Err(Error::Msg(format!(
+                    "special token id {i} is outside the vocabulary of {}",
+                    bpe.tokens.len()
+                ))),
             },
         }
     };
     let mut extra = serde_json::Map::from_iter([
-        ("tokenizer_class".to_string(), Value::String("PreTrainedTokenizerFast".into())),
+        (
+            "tokenizer_class".to_string(),
+            Value::String("PreTrainedTokenizerFast".into()),
+        ),
         ("add_bos_token".to_string(), Value::Bool(false)),
         ("add_prefix_space".to_string(), Value::Bool(false)),
-        ("clean_up_tokenization_spaces".to_string(), Value::Bool(false)),
+        (
+            "clean_up_tokenization_spaces".to_string(),
+            Value::Bool(false),
+        ),
     ]);
     if let Some(unk) = name(special.unk)? {
         extra.insert("unk_token".into(), Value::String(unk.content().into()));
@@ -173,7 +234,10 @@ pub fn from_byte_level_bpe(bpe: &ByteLevelBpe, special: &SpecialTokens) -> Resul
         eos_token: name(special.eos)?,
         pad_token: name(special.pad)?,
         chat_template: Some(Value::String(
-            special.chat_template.clone().unwrap_or_else(|| crate::chat::DEFAULT_TEMPLATE.to_string()),
+            special
+                .chat_template
+                .clone()
+                .unwrap_or_else(|| crate::chat::DEFAULT_TEMPLATE.to_string()),
         )),
         extra,
     };
@@ -206,12 +270,22 @@ mod tests {
     #[test]
     fn byte_level_bpe_merges_splits_digits_and_keeps_specials() {
         let bpe = tiny();
-        let special = SpecialTokens { bos: Some(bpe.tokens.len() as u32 - 2), eos: Some(bpe.tokens.len() as u32 - 1), ..Default::default() };
+        let special = SpecialTokens {
+            bos: Some(bpe.tokens.len() as u32 - 2),
+            eos: Some(bpe.tokens.len() as u32 - 1),
+            ..Default::default()
+        };
         let tok = from_byte_level_bpe(&bpe, &special).unwrap();
         let ids = tok.encode("<|im_start|>a the 12<|im_end|>").unwrap();
-        let pieces: Vec<String> = ids.iter().map(|&i| bpe.tokens[i as usize].clone()).collect();
+        let pieces: Vec<String> = ids
+            .iter()
+            .map(|&i| bpe.tokens[i as usize].clone())
+            .collect();
         // "12" is never merged: digits are split one by one before BPE sees them
-        assert_eq!(pieces, ["<|im_start|>", "a", "Ġthe", "Ġ", "1", "2", "<|im_end|>"]);
+        assert_eq!(
+            pieces,
+            ["<|im_start|>", "a", "Ġthe", "Ġ", "1", "2", "<|im_end|>"]
+        );
         assert_eq!(tok.decode(&ids, true).unwrap(), "a the 12");
         assert_eq!(tok.eos_id(), Some(bpe.tokens.len() as u32 - 1));
         assert!(tok.config.chat_template().unwrap().contains("<|im_start|>"));
@@ -219,7 +293,10 @@ mod tests {
         no_digits.individual_digits = false;
         let tok = no_digits.build().unwrap();
         let ids = tok.encode_fast("12", false).unwrap().get_ids().to_vec();
-        assert_eq!(ids, vec![bpe.tokens.iter().position(|t| t == "12").unwrap() as u32]);
+        assert_eq!(
+            ids,
+            vec![bpe.tokens.iter().position(|t| t == "12").unwrap() as u32]
+        );
     }
 
     /// GPT-2's original files (tests/fixtures/gpt2, MIT) converted by candor encode like
@@ -231,10 +308,17 @@ mod tests {
         assert_eq!(tok.encode("Hello world!").unwrap(), vec![15496, 995, 0]);
         assert_eq!(tok.eos_id(), Some(50256));
         assert_eq!(tok.vocab_size(), 50257);
-        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
         for case in reference["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
-            let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             let got = tok.encode(text).unwrap();
             assert_eq!(got, want, "{text:?}");
             assert_eq!(tok.decode(&got, false).unwrap(), text);
@@ -263,6 +347,10 @@ mod tests {
         let e = from_gpt2_files(&vocab, &merges).err().unwrap().to_string();
         assert!(e.contains("vocab.json: token `b` has id 5"), "{e}");
         std::fs::write(&vocab, "[1, 2]").unwrap();
-        assert!(from_gpt2_files(&vocab, &merges).err().unwrap().to_string().contains("not a GPT-2 vocabulary"));
+        assert!(from_gpt2_files(&vocab, &merges)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not a GPT-2 vocabulary"));
     }
 }

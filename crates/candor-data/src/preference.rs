@@ -75,7 +75,10 @@ pub struct Preference {
 /// Why a list of responses cannot be ranked: fewer than two, or two the same.
 pub fn check_responses(responses: &[String]) -> std::result::Result<(), String> {
     if responses.len() < 2 {
-        return Err(format!("`responses` has {} response(s); a ranking needs at least 2", responses.len()));
+        return Err(format!(
+            "`responses` has {} response(s); a ranking needs at least 2",
+            responses.len()
+        ));
     }
     for (i, a) in responses.iter().enumerate() {
         if let Some(j) = responses[i + 1..].iter().position(|b| b == a) {
@@ -92,7 +95,10 @@ pub fn check_responses(responses: &[String]) -> std::result::Result<(), String> 
 /// Why `ranks` does not fit `n` responses listed best first.
 pub fn check_ranks(ranks: &[u32], n: usize) -> std::result::Result<(), String> {
     if ranks.len() != n {
-        return Err(format!("`ranks` has {} entries for {n} responses", ranks.len()));
+        return Err(format!(
+            "`ranks` has {} entries for {n} responses",
+            ranks.len()
+        ));
     }
     if ranks.contains(&0) {
         return Err("`ranks` starts at 1 (the best response)".into());
@@ -128,26 +134,44 @@ impl PreferenceLine {
             }
             (None, Some(chosen), Some(rejected)) => {
                 if self.ranks.is_some() {
-                    return Err("`ranks` goes with `responses`, not with `chosen`/`rejected`".into());
+                    return Err(
+                        "`ranks` goes with `responses`, not with `chosen`/`rejected`".into(),
+                    );
                 }
                 if chosen == rejected {
                     return Err("`chosen` and `rejected` are the same text".into());
                 }
                 (vec![chosen, rejected], vec![1, 2])
             }
-            (Some(_), _, _) => return Err("give either `responses` or `chosen` and `rejected`, not both".into()),
-            (None, Some(_), None) => return Err("`chosen` needs a `rejected` response beside it".into()),
-            (None, None, Some(_)) => return Err("`rejected` needs a `chosen` response beside it".into()),
+            (Some(_), _, _) => {
+                return Err("give either `responses` or `chosen` and `rejected`, not both".into())
+            }
+            (None, Some(_), None) => {
+                return Err("`chosen` needs a `rejected` response beside it".into())
+            }
+            (None, None, Some(_)) => {
+                return Err("`rejected` needs a `chosen` response beside it".into())
+            }
             (None, None, None) => {
-                return Err("expected `responses` (ranked best first) or `chosen` and `rejected`".into())
+                return Err(
+                    "expected `responses` (ranked best first) or `chosen` and `rejected`".into(),
+                )
             }
         };
         if let Some(s) = &self.scores {
             if s.len() != responses.len() {
-                return Err(format!("`scores` has {} entries for {} responses", s.len(), responses.len()));
+                return Err(format!(
+                    "`scores` has {} entries for {} responses",
+                    s.len(),
+                    responses.len()
+                ));
             }
         }
-        Ok(Preference { prompt: self.prompt, responses, ranks })
+        Ok(Preference {
+            prompt: self.prompt,
+            responses,
+            ranks,
+        })
     }
 }
 
@@ -179,7 +203,11 @@ pub fn read_preferences(path: &Path) -> Result<Vec<(usize, Preference)>> {
     let lines: Vec<(usize, PreferenceLine)> = read_jsonl(path)?;
     lines
         .into_iter()
-        .map(|(line, p)| p.validate().map(|p| (line, p)).map_err(|m| line_err(path, line, m)))
+        .map(|(line, p)| {
+            p.validate()
+                .map(|p| (line, p))
+                .map_err(|m| line_err(path, line, m))
+        })
         .collect()
 }
 
@@ -202,7 +230,14 @@ mod tests {
             r#"{"prompt": "p3", "responses": ["a", "b", "c", "d"], "ranks": [1, 2, 2, 3], "scores": [0.5, 0.1, 0.1, 0], "judge": "sentiment"}"#,
         ]);
         let p = read_preferences(&path).unwrap();
-        assert_eq!(p[0].1, Preference { prompt: "p1".into(), responses: vec!["good".into(), "bad".into()], ranks: vec![1, 2] });
+        assert_eq!(
+            p[0].1,
+            Preference {
+                prompt: "p1".into(),
+                responses: vec!["good".into(), "bad".into()],
+                ranks: vec![1, 2]
+            }
+        );
         assert_eq!(p[1].1.ranks, vec![1, 2, 3]);
         assert_eq!((p[2].0, p[2].1.ranks.clone()), (3, vec![1, 2, 2, 3]));
     }
@@ -210,31 +245,64 @@ mod tests {
     #[test]
     fn bad_preference_lines_name_file_line_and_problem() {
         let cases = [
-            (r#"{"prompt": "p", "responses": ["only one"]}"#, "has 1 response(s); a ranking needs at least 2"),
-            (r#"{"prompt": "p", "responses": ["a", "b", "a"]}"#, "responses 1 and 3 are the same text"),
-            (r#"{"prompt": "p", "responses": ["a", "b"], "ranks": [2, 1]}"#, "`ranks` decreases at position 2"),
-            (r#"{"prompt": "p", "responses": ["a", "b"], "ranks": [1]}"#, "`ranks` has 1 entries for 2 responses"),
-            (r#"{"prompt": "p", "chosen": "a"}"#, "`chosen` needs a `rejected`"),
-            (r#"{"prompt": "p", "chosen": "a", "rejected": "a"}"#, "the same text"),
+            (
+                r#"{"prompt": "p", "responses": ["only one"]}"#,
+                "has 1 response(s); a ranking needs at least 2",
+            ),
+            (
+                r#"{"prompt": "p", "responses": ["a", "b", "a"]}"#,
+                "responses 1 and 3 are the same text",
+            ),
+            (
+                r#"{"prompt": "p", "responses": ["a", "b"], "ranks": [2, 1]}"#,
+                "`ranks` decreases at position 2",
+            ),
+            (
+                r#"{"prompt": "p", "responses": ["a", "b"], "ranks": [1]}"#,
+                "`ranks` has 1 entries for 2 responses",
+            ),
+            (
+                r#"{"prompt": "p", "chosen": "a"}"#,
+                "`chosen` needs a `rejected`",
+            ),
+            (
+                r#"{"prompt": "p", "chosen": "a", "rejected": "a"}"#,
+                "the same text",
+            ),
             (r#"{"prompt": "p"}"#, "expected `responses`"),
-            (r#"{"prompt": "p", "responses": ["a", "b"], "rank": [1, 2]}"#, "unknown field `rank`"),
-            (r#"{"prompt": "", "responses": ["a", "b"]}"#, "`prompt` is empty"),
+            (
+                r#"{"prompt": "p", "responses": ["a", "b"], "rank": [1, 2]}"#,
+                "unknown field `rank`",
+            ),
+            (
+                r#"{"prompt": "", "responses": ["a", "b"]}"#,
+                "`prompt` is empty",
+            ),
         ];
         for (line, want) in cases {
             let (_d, path) = write(&[r#"{"prompt": "ok", "chosen": "x", "rejected": "y"}"#, line]);
             let e = read_preferences(&path).unwrap_err().to_string();
-            assert!(e.starts_with(&format!("{}:2: ", path.display())) && e.contains(want), "{line}: {e}");
+            assert!(
+                e.starts_with(&format!("{}:2: ", path.display())) && e.contains(want),
+                "{line}: {e}"
+            );
         }
     }
 
     #[test]
     fn candidates_need_two_distinct_responses() {
         let (_d, path) = write(&[r#"{"prompt": "p", "responses": ["a", "b"], "reference": "a"}"#]);
-        assert_eq!(read_candidates(&path).unwrap()[0].1.reference.as_deref(), Some("a"));
+        assert_eq!(
+            read_candidates(&path).unwrap()[0].1.reference.as_deref(),
+            Some("a")
+        );
         let (_d, path) = write(&[r#"{"prompt": "p", "responses": ["a", "a"]}"#]);
         let e = read_candidates(&path).unwrap_err().to_string();
         assert!(e.contains(":1: responses 1 and 2 are the same text"), "{e}");
         let (_d, path) = write(&[r#"{"prompt": "p", "responses": []}"#]);
-        assert!(read_candidates(&path).unwrap_err().to_string().contains("has 0 response(s)"));
+        assert!(read_candidates(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("has 0 response(s)"));
     }
 }

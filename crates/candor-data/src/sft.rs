@@ -54,17 +54,26 @@ impl SftLine {
             (Some(_), None, None) => return Err("`prompt` needs a `response` beside it".into()),
             (None, Some(_), None) => return Err("`response` needs a `prompt` beside it".into()),
             (None, None, Some(m)) => m,
-            (None, None, None) => return Err("expected `prompt` and `response`, or `messages`".into()),
+            (None, None, None) => {
+                return Err("expected `prompt` and `response`, or `messages`".into())
+            }
         };
         if messages.is_empty() {
             return Err("`messages` is empty".into());
         }
         for (i, m) in messages.iter().enumerate() {
             if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                return Err(format!("message {}: role `{}` is not system, user or assistant", i + 1, m.role));
+                return Err(format!(
+                    "message {}: role `{}` is not system, user or assistant",
+                    i + 1,
+                    m.role
+                ));
             }
             if m.role == "assistant" && m.content.trim().is_empty() {
-                return Err(format!("message {}: the assistant's response is empty: there is nothing to train on", i + 1));
+                return Err(format!(
+                    "message {}: the assistant's response is empty: there is nothing to train on",
+                    i + 1
+                ));
             }
         }
         if !messages.iter().any(|m| m.role == "assistant") {
@@ -72,7 +81,9 @@ impl SftLine {
         }
         let last = &messages[messages.len() - 1].role;
         if last != "assistant" {
-            return Err(format!("the conversation ends with a {last} turn; it must end with the assistant's reply"));
+            return Err(format!(
+                "the conversation ends with a {last} turn; it must end with the assistant's reply"
+            ));
         }
         Ok(messages)
     }
@@ -81,7 +92,14 @@ impl SftLine {
 /// Read an SFT file: (line number, conversation) per non-blank line.
 pub fn read_conversations(path: &Path) -> Result<Vec<(usize, Vec<Message>)>> {
     let lines: Vec<(usize, SftLine)> = read_jsonl(path)?;
-    lines.into_iter().map(|(n, l)| l.conversation().map(|c| (n, c)).map_err(|m| line_err(path, n, m))).collect()
+    lines
+        .into_iter()
+        .map(|(n, l)| {
+            l.conversation()
+                .map(|c| (n, c))
+                .map_err(|m| line_err(path, n, m))
+        })
+        .collect()
 }
 
 /// A conversation's tokens and which of them are trained (`trained[i]`: token i is
@@ -93,8 +111,15 @@ pub struct SftExample {
 }
 
 /// Render and tokenise conversations; each piece of the render is encoded on its own.
-pub fn encode_conversations(tok: &Tokenizer, template: &ChatTemplate, convs: &[&[Message]]) -> Result<Vec<SftExample>> {
-    let pieces = convs.iter().map(|c| template.segments(c)).collect::<Result<Vec<_>>>()?;
+pub fn encode_conversations(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    convs: &[&[Message]],
+) -> Result<Vec<SftExample>> {
+    let pieces = convs
+        .iter()
+        .map(|c| template.segments(c))
+        .collect::<Result<Vec<_>>>()?;
     encode_pieces(tok, &pieces)
 }
 
@@ -106,12 +131,18 @@ fn encode_pieces(tok: &Tokenizer, pieces: &[Vec<(String, bool)>]) -> Result<Vec<
     Ok(pieces
         .iter()
         .map(|conv| {
-            let mut ex = SftExample { tokens: vec![], trained: vec![] };
+            let mut ex = SftExample {
+                tokens: vec![],
+                trained: vec![],
+            };
             for (_, assistant) in conv {
                 let ids = encoded.next().expect("one encoding per piece");
                 // an assistant turn is trained up to and including its end-of-turn token
                 let end = match assistant {
-                    true => ids.iter().position(|t| stop.contains(t)).map_or(ids.len(), |i| i + 1),
+                    true => ids
+                        .iter()
+                        .position(|t| stop.contains(t))
+                        .map_or(ids.len(), |i| i + 1),
                     false => 0,
                 };
                 ex.trained.extend((0..ids.len()).map(|i| i < end));
@@ -135,7 +166,13 @@ pub struct SftSet {
 
 /// Read, check and tokenise SFT files. A conversation longer than `max_len` tokens is an
 /// error naming its line, or with `skip_long` is left out and counted.
-pub fn load_sft(files: &[PathBuf], tok: &Tokenizer, template: &ChatTemplate, max_len: usize, skip_long: bool) -> Result<SftSet> {
+pub fn load_sft(
+    files: &[PathBuf],
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_len: usize,
+    skip_long: bool,
+) -> Result<SftSet> {
     let mut out = SftSet::default();
     for path in files {
         if !path.is_file() {
@@ -147,7 +184,11 @@ pub fn load_sft(files: &[PathBuf], tok: &Tokenizer, template: &ChatTemplate, max
         }
         let pieces = convs
             .iter()
-            .map(|(n, c)| template.segments(c).map_err(|e| line_err(path, *n, e.to_string())))
+            .map(|(n, c)| {
+                template
+                    .segments(c)
+                    .map_err(|e| line_err(path, *n, e.to_string()))
+            })
             .collect::<Result<Vec<_>>>()?;
         for ((n, _), ex) in convs.iter().zip(encode_pieces(tok, &pieces)?) {
             if ex.tokens.len() > max_len && skip_long {
@@ -158,7 +199,10 @@ pub fn load_sft(files: &[PathBuf], tok: &Tokenizer, template: &ChatTemplate, max
                 return Err(line_err(
                     path,
                     *n,
-                    format!("conversation is {} tokens, longer than the context ({max_len} tokens)", ex.tokens.len()),
+                    format!(
+                        "conversation is {} tokens, longer than the context ({max_len} tokens)",
+                        ex.tokens.len()
+                    ),
                 ));
             }
             out.examples.push((ex, path.clone(), *n));
@@ -173,15 +217,24 @@ pub fn load_sft(files: &[PathBuf], tok: &Tokenizer, template: &ChatTemplate, max
 /// token other than the EOS token (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`) and does
 /// not itself print `eos_token`, that token as `eos_token`, so generation from the saved
 /// checkpoint stops where a turn ends.
-pub fn chat_tokenizer(tok: &Tokenizer, template: Option<&str>) -> Result<(Tokenizer, ChatTemplate)> {
+pub fn chat_tokenizer(
+    tok: &Tokenizer,
+    template: Option<&str>,
+) -> Result<(Tokenizer, ChatTemplate)> {
     let mut tok = tok.clone();
     let source = match template {
         Some(t) => t.to_string(),
-        None => tok.config.chat_template().unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
+        None => tok
+            .config
+            .chat_template()
+            .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
     };
     tok.config.chat_template = Some(serde_json::Value::String(source));
     let template = ChatTemplate::for_tokenizer(&tok);
-    let probe = [Message::new("user", "Hi"), Message::new("assistant", "Hello")];
+    let probe = [
+        Message::new("user", "Hi"),
+        Message::new("assistant", "Hello"),
+    ];
     let turn = template
         .segments(&probe)?
         .into_iter()
@@ -191,7 +244,10 @@ pub fn chat_tokenizer(tok: &Tokenizer, template: Option<&str>) -> Result<(Tokeni
     let end_of_turn = tok.encode(&turn.0)?.into_iter().find(|t| stop.contains(t));
     if let Some(id) = end_of_turn {
         if Some(id) != tok.eos_id() && !template.source.contains("eos_token") {
-            let text = tok.inner.id_to_token(id).expect("a stop token is in the vocabulary");
+            let text = tok
+                .inner
+                .id_to_token(id)
+                .expect("a stop token is in the vocabulary");
             tok.config.eos_token = Some(TokenValue::Text(text));
         }
     }
@@ -229,10 +285,15 @@ mod tests {
             Message::new("user", "Now add 3 to that."),
             Message::new("assistant", "The answer is 7."),
         ];
-        let ex = encode_conversations(&tok, &template, &[&conv]).unwrap().remove(0);
+        let ex = encode_conversations(&tok, &template, &[&conv])
+            .unwrap()
+            .remove(0);
         assert_eq!(ex.tokens.len(), ex.trained.len());
         // the tokens are the render's, and decode back to it
-        assert_eq!(tok.decode(&ex.tokens, false).unwrap(), template.render(&conv, false).unwrap());
+        assert_eq!(
+            tok.decode(&ex.tokens, false).unwrap(),
+            template.render(&conv, false).unwrap()
+        );
         // the trained tokens, run by run
         let mut runs: Vec<String> = vec![];
         let mut cur: Vec<u32> = vec![];
@@ -246,10 +307,18 @@ mod tests {
         if !cur.is_empty() {
             runs.push(tok.decode(&cur, false).unwrap());
         }
-        assert_eq!(runs, vec!["It is 4.<|im_end|>", "The answer is 7.<|im_end|>"]);
+        assert_eq!(
+            runs,
+            vec!["It is 4.<|im_end|>", "The answer is 7.<|im_end|>"]
+        );
         // the untrained text: everything else, including both generation headers
-        let untrained: String =
-            ex.tokens.iter().zip(&ex.trained).filter(|(_, on)| !**on).map(|(t, _)| tok.decode(&[*t], false).unwrap()).collect();
+        let untrained: String = ex
+            .tokens
+            .iter()
+            .zip(&ex.trained)
+            .filter(|(_, on)| !**on)
+            .map(|(t, _)| tok.decode(&[*t], false).unwrap())
+            .collect();
         assert_eq!(
             untrained,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n\
@@ -257,7 +326,9 @@ mod tests {
         );
         // a prompt as posed at inference is a prefix of the training tokens: the model
         // is trained on exactly the token boundaries it generates from
-        let posed = tok.encode(&template.render(&conv[..2], true).unwrap()).unwrap();
+        let posed = tok
+            .encode(&template.render(&conv[..2], true).unwrap())
+            .unwrap();
         assert_eq!(&ex.tokens[..posed.len()], posed.as_slice());
         assert!(!ex.trained[..posed.len()].iter().any(|&t| t));
         assert!(ex.trained[posed.len()]);
@@ -271,45 +342,103 @@ mod tests {
             r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "id": 7}"#,
         ]);
         let c = read_conversations(&path).unwrap();
-        assert_eq!(c[0], (1, vec![Message::new("user", "What is 2 + 2?"), Message::new("assistant", "4")]));
+        assert_eq!(
+            c[0],
+            (
+                1,
+                vec![
+                    Message::new("user", "What is 2 + 2?"),
+                    Message::new("assistant", "4")
+                ]
+            )
+        );
         assert_eq!(c[1].0, 3);
         let tok = tokenizer();
         let t = ChatTemplate::new(DEFAULT_TEMPLATE, "", EOT);
         let set = load_sft(&[path.clone()], &tok, &t, 64, false).unwrap();
         assert_eq!((set.examples.len(), set.skipped), (2, 0));
-        assert_eq!((set.examples[1].1.as_path(), set.examples[1].2), (path.as_path(), 3));
+        assert_eq!(
+            (set.examples[1].1.as_path(), set.examples[1].2),
+            (path.as_path(), 3)
+        );
     }
 
     #[test]
     fn bad_lines_name_file_line_and_problem() {
         let ok = r#"{"prompt": "What is 2 + 2?", "response": "4"}"#;
         let cases = [
-            (r#"{"prompt": "What is 2 + 2?", "response": "4""#, "EOF while parsing"),
-            (r#"{"prompt": "What is 2 + 2?"}"#, "`prompt` needs a `response`"),
-            (r#"{"prompt": "What is 2 + 2?", "response": "  "}"#, "`response` is empty"),
-            (r#"{"text": "hello"}"#, "expected `prompt` and `response`, or `messages`"),
-            (r#"{"messages": [{"role": "user", "content": "Hi"}]}"#, "no assistant turn"),
-            (r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}"#, "message 2: the assistant's response is empty"),
-            (r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}"#, "role `bot` is not"),
-            (r#"{"messages": [{"role": "user"}]}"#, "missing field `content`"),
+            (
+                r#"{"prompt": "What is 2 + 2?", "response": "4""#,
+                "EOF while parsing",
+            ),
+            (
+                r#"{"prompt": "What is 2 + 2?"}"#,
+                "`prompt` needs a `response`",
+            ),
+            (
+                r#"{"prompt": "What is 2 + 2?", "response": "  "}"#,
+                "`response` is empty",
+            ),
+            (
+                r#"{"text": "hello"}"#,
+                "expected `prompt` and `response`, or `messages`",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "Hi"}]}"#,
+                "no assistant turn",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}"#,
+                "message 2: the assistant's response is empty",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}"#,
+                "role `bot` is not",
+            ),
+            (
+                r#"{"messages": [{"role": "user"}]}"#,
+                "missing field `content`",
+            ),
             (r#"{"messages": []}"#, "`messages` is empty"),
-            (r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]}"#, "ends with a user turn"),
-            (r#"{"prompt": "a", "response": "b", "messages": []}"#, "not both"),
+            (
+                r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]}"#,
+                "ends with a user turn",
+            ),
+            (
+                r#"{"prompt": "a", "response": "b", "messages": []}"#,
+                "not both",
+            ),
         ];
         for (line, want) in cases {
             let (_d, path) = write(&[ok, line]);
             let e = read_conversations(&path).unwrap_err().to_string();
-            assert!(e.starts_with(&format!("{}:2: ", path.display())) && e.contains(want), "{line}: {e}");
+            assert!(
+                e.starts_with(&format!("{}:2: ", path.display())) && e.contains(want),
+                "{line}: {e}"
+            );
         }
         // longer than the context
-        let numbers = (10..40).map(|i| i.to_string()).collect::<Vec<_>>().join(" ");
-        let long = format!(r#"{{"prompt": "sort these numbers {numbers}", "response": "{numbers}"}}"#);
+        let numbers = (10..40)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let long =
+            format!(r#"{{"prompt": "sort these numbers {numbers}", "response": "{numbers}"}}"#);
         let (_d, path) = write(&[ok, &long]);
         let t = ChatTemplate::new(DEFAULT_TEMPLATE, "", EOT);
-        let e = load_sft(&[path.clone()], &tokenizer(), &t, 40, false).unwrap_err().to_string();
-        assert!(e.starts_with(&format!("{}:2: conversation is ", path.display())) && e.contains("longer than the context (40 tokens)"), "{e}");
+        let e = load_sft(&[path.clone()], &tokenizer(), &t, 40, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("{}:2: conversation is ", path.display()))
+                && e.contains("longer than the context (40 tokens)"),
+            "{e}"
+        );
         let set = load_sft(&[path.clone()], &tokenizer(), &t, 40, true).unwrap();
-        assert_eq!((set.examples.len(), set.skipped, set.examples[0].2), (1, 1, 1));
+        assert_eq!(
+            (set.examples.len(), set.skipped, set.examples[0].2),
+            (1, 1, 1)
+        );
     }
 
     #[test]
@@ -320,14 +449,22 @@ mod tests {
         tok.config.chat_template = None;
         let (chat, template) = chat_tokenizer(&tok, None).unwrap();
         assert_eq!(template.source, DEFAULT_TEMPLATE);
-        assert_eq!(chat.config.chat_template().as_deref(), Some(DEFAULT_TEMPLATE));
+        assert_eq!(
+            chat.config.chat_template().as_deref(),
+            Some(DEFAULT_TEMPLATE)
+        );
         assert_eq!(chat.eos_id(), chat.token_id(IM_END));
         assert_eq!(chat.pad_id(), tok.pad_id(), "padding is unchanged");
         // saved and reloaded, the checkpoint's tokenizer poses prompts the same way
         let dir = tempfile::tempdir().unwrap();
         chat.save(dir.path()).unwrap();
         let back = Tokenizer::from_dir(dir.path()).unwrap();
-        assert_eq!(ChatTemplate::for_tokenizer(&back).render_prompt("Hi").unwrap(), template.render_prompt("Hi").unwrap());
+        assert_eq!(
+            ChatTemplate::for_tokenizer(&back)
+                .render_prompt("Hi")
+                .unwrap(),
+            template.render_prompt("Hi").unwrap()
+        );
         assert_eq!(back.eos_id(), chat.token_id(IM_END));
         // a template that prints eos_token itself keeps the EOS token
         let own = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}";

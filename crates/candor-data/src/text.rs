@@ -18,7 +18,13 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let mut files: Vec<PathBuf> = std::fs::read_dir(p)
                 .map_err(|e| file_err(p, format!("cannot list: {e}")))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && matches!(f.extension().and_then(|e| e.to_str()), Some("txt" | "md" | "jsonl")))
+                .filter(|f| {
+                    f.is_file()
+                        && matches!(
+                            f.extension().and_then(|e| e.to_str()),
+                            Some("txt" | "md" | "jsonl")
+                        )
+                })
                 .collect();
             files.sort();
             if files.is_empty() {
@@ -43,16 +49,26 @@ struct TextLine {
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     let is_jsonl = path.extension().and_then(|e| e.to_str()) == Some("jsonl");
     let raw = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-    let text = String::from_utf8(raw).map_err(|e| file_err(path, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
+    let text = String::from_utf8(raw).map_err(|e| {
+        file_err(
+            path,
+            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        )
+    })?;
     if !is_jsonl {
-        return Ok(if text.trim().is_empty() { vec![] } else { vec![text] });
+        return Ok(if text.trim().is_empty() {
+            vec![]
+        } else {
+            vec![text]
+        });
     }
     let mut docs = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: TextLine = serde_json::from_str(line).map_err(|e| line_err(path, i + 1, format!("not a JSON object: {e}")))?;
+        let v: TextLine = serde_json::from_str(line)
+            .map_err(|e| line_err(path, i + 1, format!("not a JSON object: {e}")))?;
         match v.text {
             Some(serde_json::Value::String(s)) => {
                 if !s.trim().is_empty() {
@@ -75,7 +91,10 @@ pub fn read_corpus(paths: &[PathBuf]) -> Result<Vec<String>> {
     }
     if docs.is_empty() {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        return Err(Error::Msg(format!("corpus is empty: {} hold no text", names.join(", "))));
+        return Err(Error::Msg(format!(
+            "corpus is empty: {} hold no text",
+            names.join(", ")
+        )));
     }
     Ok(docs)
 }
@@ -97,13 +116,18 @@ pub fn pack(tokens: &[u32], ctx: usize) -> Vec<Vec<u32>> {
     if tokens.len() < ctx + 1 {
         return vec![];
     }
-    (0..=(tokens.len() - ctx - 1) / ctx).map(|i| tokens[i * ctx..i * ctx + ctx + 1].to_vec()).collect()
+    (0..=(tokens.len() - ctx - 1) / ctx)
+        .map(|i| tokens[i * ctx..i * ctx + ctx + 1].to_vec())
+        .collect()
 }
 
 /// Like [`pack`], but keeps the shorter tail (of at least two tokens), so that every token
 /// but the first is a target exactly once: for evaluating a whole text.
 pub fn pack_all(tokens: &[u32], ctx: usize) -> Vec<Vec<u32>> {
-    (0..tokens.len().saturating_sub(1)).step_by(ctx.max(1)).map(|i| tokens[i..(i + ctx + 1).min(tokens.len())].to_vec()).collect()
+    (0..tokens.len().saturating_sub(1))
+        .step_by(ctx.max(1))
+        .map(|i| tokens[i..(i + ctx + 1).min(tokens.len())].to_vec())
+        .collect()
 }
 
 /// The packed corpus: training and held-out sequences.
@@ -116,7 +140,11 @@ pub struct PackedCorpus {
 /// Split the stream at `1 - heldout_fraction` (the held-out part is the tail, text the
 /// model never sees in training) and pack both parts.
 pub fn pack_corpus(tokens: &[u32], ctx: usize, heldout_fraction: f64) -> Result<PackedCorpus> {
-    let need = if heldout_fraction > 0.0 { 2 * (ctx + 1) } else { ctx + 1 };
+    let need = if heldout_fraction > 0.0 {
+        2 * (ctx + 1)
+    } else {
+        ctx + 1
+    };
     if tokens.len() < need {
         return Err(Error::Msg(format!(
             "corpus has {} tokens, too few for ctx {ctx} (need at least {need}: one training and one held-out sequence)",
@@ -128,8 +156,16 @@ pub fn pack_corpus(tokens: &[u32], ctx: usize, heldout_fraction: f64) -> Result<
         split = split.min(tokens.len() - (ctx + 1)).max(ctx + 1);
     }
     let train = pack(&tokens[..split], ctx);
-    let heldout = if heldout_fraction > 0.0 { pack(&tokens[split..], ctx) } else { vec![] };
-    Ok(PackedCorpus { train, heldout, total_tokens: tokens.len() })
+    let heldout = if heldout_fraction > 0.0 {
+        pack(&tokens[split..], ctx)
+    } else {
+        vec![]
+    };
+    Ok(PackedCorpus {
+        train,
+        heldout,
+        total_tokens: tokens.len(),
+    })
 }
 
 #[cfg(test)]
@@ -139,7 +175,15 @@ mod tests {
     #[test]
     fn pack_all_keeps_the_tail() {
         let t: Vec<u32> = (0..11).collect();
-        assert_eq!(pack_all(&t, 3), vec![vec![0, 1, 2, 3], vec![3, 4, 5, 6], vec![6, 7, 8, 9], vec![9, 10]]);
+        assert_eq!(
+            pack_all(&t, 3),
+            vec![
+                vec![0, 1, 2, 3],
+                vec![3, 4, 5, 6],
+                vec![6, 7, 8, 9],
+                vec![9, 10]
+            ]
+        );
         assert_eq!(pack_all(&t[..10], 3), pack(&t[..10], 3));
         assert!(pack_all(&t[..1], 3).is_empty());
     }
@@ -147,7 +191,10 @@ mod tests {
     #[test]
     fn pack_overlaps_by_one_and_drops_short_tail() {
         let t: Vec<u32> = (0..10).collect();
-        assert_eq!(pack(&t, 3), vec![vec![0, 1, 2, 3], vec![3, 4, 5, 6], vec![6, 7, 8, 9]]);
+        assert_eq!(
+            pack(&t, 3),
+            vec![vec![0, 1, 2, 3], vec![3, 4, 5, 6], vec![6, 7, 8, 9]]
+        );
         assert_eq!(pack(&t[..9], 3).len(), 2);
         assert!(pack(&t[..3], 3).is_empty());
     }
@@ -170,11 +217,16 @@ mod tests {
         let e = read_documents(&p).unwrap_err().to_string();
         assert!(e.ends_with("c.jsonl:3: missing field `text`"), "{e}");
         std::fs::write(&p, "{\"text\": \"a\"}\nnot json\n").unwrap();
-        assert!(read_documents(&p).unwrap_err().to_string().contains("c.jsonl:2: not a JSON object"));
+        assert!(read_documents(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("c.jsonl:2: not a JSON object"));
         std::fs::write(&p, "").unwrap();
         let e = read_corpus(&[p.clone()]).unwrap_err().to_string();
         assert!(e.contains("corpus is empty"), "{e}");
-        let e = read_corpus(&[dir.path().join("nope.txt")]).unwrap_err().to_string();
+        let e = read_corpus(&[dir.path().join("nope.txt")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope.txt: no such file"), "{e}");
     }
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
 use crate::error::{file_err, Error, Result};
@@ -29,7 +29,11 @@ pub const SPECIAL_TOKENS: [&str; 3] = [EOT, IM_START, IM_END];
 #[serde(untagged)]
 pub enum TokenValue {
     Text(String),
-    Added { content: String, #[serde(flatten)] rest: serde_json::Map<String, Value> },
+    Added {
+        content: String,
+        #[serde(flatten)]
+        rest: serde_json::Map<String, Value>,
+    },
 }
 
 impl TokenValue {
@@ -103,14 +107,17 @@ impl Tokenizer {
         let dir = path.parent().unwrap_or(Path::new("."));
         let cfg_path = dir.join("tokenizer_config.json");
         let mut config: TokenizerConfig = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, format!("cannot read: {e}")))?;
-            serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, format!("not valid: {e}")))?
+            let text = std::fs::read_to_string(&cfg_path)
+                .map_err(|e| file_err(&cfg_path, format!("cannot read: {e}")))?;
+            serde_json::from_str(&text)
+                .map_err(|e| file_err(&cfg_path, format!("not valid: {e}")))?
         } else {
             TokenizerConfig::default()
         };
         let jinja = dir.join("chat_template.jinja");
         if config.chat_template.is_none() && jinja.is_file() {
-            let t = std::fs::read_to_string(&jinja).map_err(|e| file_err(&jinja, format!("cannot read: {e}")))?;
+            let t = std::fs::read_to_string(&jinja)
+                .map_err(|e| file_err(&jinja, format!("cannot read: {e}")))?;
             config.chat_template = Some(Value::String(t));
         }
         if config.eos_token.is_none() && inner.token_to_id(EOT).is_some() {
@@ -132,7 +139,10 @@ impl Tokenizer {
                 "vocab_size {vocab_size} is too small: a byte-level BPE needs at least {min_vocab} (256 bytes + special tokens)"
             )));
         }
-        let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
+        let specials: Vec<AddedToken> = SPECIAL_TOKENS
+            .iter()
+            .map(|s| AddedToken::from(s.to_string(), true))
+            .collect();
         let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
         let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
@@ -155,9 +165,15 @@ impl Tokenizer {
             // written out so transformers' apply_chat_template renders what candor renders
             chat_template: Some(Value::String(crate::chat::DEFAULT_TEMPLATE.into())),
             extra: serde_json::Map::from_iter([
-                ("tokenizer_class".to_string(), Value::String("PreTrainedTokenizerFast".into())),
+                (
+                    "tokenizer_class".to_string(),
+                    Value::String("PreTrainedTokenizerFast".into()),
+                ),
                 ("add_bos_token".to_string(), Value::Bool(false)),
-                ("clean_up_tokenization_spaces".to_string(), Value::Bool(false)),
+                (
+                    "clean_up_tokenization_spaces".to_string(),
+                    Value::Bool(false),
+                ),
             ]),
         };
         Ok(Tokenizer { inner, config })
@@ -166,21 +182,32 @@ impl Tokenizer {
     /// Write `tokenizer.json` and `tokenizer_config.json` into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join("tokenizer.json");
-        self.inner.save(&path, false).map_err(|e| file_err(&path, format!("cannot write: {e}")))?;
+        self.inner
+            .save(&path, false)
+            .map_err(|e| file_err(&path, format!("cannot write: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let text = serde_json::to_string_pretty(&self.config).expect("tokenizer config serialises");
-        std::fs::write(&cfg_path, text + "\n").map_err(|e| file_err(&cfg_path, format!("cannot write: {e}")))
+        std::fs::write(&cfg_path, text + "\n")
+            .map_err(|e| file_err(&cfg_path, format!("cannot write: {e}")))
     }
 
     /// Token ids of `text`; special-token strings in it become their ids; no BOS/EOS added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode_fast(text, false).map_err(tk_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode_fast(text, false)
+            .map_err(tk_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Encode many texts in parallel.
     pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let encs = self.inner.encode_batch_fast(inputs, false).map_err(tk_err)?;
+        let encs = self
+            .inner
+            .encode_batch_fast(inputs, false)
+            .map_err(tk_err)?;
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
@@ -199,22 +226,39 @@ impl Tokenizer {
 
     /// End-of-sequence id: the config's `eos_token`, else `<|endoftext|>`.
     pub fn eos_id(&self) -> Option<u32> {
-        self.config.eos_token.as_ref().and_then(|t| self.token_id(t.content())).or_else(|| self.token_id(EOT))
+        self.config
+            .eos_token
+            .as_ref()
+            .and_then(|t| self.token_id(t.content()))
+            .or_else(|| self.token_id(EOT))
     }
 
     pub fn bos_id(&self) -> Option<u32> {
-        self.config.bos_token.as_ref().and_then(|t| self.token_id(t.content()))
+        self.config
+            .bos_token
+            .as_ref()
+            .and_then(|t| self.token_id(t.content()))
     }
 
     /// Padding id: `pad_token`, else the end-of-sequence id, else 0. Padding is always
     /// masked, so its value only has to be a valid id.
     pub fn pad_id(&self) -> u32 {
-        self.config.pad_token.as_ref().and_then(|t| self.token_id(t.content())).or_else(|| self.eos_id()).unwrap_or(0)
+        self.config
+            .pad_token
+            .as_ref()
+            .and_then(|t| self.token_id(t.content()))
+            .or_else(|| self.eos_id())
+            .unwrap_or(0)
     }
 
     /// The largest token id the tokenizer can produce, plus one.
     pub fn id_bound(&self) -> usize {
-        let added = self.inner.get_added_tokens_decoder().keys().max().map_or(0, |&m| m as usize + 1);
+        let added = self
+            .inner
+            .get_added_tokens_decoder()
+            .keys()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
         self.inner.get_vocab_size(false).max(added)
     }
 }
@@ -259,8 +303,15 @@ mod tests {
 
     #[test]
     fn too_small_vocab_and_missing_files_are_errors() {
-        assert!(Tokenizer::train(corpus().into_iter(), 100).err().unwrap().to_string().contains("too small"));
-        let e = Tokenizer::from_dir(Path::new("/nonexistent")).err().unwrap().to_string();
+        assert!(Tokenizer::train(corpus().into_iter(), 100)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("too small"));
+        let e = Tokenizer::from_dir(Path::new("/nonexistent"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("/nonexistent: tokenizer.json is missing"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();

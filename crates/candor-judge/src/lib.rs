@@ -23,20 +23,66 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The fields of a prompt line (`reference`, or any other a judge reads), as parsed.
+pub type Fields = serde_json::Map<String, serde_json::Value>;
+
+/// One response to judge, with everything its prompt line carried.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample<'a> {
+    /// The prompt as the user wrote it (not rendered with a chat template).
+    pub prompt: &'a str,
+    /// The response, without the end-of-turn token.
+    pub response: &'a str,
+    /// Every field of the prompt line besides `prompt` (`reference`, ...).
+    pub fields: &'a Fields,
+}
+
+impl<'a> Sample<'a> {
+    /// A field of the prompt line as text: a string as it is, a number or boolean printed
+    /// (`{"reference": 42}` reads as `"42"`); `None` when absent or null.
+    pub fn text_field(&self, key: &str) -> Option<String> {
+        match self.fields.get(key)? {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        }
+    }
+}
+
 /// Scores a response to a prompt; higher is better.
 pub trait Judge: Send + Sync {
     /// The name it is registered under (`--judge NAME`).
     fn name(&self) -> &str;
-    /// The score of `response` to `prompt`. `reference` is the prompt line's `reference`
-    /// field, for judges that compare with an expected answer.
-    fn score(&self, prompt: &str, response: &str, reference: Option<&str>) -> Result<f64>;
+    /// The prompt-line fields this judge reads; a run checks every prompt line has them
+    /// before anything is sampled or trained.
+    fn needs(&self) -> &[&str] {
+        &[]
+    }
+    /// The score of one response.
+    fn score(&self, sample: &Sample) -> Result<f64>;
+    /// The scores of a batch, in order. Judges that pay per call (a program, a server)
+    /// override this to send the batch at once.
+    fn score_batch(&self, batch: &[Sample]) -> Result<Vec<f64>> {
+        batch.iter().map(|s| self.score(s)).collect()
+    }
 }
 
-/// A registered judge: its name, what it measures (one line), and how to build it.
+/// A registered judge: its name, what it measures (one line), and how to build it from the
+/// argument after `NAME:` in a judge spec (`None` for a bare `NAME`).
 pub struct JudgeEntry {
     pub name: &'static str,
     pub about: &'static str,
-    pub build: fn() -> Box<dyn Judge>,
+    pub build: fn(arg: Option<&str>) -> Result<Box<dyn Judge>>,
+}
+
+/// For judges that take no argument: a bare `NAME` builds it, `NAME:ARG` is an error.
+fn no_arg(name: &str, arg: Option<&str>) -> Result<()> {
+    match arg {
+        None => Ok(()),
+        Some(a) => Err(Error::Msg(format!(
+            "judge `{name}` takes no argument (got `{name}:{a}`)"
+        ))),
+    }
 }
 
 /// The registry. One line per judge.
@@ -44,21 +90,48 @@ pub const JUDGES: &[JudgeEntry] = &[
     JudgeEntry {
         name: "sentiment",
         about: "VADER compound valence of the response, -1 (negative) to 1 (positive)",
-        build: || Box::new(SentimentJudge::new()),
+        build: |arg| no_arg("sentiment", arg).map(|_| Box::new(SentimentJudge::new()) as Box<dyn Judge>),
     },
     JudgeEntry {
         name: "reference",
         about: "agreement with the line's `reference` answer: 1 for an exact match after normalisation, else 0.9 x token F1",
-        build: || Box::new(ReferenceJudge),
+        build: |arg| no_arg("reference", arg).map(|_| Box::new(ReferenceJudge) as Box<dyn Judge>),
     },
 ];
 
-/// Build the judge registered as `name`.
-pub fn judge_by_name(name: &str) -> Result<Box<dyn Judge>> {
+/// Build a judge from its spec: `NAME`, or `NAME:ARG` for judges that take an argument
+/// (the text after the first `:`).
+pub fn judge_by_name(spec: &str) -> Result<Box<dyn Judge>> {
+    let (name, arg) = match spec.split_once(':') {
+        Some((n, a)) => (n, Some(a)),
+        None => (spec, None),
+    };
     match JUDGES.iter().find(|j| j.name == name) {
-        Some(j) => Ok((j.build)()),
-        None => Err(Error::Msg(format!("unknown judge `{name}`; known judges: {}", known_judges().join(", ")))),
+        Some(j) => (j.build)(arg),
+        None => Err(Error::Msg(format!(
+            "unknown judge `{name}`; known judges: {}",
+            known_judges().join(", ")
+        ))),
     }
+}
+
+/// Score one response given only a prompt line's `reference` (or none): for tests and
+/// callers that carry no other fields.
+pub fn score_with_reference(
+    judge: &dyn Judge,
+    prompt: &str,
+    response: &str,
+    reference: Option<&str>,
+) -> Result<f64> {
+    let mut fields = Fields::new();
+    if let Some(r) = reference {
+        fields.insert("reference".into(), serde_json::Value::String(r.into()));
+    }
+    judge.score(&Sample {
+        prompt,
+        response,
+        fields: &fields,
+    })
 }
 
 /// Names of the registered judges, in registry order.
@@ -79,8 +152,31 @@ mod tests {
     }
 
     #[test]
+    fn argument_to_a_judge_without_one_is_an_error() {
+        let e = judge_by_name("sentiment:x").err().unwrap().to_string();
+        assert_eq!(e, "judge `sentiment` takes no argument (got `sentiment:x`)");
+    }
+
+    #[test]
+    fn text_field_prints_numbers_and_skips_null() {
+        let fields: Fields = serde_json::from_str(r#"{"a": "x", "b": 42, "c": null}"#).unwrap();
+        let s = Sample {
+            prompt: "p",
+            response: "r",
+            fields: &fields,
+        };
+        assert_eq!(s.text_field("a").as_deref(), Some("x"));
+        assert_eq!(s.text_field("b").as_deref(), Some("42"));
+        assert_eq!(s.text_field("c"), None);
+        assert_eq!(s.text_field("d"), None);
+    }
+
+    #[test]
     fn unknown_judge_lists_the_known_ones() {
         let e = judge_by_name("vibes").err().unwrap().to_string();
-        assert_eq!(e, "unknown judge `vibes`; known judges: sentiment, reference");
+        assert_eq!(
+            e,
+            "unknown judge `vibes`; known judges: sentiment, reference"
+        );
     }
 }

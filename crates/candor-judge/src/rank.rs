@@ -21,7 +21,11 @@ impl Ranking {
 
     /// Dense ranks aligned with [`order`](Self::order): 1 for the best group, then 2, ...
     pub fn ranks(&self) -> Vec<u32> {
-        self.groups.iter().enumerate().flat_map(|(g, members)| std::iter::repeat_n(g as u32 + 1, members.len())).collect()
+        self.groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, members)| std::iter::repeat_n(g as u32 + 1, members.len()))
+            .collect()
     }
 
     /// Number of tied groups (groups of two or more).
@@ -54,12 +58,18 @@ pub fn parse_answer(line: &str, k: usize) -> Result<Answer, String> {
 
 /// Parse an order of the response numbers 1..=K (see [`parse_answer`]).
 pub fn parse_order(text: &str, k: usize) -> Result<Ranking, String> {
-    let example = if k >= 3 { "`2 1 3`, or `2 1=3` for a tie" } else { "`2 1`, or `1=2` for a tie" };
+    let example = if k >= 3 {
+        "`2 1 3`, or `2 1=3` for a tie"
+    } else {
+        "`2 1`, or `1=2` for a tie"
+    };
     let mut groups: Vec<Vec<usize>> = vec![];
     let mut tie_next = false; // the last thing seen was `=`
     let mut rest = text.trim();
     if rest.is_empty() {
-        return Err(format!("type the response numbers best first, e.g. {example} (s = skip, q = quit)"));
+        return Err(format!(
+            "type the response numbers best first, e.g. {example} (s = skip, q = quit)"
+        ));
     }
     while !rest.is_empty() {
         let c = rest.chars().next().unwrap();
@@ -67,21 +77,29 @@ pub fn parse_order(text: &str, k: usize) -> Result<Ranking, String> {
             rest = &rest[c.len_utf8()..];
         } else if c == '=' {
             if groups.is_empty() || tie_next {
-                return Err("`=` must stand between two response numbers (`1=2` ties 1 and 2)".into());
+                return Err(
+                    "`=` must stand between two response numbers (`1=2` ties 1 and 2)".into(),
+                );
             }
             tie_next = true;
             rest = &rest[1..];
         } else {
-            let end = rest.find(|c: char| c.is_whitespace() || c == ',' || c == '=').unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == ',' || c == '=')
+                .unwrap_or(rest.len());
             let token = &rest[..end];
             let n: usize = token
                 .parse()
                 .map_err(|_| format!("`{token}` is not a response number; type the numbers 1 to {k} best first, e.g. {example}"))?;
             if n == 0 || n > k {
-                return Err(format!("there is no response {n}: the responses are numbered 1 to {k}"));
+                return Err(format!(
+                    "there is no response {n}: the responses are numbered 1 to {k}"
+                ));
             }
             if groups.iter().flatten().any(|&i| i == n - 1) {
-                return Err(format!("response {n} is listed twice: list each of the {k} responses once"));
+                return Err(format!(
+                    "response {n} is listed twice: list each of the {k} responses once"
+                ));
             }
             if tie_next {
                 groups.last_mut().unwrap().push(n - 1);
@@ -97,7 +115,10 @@ pub fn parse_order(text: &str, k: usize) -> Result<Ranking, String> {
     }
     let seen: Vec<usize> = groups.iter().flatten().copied().collect();
     if let Some(missing) = (0..k).find(|i| !seen.contains(i)) {
-        return Err(format!("response {} is missing: rank all {k} responses, e.g. {example}", missing + 1));
+        return Err(format!(
+            "response {} is missing: rank all {k} responses, e.g. {example}",
+            missing + 1
+        ));
     }
     Ok(Ranking { groups })
 }
@@ -105,7 +126,11 @@ pub fn parse_order(text: &str, k: usize) -> Result<Ranking, String> {
 /// Rank responses by score, highest first; equal scores are tied. Ties keep the input order.
 pub fn rank_by_scores(scores: &[f64]) -> Result<Ranking> {
     if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
-        return Err(Error::Msg(format!("response {} has score {}: a judge must give finite scores", i + 1, scores[i])));
+        return Err(Error::Msg(format!(
+            "response {} has score {}: a judge must give finite scores",
+            i + 1,
+            scores[i]
+        )));
     }
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
@@ -143,7 +168,11 @@ mod tests {
     #[test]
     fn orders_that_are_not_permutations_are_refused_with_the_reason() {
         let e = |t: &str| parse_order(t, 4).unwrap_err();
-        assert!(e("3 1 2").contains("response 4 is missing"), "{}", e("3 1 2"));
+        assert!(
+            e("3 1 2").contains("response 4 is missing"),
+            "{}",
+            e("3 1 2")
+        );
         assert!(e("3 1 2 2 4").contains("response 2 is listed twice"));
         assert!(e("3 1 2 5").contains("there is no response 5: the responses are numbered 1 to 4"));
         assert!(e("0 1 2 3").contains("there is no response 0"));
@@ -159,7 +188,10 @@ mod tests {
     fn skip_and_quit() {
         assert_eq!(parse_answer(" s ", 3), Ok(Answer::Skip));
         assert_eq!(parse_answer("Q", 3), Ok(Answer::Quit));
-        assert_eq!(parse_answer("2 3 1", 3), Ok(Answer::Order(order("2 3 1", 3))));
+        assert_eq!(
+            parse_answer("2 3 1", 3),
+            Ok(Answer::Order(order("2 3 1", 3)))
+        );
         assert!(parse_answer("sq", 3).is_err());
     }
 
@@ -169,6 +201,9 @@ mod tests {
         assert_eq!(r.groups, vec![vec![1], vec![0, 2], vec![3]]);
         assert_eq!(r.ranks(), vec![1, 2, 2, 3]);
         assert_eq!(rank_by_scores(&[0.0, 0.0]).unwrap().ranks(), vec![1, 1]);
-        assert!(rank_by_scores(&[0.0, f64::NAN]).unwrap_err().to_string().contains("response 2 has score NaN"));
+        assert!(rank_by_scores(&[0.0, f64::NAN])
+            .unwrap_err()
+            .to_string()
+            .contains("response 2 has score NaN"));
     }
 }

@@ -8,14 +8,21 @@
 
 use std::collections::HashMap;
 
-use crate::{Error, Judge, Result};
+use crate::{Error, Judge, Result, Sample};
 
 pub struct ReferenceJudge;
 
 /// Lower case, every non-alphanumeric character a space, whitespace collapsed.
 pub fn normalise(text: &str) -> String {
-    let spaced: String = text.chars().map(|c| if c.is_alphanumeric() { c } else { ' ' }).collect();
-    spaced.to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ")
+    let spaced: String = text
+        .chars()
+        .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+        .collect();
+    spaced
+        .to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// SQuAD token F1 between two normalised strings (0 when either has no tokens).
@@ -46,11 +53,16 @@ impl Judge for ReferenceJudge {
         "reference"
     }
 
-    fn score(&self, _prompt: &str, response: &str, reference: Option<&str>) -> Result<f64> {
-        let reference = reference.ok_or_else(|| {
+    fn needs(&self) -> &[&str] {
+        &["reference"]
+    }
+
+    fn score(&self, sample: &Sample) -> Result<f64> {
+        let response = sample.response;
+        let reference = sample.text_field("reference").ok_or_else(|| {
             Error::Msg("judge `reference` needs a `reference` field (the expected answer) on every prompt line".into())
         })?;
-        let (r, a) = (normalise(response), normalise(reference));
+        let (r, a) = (normalise(response), normalise(&reference));
         Ok(if r == a { 1.0 } else { 0.9 * token_f1(&r, &a) })
     }
 }
@@ -62,8 +74,20 @@ mod tests {
     #[test]
     fn exact_match_after_normalisation_scores_one() {
         let j = ReferenceJudge;
-        assert_eq!(j.score("What is 15 + 24?", " 39. ", Some("39")).unwrap(), 1.0);
-        assert_eq!(j.score("p", "Sea (noun): a large body of salt water.", Some("sea (noun):  a large body of salt water")).unwrap(), 1.0);
+        assert_eq!(
+            crate::score_with_reference(&j, "What is 15 + 24?", " 39. ", Some("39")).unwrap(),
+            1.0
+        );
+        assert_eq!(
+            crate::score_with_reference(
+                &j,
+                "p",
+                "Sea (noun): a large body of salt water.",
+                Some("sea (noun):  a large body of salt water")
+            )
+            .unwrap(),
+            1.0
+        );
     }
 
     #[test]
@@ -71,20 +95,33 @@ mod tests {
         let j = ReferenceJudge;
         // response "the cat sat" vs reference "the cat sat down": common 3, P = 1, R = 3/4,
         // F1 = 2·(3/4)/(7/4) = 6/7
-        let s = j.score("p", "The cat sat", Some("the cat sat down")).unwrap();
+        let s =
+            crate::score_with_reference(&j, "p", "The cat sat", Some("the cat sat down")).unwrap();
         assert!((s - 0.9 * 6.0 / 7.0).abs() < 1e-12, "{s}");
         // a reordering has F1 = 1 but stays below an exact answer
-        assert!((j.score("p", "3 1 2", Some("1 2 3")).unwrap() - 0.9).abs() < 1e-12);
+        assert!(
+            (crate::score_with_reference(&j, "p", "3 1 2", Some("1 2 3")).unwrap() - 0.9).abs()
+                < 1e-12
+        );
         // repeated tokens count once per occurrence: "a a a" vs "a b": common 1, P 1/3, R 1/2
-        let s = j.score("p", "a a a", Some("a b")).unwrap();
+        let s = crate::score_with_reference(&j, "p", "a a a", Some("a b")).unwrap();
         assert!((s - 0.9 * 0.4).abs() < 1e-12, "{s}");
-        assert_eq!(j.score("p", "", Some("39")).unwrap(), 0.0);
-        assert_eq!(j.score("p", "forty", Some("39")).unwrap(), 0.0);
+        assert_eq!(
+            crate::score_with_reference(&j, "p", "", Some("39")).unwrap(),
+            0.0
+        );
+        assert_eq!(
+            crate::score_with_reference(&j, "p", "forty", Some("39")).unwrap(),
+            0.0
+        );
     }
 
     #[test]
     fn missing_reference_is_a_clear_error() {
-        let e = ReferenceJudge.score("p", "r", None).err().unwrap().to_string();
+        let e = crate::score_with_reference(&ReferenceJudge, "p", "r", None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("needs a `reference` field"), "{e}");
     }
 }

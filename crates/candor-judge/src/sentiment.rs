@@ -8,7 +8,7 @@
 
 use vader_parity::SentimentIntensityAnalyzer;
 
-use crate::{Judge, Result};
+use crate::{Judge, Result, Sample};
 
 pub struct SentimentJudge {
     analyzer: SentimentIntensityAnalyzer,
@@ -17,7 +17,9 @@ pub struct SentimentJudge {
 impl SentimentJudge {
     /// Parses the lexicon (about 11,000 lines) once; build one and score many responses.
     pub fn new() -> Self {
-        SentimentJudge { analyzer: SentimentIntensityAnalyzer::new() }
+        SentimentJudge {
+            analyzer: SentimentIntensityAnalyzer::new(),
+        }
     }
 }
 
@@ -33,8 +35,8 @@ impl Judge for SentimentJudge {
     }
 
     /// The compound score in [-1, 1] of the response alone; the prompt is not scored.
-    fn score(&self, _prompt: &str, response: &str, _reference: Option<&str>) -> Result<f64> {
-        Ok(self.analyzer.polarity_scores(response).compound)
+    fn score(&self, sample: &Sample) -> Result<f64> {
+        Ok(self.analyzer.polarity_scores(sample.response).compound)
     }
 }
 
@@ -47,15 +49,21 @@ mod tests {
     /// written by `scripts/data/fetch_vader.sh`.
     #[test]
     fn matches_python_vader_reference_scores() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/sentiment/vader_reference.jsonl");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../data/sentiment/vader_reference.jsonl"
+        );
         let judge = SentimentJudge::new();
         let mut worst = 0.0f64;
         let mut n = 0;
         for line in std::fs::read_to_string(path).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             let (text, want) = (v["text"].as_str().unwrap(), v["compound"].as_f64().unwrap());
-            let got = judge.score("any prompt", text, None).unwrap();
-            assert!((got - want).abs() <= 1e-4, "{text:?}: got {got}, Python vaderSentiment gives {want}");
+            let got = crate::score_with_reference(&judge, "any prompt", text, None).unwrap();
+            assert!(
+                (got - want).abs() <= 1e-4,
+                "{text:?}: got {got}, Python vaderSentiment gives {want}"
+            );
             worst = worst.max((got - want).abs());
             n += 1;
         }
@@ -66,9 +74,20 @@ mod tests {
     #[test]
     fn ignores_the_prompt_and_orders_by_valence() {
         let j = SentimentJudge::new();
-        let good = j.score("Describe a day.", "What a wonderful, happy day!", None).unwrap();
-        let bad = j.score("Describe a day.", "A terrible, miserable day.", None).unwrap();
+        let good = crate::score_with_reference(
+            &j,
+            "Describe a day.",
+            "What a wonderful, happy day!",
+            None,
+        )
+        .unwrap();
+        let bad =
+            crate::score_with_reference(&j, "Describe a day.", "A terrible, miserable day.", None)
+                .unwrap();
         assert!(good > 0.5 && bad < -0.5, "{good} {bad}");
-        assert_eq!(j.score("I hate this", "The sea.", None).unwrap(), 0.0);
+        assert_eq!(
+            crate::score_with_reference(&j, "I hate this", "The sea.", None).unwrap(),
+            0.0
+        );
     }
 }

@@ -18,7 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Some(s), Some(d)) => (PathBuf::from(s), PathBuf::from(d)),
         _ => return Err("usage: resave IN OUT [--head lm|score]".into()),
     };
-    let head = match args.iter().position(|a| a == "--head").and_then(|i| args.get(i + 1)).map(String::as_str) {
+    let head = match args
+        .iter()
+        .position(|a| a == "--head")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
         Some("lm") => Head::Lm,
         Some("score") => Head::Score,
         Some(other) => return Err(format!("--head: `{other}` (expected lm or score)").into()),
@@ -27,7 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (model, varmap) = load_trainable(&src, head, &mut Rng::new(0), &Device::Cpu)?;
     std::fs::create_dir_all(&dst)?;
     save_model(&dst, &model.config, head, &varmap)?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
         if src.join(f).is_file() {
             std::fs::copy(src.join(f), dst.join(f))?;
         }

@@ -152,7 +152,8 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     pub fn arch(&self) -> Arch {
@@ -193,7 +194,11 @@ impl ModelConfig {
         };
         match head {
             Head::Lm => {
-                let arch = if prefix == "GPT2" { "GPT2LMHeadModel".into() } else { format!("{prefix}ForCausalLM") };
+                let arch = if prefix == "GPT2" {
+                    "GPT2LMHeadModel".into()
+                } else {
+                    format!("{prefix}ForCausalLM")
+                };
                 self.architectures = vec![arch];
                 self.num_labels = None;
             }
@@ -212,16 +217,29 @@ impl ModelConfig {
     /// Reject what candor cannot compute faithfully, naming the key (`origin` names the file).
     pub fn validate(&self, origin: &Path) -> Result<()> {
         let bad = |key: &str, msg: String| Err(file_err(origin, format!("`{key}`: {msg}")));
-        if !matches!(self.model_type.as_str(), "llama" | "mistral" | "qwen2" | "smollm" | "smollm2" | "gpt2") {
+        if !matches!(
+            self.model_type.as_str(),
+            "llama" | "mistral" | "qwen2" | "smollm" | "smollm2" | "gpt2"
+        ) {
             return bad(
                 "model_type",
-                format!("`{}` is not supported (expected llama, mistral, qwen2 or gpt2)", self.model_type),
+                format!(
+                    "`{}` is not supported (expected llama, mistral, qwen2 or gpt2)",
+                    self.model_type
+                ),
             );
         }
         for a in &self.architectures {
-            let known = ["ForCausalLM", "LMHeadModel", "ForSequenceClassification", "Model"];
+            let known = [
+                "ForCausalLM",
+                "LMHeadModel",
+                "ForSequenceClassification",
+                "Model",
+            ];
             let family = ["Llama", "Mistral", "Qwen2", "GPT2", "SmolLM", "SmolLM2"];
-            let ok = known.iter().any(|k| a.strip_suffix(k).is_some_and(|f| family.contains(&f)));
+            let ok = known
+                .iter()
+                .any(|k| a.strip_suffix(k).is_some_and(|f| family.contains(&f)));
             if !ok {
                 return bad(
                     "architectures",
@@ -244,33 +262,60 @@ impl ModelConfig {
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
-                format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
             );
         }
         let kv = self.kv_heads();
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
-            return bad("num_key_value_heads", format!("{kv} does not divide num_attention_heads {}", self.num_attention_heads));
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{kv} does not divide num_attention_heads {}",
+                    self.num_attention_heads
+                ),
+            );
         }
         match self.arch() {
             Arch::Llama => {
                 if !self.head_dim().is_multiple_of(2) {
-                    return bad("head_dim", format!("rotary embeddings need an even head dimension, got {}", self.head_dim()));
+                    return bad(
+                        "head_dim",
+                        format!(
+                            "rotary embeddings need an even head dimension, got {}",
+                            self.head_dim()
+                        ),
+                    );
                 }
                 if !matches!(self.hidden_act.as_str(), "silu" | "swish") {
-                    return bad("hidden_act", format!("`{}` is not supported (expected silu)", self.hidden_act));
+                    return bad(
+                        "hidden_act",
+                        format!("`{}` is not supported (expected silu)", self.hidden_act),
+                    );
                 }
             }
             Arch::Gpt2 => {
-                if !matches!(self.hidden_act.as_str(), "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu") {
+                if !matches!(
+                    self.hidden_act.as_str(),
+                    "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu"
+                ) {
                     return bad(
                         "activation_function",
                         format!("`{}` is not supported (expected gelu_new, gelu_pytorch_tanh, gelu_fast or gelu)", self.hidden_act),
                     );
                 }
-                if kv != self.num_attention_heads || self.head_dim() * self.num_attention_heads != self.hidden_size {
+                if kv != self.num_attention_heads
+                    || self.head_dim() * self.num_attention_heads != self.hidden_size
+                {
                     return bad("n_head", "GPT-2 attention has one key/value head per query head and n_embd = n_head × head size".into());
                 }
-                for (key, honoured) in [("scale_attn_weights", true), ("scale_attn_by_inverse_layer_idx", false), ("add_cross_attention", false)] {
+                for (key, honoured) in [
+                    ("scale_attn_weights", true),
+                    ("scale_attn_by_inverse_layer_idx", false),
+                    ("add_cross_attention", false),
+                ] {
                     if let Some(v) = self.extra.get(key).and_then(Value::as_bool) {
                         if v != honoured {
                             return bad(key, format!("{v} is not implemented (candor computes GPT-2 attention with {key} = {honoured})"));
@@ -281,7 +326,10 @@ impl ModelConfig {
         }
         if let Some(rs) = &self.rope_scaling {
             if !rs.is_null() && !is_default_rope(rs) {
-                return bad("rope_scaling", format!("{rs} is not implemented; only plain rotary embeddings are"));
+                return bad(
+                    "rope_scaling",
+                    format!("{rs} is not implemented; only plain rotary embeddings are"),
+                );
             }
         }
         if let Some(rp) = &self.rope_parameters {
@@ -289,9 +337,16 @@ impl ModelConfig {
                 return bad("rope_parameters", format!("{rp} is not implemented; only plain rotary embeddings (rope_type default) are"));
             }
         }
-        if let Some(f) = self.extra.get("partial_rotary_factor").and_then(Value::as_f64) {
+        if let Some(f) = self
+            .extra
+            .get("partial_rotary_factor")
+            .and_then(Value::as_f64)
+        {
             if f != 1.0 {
-                return bad("partial_rotary_factor", format!("{f} is not implemented; rotary embeddings cover the whole head"));
+                return bad(
+                    "partial_rotary_factor",
+                    format!("{f} is not implemented; rotary embeddings cover the whole head"),
+                );
             }
         }
         if let Some(w) = self.sliding_window() {
@@ -303,7 +358,13 @@ impl ModelConfig {
             }
         }
         if self.num_labels.is_some_and(|n| n != 1) {
-            return bad("num_labels", format!("{} labels: candor's score head has exactly 1", self.num_labels.unwrap()));
+            return bad(
+                "num_labels",
+                format!(
+                    "{} labels: candor's score head has exactly 1",
+                    self.num_labels.unwrap()
+                ),
+            );
         }
         Ok(())
     }
@@ -313,29 +374,44 @@ impl ModelConfig {
     pub fn sliding_window(&self) -> Option<usize> {
         let w = self.extra.get("sliding_window").and_then(Value::as_u64)? as usize;
         let default_on = self.model_type == "mistral";
-        let on = self.extra.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(default_on);
+        let on = self
+            .extra
+            .get("use_sliding_window")
+            .and_then(Value::as_bool)
+            .unwrap_or(default_on);
         let layer_types = self.extra.get("layer_types").and_then(Value::as_array);
-        let any_sliding = layer_types.is_some_and(|l| l.iter().any(|t| t.as_str() == Some("sliding_attention")));
+        let any_sliding =
+            layer_types.is_some_and(|l| l.iter().any(|t| t.as_str() == Some("sliding_attention")));
         (on || any_sliding).then_some(w)
     }
 
     /// Parse a `config.json` text: map GPT-2 keys, read `rope_parameters`/`dtype` (the
     /// transformers ≥ 5 spellings), then validate. Errors name `path` and the key.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| file_err(path, format!("not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| file_err(path, format!("not valid JSON: {e}")))?;
         let Value::Object(mut map) = value else {
             return Err(file_err(path, "not a model config: expected a JSON object"));
         };
-        let model_type = map.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        let model_type = map
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if model_type.is_empty() {
-            return Err(file_err(path, "`model_type`: missing (expected llama, mistral, qwen2 or gpt2)"));
+            return Err(file_err(
+                path,
+                "`model_type`: missing (expected llama, mistral, qwen2 or gpt2)",
+            ));
         }
         if model_type == "gpt2" {
             let n_embd = map.get("n_embd").and_then(Value::as_u64);
-            map.entry("layer_norm_epsilon").or_insert(serde_json::json!(1e-5));
-            map.entry("activation_function").or_insert(serde_json::json!("gelu_new"));
-            map.entry("tie_word_embeddings").or_insert(Value::Bool(true));
+            map.entry("layer_norm_epsilon")
+                .or_insert(serde_json::json!(1e-5));
+            map.entry("activation_function")
+                .or_insert(serde_json::json!("gelu_new"));
+            map.entry("tie_word_embeddings")
+                .or_insert(Value::Bool(true));
             if map.get("n_inner").is_none_or(Value::is_null) {
                 if let Some(c) = n_embd {
                     map.insert("n_inner".into(), serde_json::json!(4 * c));
@@ -347,7 +423,10 @@ impl ModelConfig {
                         map.insert(ours.into(), v);
                     }
                     None if !map.contains_key(ours) => {
-                        return Err(file_err(path, format!("`{gpt2}`: missing (a GPT-2 config needs it)")));
+                        return Err(file_err(
+                            path,
+                            format!("`{gpt2}`: missing (a GPT-2 config needs it)"),
+                        ));
                     }
                     None => {}
                 }
@@ -356,13 +435,18 @@ impl ModelConfig {
         if let Some(Value::String(d)) = map.remove("dtype") {
             map.insert("torch_dtype".into(), Value::String(d));
         }
-        if let Some(theta) = map.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(Value::as_f64) {
+        if let Some(theta) = map
+            .get("rope_parameters")
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+        {
             map.insert("rope_theta".into(), serde_json::json!(theta));
         }
-        let mut cfg: ModelConfig = serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
-            let key = e.path().to_string();
-            file_err(path, format!("`{key}`: {}", e.into_inner()))
-        })?;
+        let mut cfg: ModelConfig =
+            serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+                let key = e.path().to_string();
+                file_err(path, format!("`{key}`: {}", e.into_inner()))
+            })?;
         // Sliding-window attention over a window W is full causal attention on sequences of
         // at most W tokens: honour it exactly by limiting the context to the window.
         if let Some(w) = cfg.sliding_window() {
@@ -383,11 +467,22 @@ impl ModelConfig {
         match self.arch() {
             Arch::Llama => {
                 if self.rope_parameters.as_ref().is_none_or(is_default_rope) {
-                    map.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta}));
+                    map.insert(
+                        "rope_parameters".into(),
+                        serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta}),
+                    );
                 }
             }
             Arch::Gpt2 => {
-                for key in ["rope_theta", "rope_parameters", "rope_scaling", "num_key_value_heads", "attention_bias", "mlp_bias", "head_dim"] {
+                for key in [
+                    "rope_theta",
+                    "rope_parameters",
+                    "rope_scaling",
+                    "num_key_value_heads",
+                    "attention_bias",
+                    "mlp_bias",
+                    "head_dim",
+                ] {
                     map.remove(key);
                 }
                 for (gpt2, ours) in GPT2_KEYS {
@@ -402,7 +497,8 @@ impl ModelConfig {
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
         Self::from_json(&text, path)
     }
 
@@ -413,7 +509,11 @@ impl ModelConfig {
 
     /// The head a checkpoint's config describes.
     pub fn head(&self) -> Head {
-        if self.architectures.iter().any(|a| a.ends_with("ForSequenceClassification")) {
+        if self
+            .architectures
+            .iter()
+            .any(|a| a.ends_with("ForSequenceClassification"))
+        {
             Head::Score
         } else {
             Head::Lm
@@ -422,11 +522,20 @@ impl ModelConfig {
 
     /// Parameters of the backbone plus the given head.
     pub fn param_count(&self, head: Head) -> usize {
-        let (c, i, v, l) = (self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers);
+        let (c, i, v, l) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.vocab_size,
+            self.num_hidden_layers,
+        );
         let d = self.head_dim();
         let (h, kv) = (self.num_attention_heads, self.kv_heads());
         let attn = c * h * d + 2 * c * kv * d + h * d * c;
-        let qkv_b = if self.qkv_bias() { h * d + 2 * kv * d } else { 0 } + if self.o_bias() { c } else { 0 };
+        let qkv_b = if self.qkv_bias() {
+            h * d + 2 * kv * d
+        } else {
+            0
+        } + if self.o_bias() { c } else { 0 };
         let (mlp, norm, positions) = match self.arch() {
             Arch::Llama => (3 * c * i + if self.mlp_bias { 2 * i + c } else { 0 }, c, 0),
             Arch::Gpt2 => (2 * c * i + i + c, 2 * c, self.max_position_embeddings * c),
@@ -444,11 +553,24 @@ impl ModelConfig {
 /// A rope spec that means plain rotary embeddings: `{"rope_type": "default", ...}` (or the
 /// legacy `type`) with no other scaling keys.
 fn is_default_rope(v: &Value) -> bool {
-    let Some(m) = v.as_object() else { return v.is_null() };
-    let kind = m.get("rope_type").or_else(|| m.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let Some(m) = v.as_object() else {
+        return v.is_null();
+    };
+    let kind = m
+        .get("rope_type")
+        .or_else(|| m.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     kind == "default"
-        && m.keys().all(|k| matches!(k.as_str(), "rope_type" | "type" | "rope_theta" | "partial_rotary_factor"))
-        && m.get("partial_rotary_factor").and_then(Value::as_f64).is_none_or(|f| f == 1.0)
+        && m.keys().all(|k| {
+            matches!(
+                k.as_str(),
+                "rope_type" | "type" | "rope_theta" | "partial_rotary_factor"
+            )
+        })
+        && m.get("partial_rotary_factor")
+            .and_then(Value::as_f64)
+            .is_none_or(|f| f == 1.0)
 }
 
 fn first_id(v: &Value) -> Option<u32> {
@@ -473,7 +595,8 @@ mod tests {
         cfg.validate(Path::new("config.json")).unwrap();
         assert_eq!(cfg.kv_heads(), 2);
         assert_eq!(cfg.extra["initializer_range"], 0.02);
-        let again: ModelConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        let again: ModelConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(cfg, again);
     }
 
@@ -481,13 +604,24 @@ mod tests {
     fn rejects_what_it_cannot_honour() {
         let mut cfg = ModelConfig::llama(100, 64, 2, 4, 2, 128, 32, 1e4, true);
         cfg.rope_scaling = Some(serde_json::json!({"type": "linear", "factor": 2.0}));
-        let e = cfg.validate(Path::new("m/config.json")).unwrap_err().to_string();
+        let e = cfg
+            .validate(Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("m/config.json: `rope_scaling`"), "{e}");
         let mut cfg = ModelConfig::llama(100, 64, 2, 4, 3, 128, 32, 1e4, true);
-        assert!(cfg.validate(Path::new("c")).unwrap_err().to_string().contains("num_key_value_heads"));
+        assert!(cfg
+            .validate(Path::new("c"))
+            .unwrap_err()
+            .to_string()
+            .contains("num_key_value_heads"));
         cfg.num_key_value_heads = Some(4);
         cfg.model_type = "gpt_neox".into();
-        assert!(cfg.validate(Path::new("c")).unwrap_err().to_string().contains("model_type"));
+        assert!(cfg
+            .validate(Path::new("c"))
+            .unwrap_err()
+            .to_string()
+            .contains("model_type"));
     }
 
     #[test]

@@ -16,5 +16,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn file_err(path: &std::path::Path, msg: impl Into<String>) -> Error {
-    Error::File { path: path.to_path_buf(), msg: msg.into() }
+    Error::File {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }

@@ -28,7 +28,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { max_new_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0 }
+        SamplingParams {
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 }
 
@@ -45,7 +50,11 @@ pub struct Sample {
 
 /// Sample one token from a row of logits; returns (token, log-prob).
 pub fn sample_row(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> (u32, f32) {
-    let t = if params.temperature > 0.0 { params.temperature as f32 } else { 1.0 };
+    let t = if params.temperature > 0.0 {
+        params.temperature as f32
+    } else {
+        1.0
+    };
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     // exp((l − max)/t) for the whole row at once (vectorised), then its log-sum
     let mut e: Vec<f32> = logits.iter().map(|&l| (l - max) / t).collect();
@@ -136,15 +145,31 @@ pub fn generate(
         ids[off..off + p.len()].copy_from_slice(p);
         valid[off..off + p.len()].iter_mut().for_each(|v| *v = true);
     }
-    let layout = Layout { batch: b, len, valid: valid.clone(), segments: None };
+    let layout = Layout {
+        batch: b,
+        len,
+        valid: valid.clone(),
+        segments: None,
+    };
     let ids_t = Tensor::from_vec(ids, (b, len), &device)?;
     let mut cache = model.new_cache();
-    let hidden =
-        model.forward_hidden(&ids_t, Some(&layout.positions_tensor(&device)?), Some(&layout.bias(&device)?), Some(&mut cache))?;
+    let hidden = model.forward_hidden(
+        &ids_t,
+        Some(&layout.positions_tensor(&device)?),
+        Some(&layout.bias(&device)?),
+        Some(&mut cache),
+    )?;
     let mut logits = last_logits(model, &hidden)?;
     let mut key_valid: Vec<Vec<bool>> = valid.chunks(len).map(<[bool]>::to_vec).collect();
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
-    let mut out: Vec<Sample> = vec![Sample { tokens: vec![], logprobs: vec![], stopped: false }; b];
+    let mut out: Vec<Sample> = vec![
+        Sample {
+            tokens: vec![],
+            logprobs: vec![],
+            stopped: false
+        };
+        b
+    ];
     // 2. sample, feed back, repeat
     for step in 0..params.max_new_tokens {
         let mut feed = vec![pad_id; b];
@@ -174,7 +199,12 @@ pub fn generate(
             }
         }
         let ids_t = Tensor::from_vec(feed, (b, 1), &device)?;
-        let hidden = model.forward_hidden(&ids_t, Some(&positions), Some(&step_bias(&key_valid, &device)?), Some(&mut cache))?;
+        let hidden = model.forward_hidden(
+            &ids_t,
+            Some(&positions),
+            Some(&step_bias(&key_valid, &device)?),
+            Some(&mut cache),
+        )?;
         logits = last_logits(model, &hidden)?;
     }
     Ok(out)
@@ -187,7 +217,10 @@ mod tests {
     #[test]
     fn greedy_takes_argmax_and_reports_its_logprob() {
         let mut rng = Rng::new(0);
-        let p = SamplingParams { temperature: 0.0, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
         let (tok, lp) = sample_row(&[0.0, 2.0, 1.0], &p, &mut rng);
         let z = 1.0f32 + 2f32.exp() + 1f32.exp();
         assert_eq!(tok, 1);
@@ -197,7 +230,10 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_sampling_follows_probabilities() {
         let mut rng = Rng::new(3);
-        let p = SamplingParams { top_k: 1, ..Default::default() };
+        let p = SamplingParams {
+            top_k: 1,
+            ..Default::default()
+        };
         for _ in 0..20 {
             assert_eq!(sample_row(&[0.0, 0.5, 3.0], &p, &mut rng).0, 2);
         }
@@ -205,10 +241,15 @@ mod tests {
         let logits = [0.0f32, (4.0f32).ln()];
         let p = SamplingParams::default();
         let n = 20_000;
-        let ones = (0..n).filter(|_| sample_row(&logits, &p, &mut rng).0 == 1).count();
+        let ones = (0..n)
+            .filter(|_| sample_row(&logits, &p, &mut rng).0 == 1)
+            .count();
         assert!((ones as f64 / n as f64 - 0.8).abs() < 0.015, "{ones}");
         // top_p 0.5 keeps only the 0.8 token
-        let p = SamplingParams { top_p: 0.5, ..Default::default() };
+        let p = SamplingParams {
+            top_p: 0.5,
+            ..Default::default()
+        };
         assert!((0..100).all(|_| sample_row(&logits, &p, &mut rng).0 == 1));
     }
 }

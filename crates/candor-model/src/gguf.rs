@@ -39,7 +39,12 @@ pub struct GgufVocab {
 impl GgufVocab {
     /// Ids of control and user-defined tokens (the special tokens).
     pub fn special_ids(&self) -> Vec<u32> {
-        self.token_types.iter().enumerate().filter(|(_, &t)| t == 3 || t == 4).map(|(i, _)| i as u32).collect()
+        self.token_types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(i, _)| i as u32)
+            .collect()
     }
 }
 
@@ -60,14 +65,20 @@ pub struct GgufModel {
 pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let d = rows / heads;
-    Ok(w.reshape((heads, d / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+    Ok(w.reshape((heads, d / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
 }
 
 /// llama.cpp's permutation (Hugging Face → GGUF), the inverse of [`unpermute`].
 pub fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let d = rows / heads;
-    Ok(w.reshape((heads, 2, d / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+    Ok(w.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
 }
 
 struct Meta<'a> {
@@ -87,11 +98,21 @@ impl Meta<'_> {
                 .or_else(|_| v.to_u32().map(u64::from))
                 .or_else(|_| v.to_i32().map(|x| x as u64))
                 .map(|x| Some(x as usize))
-                .map_err(|_| file_err(self.path, format!("`{key}`: expected an integer, got {v:?}"))),
+                .map_err(|_| {
+                    file_err(
+                        self.path,
+                        format!("`{key}`: expected an integer, got {v:?}"),
+                    )
+                }),
         }
     }
     fn required(&self, key: &str) -> Result<usize> {
-        self.usize(key)?.ok_or_else(|| file_err(self.path, format!("`{key}`: missing (a llama GGUF needs it)")))
+        self.usize(key)?.ok_or_else(|| {
+            file_err(
+                self.path,
+                format!("`{key}`: missing (a llama GGUF needs it)"),
+            )
+        })
     }
     fn f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
@@ -107,20 +128,39 @@ impl Meta<'_> {
     fn string(&self, key: &str) -> Result<Option<String>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.to_string().map(|s| Some(s.clone())).map_err(|_| file_err(self.path, format!("`{key}`: expected a string"))),
+            Some(v) => v
+                .to_string()
+                .map(|s| Some(s.clone()))
+                .map_err(|_| file_err(self.path, format!("`{key}`: expected a string"))),
         }
     }
     /// An array value, each item converted by `item` (`None`: not `what`).
-    fn array<T>(&self, key: &str, what: &str, item: impl Fn(&Value) -> Option<T>) -> Result<Vec<T>> {
-        let Some(v) = self.get(key) else { return Ok(vec![]) };
-        let items = v.to_vec().map_err(|_| file_err(self.path, format!("`{key}`: expected an array")))?;
-        items.iter().map(|x| item(x).ok_or_else(|| file_err(self.path, format!("`{key}`: expected {what}")))).collect()
+    fn array<T>(
+        &self,
+        key: &str,
+        what: &str,
+        item: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let Some(v) = self.get(key) else {
+            return Ok(vec![]);
+        };
+        let items = v
+            .to_vec()
+            .map_err(|_| file_err(self.path, format!("`{key}`: expected an array")))?;
+        items
+            .iter()
+            .map(|x| {
+                item(x).ok_or_else(|| file_err(self.path, format!("`{key}`: expected {what}")))
+            })
+            .collect()
     }
     fn strings(&self, key: &str) -> Result<Vec<String>> {
         self.array(key, "strings", |x| x.to_string().ok().cloned())
     }
     fn ints(&self, key: &str) -> Result<Vec<i32>> {
-        self.array(key, "integers", |x| x.to_i32().or_else(|_| x.to_u32().map(|u| u as i32)).ok())
+        self.array(key, "integers", |x| {
+            x.to_i32().or_else(|_| x.to_u32().map(|u| u as i32)).ok()
+        })
     }
 }
 
@@ -158,8 +198,12 @@ fn hf_name(name: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<
 /// Read and dequantize a GGUF file.
 pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     let mut file = File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
-    let content = Content::read(&mut file).map_err(|e| file_err(path, format!("not a valid GGUF file: {e}")))?;
-    let meta = Meta { path, md: &content.metadata };
+    let content = Content::read(&mut file)
+        .map_err(|e| file_err(path, format!("not a valid GGUF file: {e}")))?;
+    let meta = Meta {
+        path,
+        md: &content.metadata,
+    };
     let arch = meta.string("general.architecture")?.unwrap_or_default();
     if arch != "llama" {
         return Err(file_err(
@@ -175,23 +219,48 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     let kv_heads = meta.usize(&k("attention.head_count_kv"))?.unwrap_or(heads);
     let ctx = meta.required(&k("context_length"))?;
     let theta = meta.f64(&k("rope.freq_base"))?.unwrap_or(10000.0);
-    let eps = meta.f64(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+    let eps = meta
+        .f64(&k("attention.layer_norm_rms_epsilon"))?
+        .unwrap_or(1e-5);
     if heads == 0 || hidden % heads != 0 {
-        return Err(file_err(path, format!("`{}`: {heads} does not divide embedding_length {hidden}", k("attention.head_count"))));
+        return Err(file_err(
+            path,
+            format!(
+                "`{}`: {heads} does not divide embedding_length {hidden}",
+                k("attention.head_count")
+            ),
+        ));
     }
-    let head_dim = meta.usize(&k("attention.key_length"))?.unwrap_or(hidden / heads);
+    let head_dim = meta
+        .usize(&k("attention.key_length"))?
+        .unwrap_or(hidden / heads);
     if let Some(rot) = meta.usize(&k("rope.dimension_count"))? {
         if rot != head_dim {
-            return Err(file_err(path, format!("`{}`: partial rotary embeddings ({rot} of {head_dim}) are not implemented", k("rope.dimension_count"))));
+            return Err(file_err(
+                path,
+                format!(
+                    "`{}`: partial rotary embeddings ({rot} of {head_dim}) are not implemented",
+                    k("rope.dimension_count")
+                ),
+            ));
         }
     }
     if let Some(kind) = meta.string(&k("rope.scaling.type"))? {
         if kind != "none" {
-            return Err(file_err(path, format!("`{}`: `{kind}` rope scaling is not implemented", k("rope.scaling.type"))));
+            return Err(file_err(
+                path,
+                format!(
+                    "`{}`: `{kind}` rope scaling is not implemented",
+                    k("rope.scaling.type")
+                ),
+            ));
         }
     }
     if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(file_err(path, "tensor `rope_freqs.weight`: scaled rotary frequencies (Llama 3.1) are not implemented"));
+        return Err(file_err(
+            path,
+            "tensor `rope_freqs.weight`: scaled rotary frequencies (Llama 3.1) are not implemented",
+        ));
     }
 
     let vocab = GgufVocab {
@@ -202,8 +271,12 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
         merges: meta.strings("tokenizer.ggml.merges")?,
         bos_id: meta.usize("tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
         eos_id: meta.usize("tokenizer.ggml.eos_token_id")?.map(|x| x as u32),
-        unk_id: meta.usize("tokenizer.ggml.unknown_token_id")?.map(|x| x as u32),
-        pad_id: meta.usize("tokenizer.ggml.padding_token_id")?.map(|x| x as u32),
+        unk_id: meta
+            .usize("tokenizer.ggml.unknown_token_id")?
+            .map(|x| x as u32),
+        pad_id: meta
+            .usize("tokenizer.ggml.padding_token_id")?
+            .map(|x| x as u32),
         chat_template: meta.string("tokenizer.chat_template")?,
     };
     let vocab_size = meta.usize(&k("vocab_size"))?.unwrap_or(vocab.tokens.len());
@@ -215,18 +288,31 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     names.sort();
     for name in names {
         let Some((hf, perm)) = hf_name(name, heads, kv_heads) else {
-            return Err(file_err(path, format!("tensor `{name}` is not part of a llama model candor can import")));
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` is not part of a llama model candor can import"),
+            ));
         };
-        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| file_err(path, format!("tensor `{name}`: {e}")))?;
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| file_err(path, format!("tensor `{name}`: {e}")))?;
         stored_types.insert(hf.clone(), format!("{:?}", q.dtype()));
-        let mut t = q.dequantize(&Device::Cpu).map_err(|e| file_err(path, format!("tensor `{name}`: cannot dequantize: {e}")))?;
+        let mut t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| file_err(path, format!("tensor `{name}`: cannot dequantize: {e}")))?;
         if let Some(h) = perm {
-            t = if t.rank() == 2 { unpermute(&t, h)? } else { unpermute(&t.unsqueeze(1)?, h)?.squeeze(1)? };
+            t = if t.rank() == 2 {
+                unpermute(&t, h)?
+            } else {
+                unpermute(&t.unsqueeze(1)?, h)?.squeeze(1)?
+            };
         }
         tensors.insert(hf, t);
     }
     let tied = !tensors.contains_key("lm_head.weight");
-    let mut config = ModelConfig::llama(vocab_size, hidden, layers, heads, kv_heads, inter, ctx, theta, tied);
+    let mut config = ModelConfig::llama(
+        vocab_size, hidden, layers, heads, kv_heads, inter, ctx, theta, tied,
+    );
     config.rms_norm_eps = eps;
     if head_dim != hidden / heads {
         config.head_dim = Some(head_dim);
@@ -236,7 +322,13 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     config.eos_token_id = vocab.eos_id.map(serde_json::Value::from);
     config.pad_token_id = vocab.pad_id;
     config.validate(path)?;
-    Ok(GgufModel { config, tensors, vocab, name: meta.string("general.name")?, stored_types })
+    Ok(GgufModel {
+        config,
+        tensors,
+        vocab,
+        name: meta.string("general.name")?,
+        stored_types,
+    })
 }
 
 #[cfg(test)]
@@ -246,10 +338,21 @@ mod tests {
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {
         // 2 heads of dimension 4, 3 input columns; row r holds value r
-        let w = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap().unsqueeze(1).unwrap().repeat((1, 3)).unwrap();
+        let w = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap()
+            .repeat((1, 3))
+            .unwrap();
         let p = permute(&w, 2).unwrap();
         // per head: HF rows [0 1 | 2 3] (first half, second half) interleave to [0 2 1 3]
-        let col: Vec<f32> = p.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let col: Vec<f32> = p
+            .narrow(1, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(col, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
         let back: Vec<Vec<f32>> = unpermute(&p, 2).unwrap().to_vec2().unwrap();
         assert_eq!(back, w.to_vec2::<f32>().unwrap());
@@ -257,10 +360,22 @@ mod tests {
 
     #[test]
     fn tensor_names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.3.attn_k.weight", 9, 3), Some(("model.layers.3.self_attn.k_proj.weight".into(), Some(3))));
-        assert_eq!(hf_name("blk.0.ffn_down.weight", 9, 3), Some(("model.layers.0.mlp.down_proj.weight".into(), None)));
-        assert_eq!(hf_name("token_embd.weight", 9, 3), Some(("model.embed_tokens.weight".into(), None)));
-        assert_eq!(hf_name("blk.0.attn_q.bias", 9, 3), Some(("model.layers.0.self_attn.q_proj.bias".into(), Some(9))));
+        assert_eq!(
+            hf_name("blk.3.attn_k.weight", 9, 3),
+            Some(("model.layers.3.self_attn.k_proj.weight".into(), Some(3)))
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight", 9, 3),
+            Some(("model.layers.0.mlp.down_proj.weight".into(), None))
+        );
+        assert_eq!(
+            hf_name("token_embd.weight", 9, 3),
+            Some(("model.embed_tokens.weight".into(), None))
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_q.bias", 9, 3),
+            Some(("model.layers.0.self_attn.q_proj.bias".into(), Some(9)))
+        );
         assert_eq!(hf_name("blk.x.attn_q.weight", 9, 3), None);
         assert_eq!(hf_name("rope_freqs.weight", 9, 3), None);
     }

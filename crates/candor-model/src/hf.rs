@@ -37,13 +37,17 @@ pub fn resolve_model_dir(spec: impl AsRef<Path>) -> Result<PathBuf> {
 
 /// The hub cache directory, as `huggingface_hub` finds it.
 pub fn hub_cache_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("HF_HUB_CACHE").or_else(|| std::env::var_os("HUGGINGFACE_HUB_CACHE")) {
+    if let Some(dir) =
+        std::env::var_os("HF_HUB_CACHE").or_else(|| std::env::var_os("HUGGINGFACE_HUB_CACHE"))
+    {
         return Ok(PathBuf::from(dir));
     }
     if std::env::var_os("HF_HOME").is_some() || std::env::var_os("HOME").is_some() {
         return Ok(Cache::from_env().path().clone());
     }
-    Err(Error::Msg("cannot find the Hugging Face cache: set HF_HUB_CACHE or HF_HOME".into()))
+    Err(Error::Msg(
+        "cannot find the Hugging Face cache: set HF_HUB_CACHE or HF_HOME".into(),
+    ))
 }
 
 /// Resolve `ORG/NAME[@REVISION]` in the cache at `cache_dir`.
@@ -52,7 +56,11 @@ pub fn resolve_in_cache(repo_spec: &str, cache_dir: &Path) -> Result<PathBuf> {
         Some((id, rev)) => (id, rev),
         None => (repo_spec, "main"),
     };
-    let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
     match repo_id.split_once('/') {
         Some((org, name)) if valid(org) && valid(name) && !revision.is_empty() => {}
         _ => {
@@ -68,12 +76,16 @@ pub fn resolve_in_cache(repo_spec: &str, cache_dir: &Path) -> Result<PathBuf> {
         repo_dir.display()
     );
     if !repo_dir.is_dir() {
-        return Err(file_err(&repo_dir, format!("{HF_PREFIX}{repo_id} is not in the Hugging Face cache: {how}")));
+        return Err(file_err(
+            &repo_dir,
+            format!("{HF_PREFIX}{repo_id} is not in the Hugging Face cache: {how}"),
+        ));
     }
     // a revision is a ref (refs/<name> holds a commit hash) or a commit hash itself
     let ref_file = repo_dir.join("refs").join(revision);
     let commit = if ref_file.is_file() {
-        let text = std::fs::read_to_string(&ref_file).map_err(|e| file_err(&ref_file, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(&ref_file)
+            .map_err(|e| file_err(&ref_file, format!("cannot read: {e}")))?;
         text.trim().to_string()
     } else if revision.len() >= 7 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
         revision.to_string()
@@ -90,7 +102,12 @@ pub fn resolve_in_cache(repo_spec: &str, cache_dir: &Path) -> Result<PathBuf> {
             format!("missing: revision `{revision}` points at snapshot {commit}, which is not in the cache; {how}"),
         ));
     }
-    check_files(&snapshot, &|f| format!("{f} into {} (the cache's files of {repo_id})", snapshot.display()))?;
+    check_files(&snapshot, &|f| {
+        format!(
+            "{f} into {} (the cache's files of {repo_id})",
+            snapshot.display()
+        )
+    })?;
     Ok(snapshot)
 }
 
@@ -108,8 +125,10 @@ fn check_files(dir: &Path, place: &dyn Fn(&str) -> String) -> Result<()> {
     if !index.is_file() {
         return Err(missing("model.safetensors"));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, format!("cannot read: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
+    let text = std::fs::read_to_string(&index)
+        .map_err(|e| file_err(&index, format!("cannot read: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -118,7 +137,10 @@ fn check_files(dir: &Path, place: &dyn Fn(&str) -> String) -> Result<()> {
     shards.sort();
     shards.dedup();
     match shards.iter().find(|s| !dir.join(s).is_file()) {
-        Some(s) => Err(file_err(&index, format!("names shard `{s}`, which is missing: place {}", place(s)))),
+        Some(s) => Err(file_err(
+            &index,
+            format!("names shard `{s}`, which is missing: place {}", place(s)),
+        )),
         None => Ok(()),
     }
 }
@@ -139,19 +161,53 @@ mod tests {
         let snap = repo.join("snapshots/abc1234");
         write(&repo.join("refs/main"), "abc1234\n");
         write(&snap.join("config.json"), "{}");
-        let e = resolve_in_cache("Org/Tiny", cache.path()).unwrap_err().to_string();
-        assert!(e.contains("snapshots/abc1234/model.safetensors: missing: place model.safetensors into"), "{e}");
-        write(&snap.join("model.safetensors.index.json"), r#"{"weight_map": {"a": "m-1.safetensors", "b": "m-2.safetensors"}}"#);
+        let e = resolve_in_cache("Org/Tiny", cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "snapshots/abc1234/model.safetensors: missing: place model.safetensors into"
+            ),
+            "{e}"
+        );
+        write(
+            &snap.join("model.safetensors.index.json"),
+            r#"{"weight_map": {"a": "m-1.safetensors", "b": "m-2.safetensors"}}"#,
+        );
         write(&snap.join("m-1.safetensors"), "");
-        let e = resolve_in_cache("Org/Tiny", cache.path()).unwrap_err().to_string();
-        assert!(e.contains("model.safetensors.index.json: names shard `m-2.safetensors`, which is missing"), "{e}");
+        let e = resolve_in_cache("Org/Tiny", cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "model.safetensors.index.json: names shard `m-2.safetensors`, which is missing"
+            ),
+            "{e}"
+        );
         write(&snap.join("m-2.safetensors"), "");
         assert_eq!(resolve_in_cache("Org/Tiny", cache.path()).unwrap(), snap);
-        assert_eq!(resolve_in_cache("Org/Tiny@abc1234", cache.path()).unwrap(), snap);
-        let e = resolve_in_cache("Org/Tiny@dev", cache.path()).unwrap_err().to_string();
-        assert!(e.contains("refs/dev: missing: the cache has no revision `dev`"), "{e}");
-        let e = resolve_in_cache("Org/Other", cache.path()).unwrap_err().to_string();
-        assert!(e.contains("models--Org--Other: hf:Org/Other is not in the Hugging Face cache") && e.contains("never downloads"), "{e}");
-        assert!(resolve_in_cache("no-slash", cache.path()).unwrap_err().to_string().contains("expected hf:ORG/NAME"));
+        assert_eq!(
+            resolve_in_cache("Org/Tiny@abc1234", cache.path()).unwrap(),
+            snap
+        );
+        let e = resolve_in_cache("Org/Tiny@dev", cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refs/dev: missing: the cache has no revision `dev`"),
+            "{e}"
+        );
+        let e = resolve_in_cache("Org/Other", cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("models--Org--Other: hf:Org/Other is not in the Hugging Face cache")
+                && e.contains("never downloads"),
+            "{e}"
+        );
+        assert!(resolve_in_cache("no-slash", cache.path())
+            .unwrap_err()
+            .to_string()
+            .contains("expected hf:ORG/NAME"));
     }
 }

@@ -32,29 +32,46 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<Weights> {
     let files: Vec<PathBuf> = if single.is_file() {
         vec![single]
     } else if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, format!("cannot read: {e}")))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| file_err(&index, format!("cannot read: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| file_err(&index, "`weight_map` is missing or not an object"))?;
-        let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect();
         shards.sort();
         shards.dedup();
         let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
         if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-            return Err(file_err(&index, format!("names shard `{}`, which is missing", missing.display())));
+            return Err(file_err(
+                &index,
+                format!("names shard `{}`, which is missing", missing.display()),
+            ));
         }
         files
-    } else if ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin"].iter().any(|f| dir.join(f).is_file()) {
+    } else if [
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "model.bin",
+    ]
+    .iter()
+    .any(|f| dir.join(f).is_file())
+    {
         return Err(file_err(
             dir,
             "has PyTorch pickle weights (pytorch_model.bin) but no model.safetensors: candor reads safetensors only; \
              convert with transformers (`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)",
         ));
     } else {
-        return Err(file_err(dir, "no model.safetensors (or model.safetensors.index.json) in this directory"));
+        return Err(file_err(
+            dir,
+            "no model.safetensors (or model.safetensors.index.json) in this directory",
+        ));
     };
     let mut tensors = HashMap::new();
     let mut source = HashMap::new();
@@ -63,15 +80,27 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<Weights> {
         let st = unsafe { MmapedSafetensors::new(file) }
             .map_err(|e| file_err(file, format!("not a valid safetensors file: {e}")))?;
         for (name, _) in st.tensors() {
-            let t = st.load(&name, device).map_err(|e| file_err(file, format!("tensor `{name}`: {e}")))?;
+            let t = st
+                .load(&name, device)
+                .map_err(|e| file_err(file, format!("tensor `{name}`: {e}")))?;
             if !t.dtype().is_float() {
-                return Err(file_err(file, format!("tensor `{name}` has dtype {:?}, expected a float type", t.dtype())));
+                return Err(file_err(
+                    file,
+                    format!(
+                        "tensor `{name}` has dtype {:?}, expected a float type",
+                        t.dtype()
+                    ),
+                ));
             }
             source.insert(name.clone(), file.clone());
             tensors.insert(name, t);
         }
     }
-    Ok(Weights { tensors, source, dir: dir.to_path_buf() })
+    Ok(Weights {
+        tensors,
+        source,
+        dir: dir.to_path_buf(),
+    })
 }
 
 /// Tensors a checkpoint may carry that this model does not use: rotary frequency buffers,
@@ -89,7 +118,8 @@ fn ignorable(name: &str, head: Head) -> bool {
 /// `transformer.` prefix.
 fn canonical_name(name: &str, config: &ModelConfig) -> String {
     let prefix = crate::layers::names(config.arch()).prefix;
-    let head = head_var_names(Head::Lm).contains(&name) || head_var_names(Head::Score).contains(&name);
+    let head =
+        head_var_names(Head::Lm).contains(&name) || head_var_names(Head::Score).contains(&name);
     if head || name.starts_with(&format!("{prefix}.")) {
         name.to_string()
     } else {
@@ -108,7 +138,13 @@ pub fn head_var_names(head: Head) -> Vec<&'static str> {
 
 /// Deterministic initialisation (GPT-2 / Llama style): N(0, 0.02) for matrices, scaled by
 /// 1/√(2·layers) on the projections that write into the residual stream; norms 1; biases 0.
-fn init_tensor(name: &str, shape: &[usize], n_layers: usize, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+fn init_tensor(
+    name: &str,
+    shape: &[usize],
+    n_layers: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let is_norm = name.ends_with("norm.weight") || name.contains(".ln_");
     let data: Vec<f32> = if is_norm && name.ends_with(".weight") {
@@ -142,12 +178,27 @@ pub fn build_trainable(
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = Model::new(config, head, vb)?;
-    let vars: BTreeMap<String, Var> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: BTreeMap<String, Var> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     // canonical name -> name in the file
     let file_names: HashMap<String, &String> = weights
-        .map(|w| w.tensors.keys().map(|k| (canonical_name(k, config), k)).collect())
+        .map(|w| {
+            w.tensors
+                .keys()
+                .map(|k| (canonical_name(k, config), k))
+                .collect()
+        })
         .unwrap_or_default();
-    let lookup = |name: &str| weights.zip(file_names.get(name)).and_then(|(w, k)| w.tensors.get(*k));
+    let lookup = |name: &str| {
+        weights
+            .zip(file_names.get(name))
+            .and_then(|(w, k)| w.tensors.get(*k))
+    };
     let mut missing = vec![];
     for (name, var) in &vars {
         let shape = var.shape().dims().to_vec();
@@ -156,24 +207,47 @@ pub fn build_trainable(
                 if t.dims() != shape.as_slice() {
                     let w = weights.unwrap();
                     let stored = file_names[name.as_str()];
-                    let file = w.source.get(stored).cloned().unwrap_or_else(|| w.dir.clone());
+                    let file = w
+                        .source
+                        .get(stored)
+                        .cloned()
+                        .unwrap_or_else(|| w.dir.clone());
                     return Err(file_err(
                         &file,
-                        format!("tensor `{stored}` has shape {:?}, expected {:?} from config.json", t.dims(), shape),
+                        format!(
+                            "tensor `{stored}` has shape {:?}, expected {:?} from config.json",
+                            t.dims(),
+                            shape
+                        ),
                     ));
                 }
                 var.set(&t.to_dtype(DType::F32)?.to_device(device)?)?;
             }
-            None if weights.is_some() && !may_be_new.contains(&name.as_str()) => missing.push(name.clone()),
-            None => var.set(&init_tensor(name, &shape, config.num_hidden_layers, rng, device)?)?,
+            None if weights.is_some() && !may_be_new.contains(&name.as_str()) => {
+                missing.push(name.clone())
+            }
+            None => var.set(&init_tensor(
+                name,
+                &shape,
+                config.num_hidden_layers,
+                rng,
+                device,
+            )?)?,
         }
     }
     if let Some(w) = weights {
         if !missing.is_empty() {
-            let more = if missing.len() > 3 { format!(" and {} more", missing.len() - 3) } else { String::new() };
+            let more = if missing.len() > 3 {
+                format!(" and {} more", missing.len() - 3)
+            } else {
+                String::new()
+            };
             return Err(file_err(
                 &w.dir,
-                format!("weights are missing tensor(s) {}{more} that config.json requires", quote_list(&missing[..missing.len().min(3)])),
+                format!(
+                    "weights are missing tensor(s) {}{more} that config.json requires",
+                    quote_list(&missing[..missing.len().min(3)])
+                ),
             ));
         }
         let mut unused: Vec<&String> = w
@@ -183,7 +257,11 @@ pub fn build_trainable(
             .collect();
         unused.sort();
         if let Some(first) = unused.first() {
-            let file = w.source.get(*first).cloned().unwrap_or_else(|| w.dir.clone());
+            let file = w
+                .source
+                .get(*first)
+                .cloned()
+                .unwrap_or_else(|| w.dir.clone());
             return Err(file_err(
                 &file,
                 format!("unexpected tensor `{first}` ({} unused in all): the weights do not match config.json", unused.len()),
@@ -194,18 +272,31 @@ pub fn build_trainable(
 }
 
 fn quote_list(xs: &[String]) -> String {
-    xs.iter().map(|x| format!("`{x}`")).collect::<Vec<_>>().join(", ")
+    xs.iter()
+        .map(|x| format!("`{x}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Build a model from plain tensors (no gradients tracked): reference and reward models.
-pub fn build_frozen(config: &ModelConfig, head: Head, weights: &Weights, device: &Device) -> Result<Model> {
+pub fn build_frozen(
+    config: &ModelConfig,
+    head: Head,
+    weights: &Weights,
+    device: &Device,
+) -> Result<Model> {
     let mut rng = Rng::new(0);
     let (_, varmap) = build_trainable(config, head, Some(weights), &[], &mut rng, device)?;
     frozen_copy(config, head, &varmap, device)
 }
 
 /// A gradient-free model sharing nothing with `varmap` (its values at this moment).
-pub fn frozen_copy(config: &ModelConfig, head: Head, varmap: &VarMap, device: &Device) -> Result<Model> {
+pub fn frozen_copy(
+    config: &ModelConfig,
+    head: Head,
+    varmap: &VarMap,
+    device: &Device,
+) -> Result<Model> {
     let tensors: HashMap<String, Tensor> = varmap
         .data()
         .lock()
@@ -213,7 +304,11 @@ pub fn frozen_copy(config: &ModelConfig, head: Head, varmap: &VarMap, device: &D
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
         .collect::<Result<_>>()?;
-    Model::new(config, head, VarBuilder::from_tensors(tensors, DType::F32, device))
+    Model::new(
+        config,
+        head,
+        VarBuilder::from_tensors(tensors, DType::F32, device),
+    )
 }
 
 /// Write `config.json` (with the head's architecture keys) and `model.safetensors`.
@@ -231,9 +326,17 @@ pub fn save_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
         .lock()
         .unwrap()
         .iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .map(|(k, v)| {
+            Ok((
+                k.clone(),
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?,
+            ))
+        })
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&tensors, path).map_err(|e| file_err(path, format!("cannot write: {e}")))
+    candle_core::safetensors::save(&tensors, path)
+        .map_err(|e| file_err(path, format!("cannot write: {e}")))
 }
 
 /// Read a checkpoint's `config.json`.
@@ -247,10 +350,19 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 
 /// Load a checkpoint for training with the given head. Starting a `score` head from an
 /// `lm` checkpoint initialises the new head from `rng`.
-pub fn load_trainable(dir: &Path, head: Head, rng: &mut Rng, device: &Device) -> Result<(Model, VarMap)> {
+pub fn load_trainable(
+    dir: &Path,
+    head: Head,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<(Model, VarMap)> {
     let config = read_config(dir)?;
     let weights = read_weights(dir, device)?;
-    let may_be_new = if config.head() == head { vec![] } else { head_var_names(head) };
+    let may_be_new = if config.head() == head {
+        vec![]
+    } else {
+        head_var_names(head)
+    };
     build_trainable(&config, head, Some(&weights), &may_be_new, rng, device)
 }
 

@@ -71,7 +71,11 @@ pub fn names(arch: Arch) -> Names {
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get((out_dim, in_dim), "weight")?;
-    let b = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    let b = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
     Ok(Linear::new(w, b))
 }
 
@@ -90,16 +94,30 @@ fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
 /// RMSNorm (a fused kernel for f32 on the CPU) or LayerNorm; otherwise composed from ops
 /// with a backward.
 pub enum Norm {
-    Rms { weight: Tensor, eps: f64 },
-    Layer { weight: Tensor, bias: Tensor, eps: f64 },
+    Rms {
+        weight: Tensor,
+        eps: f64,
+    },
+    Layer {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
 }
 
 impl Norm {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (c, eps) = (cfg.hidden_size, cfg.norm_eps());
         Ok(match cfg.arch() {
-            Arch::Llama => Norm::Rms { weight: vb.get(c, "weight")?, eps },
-            Arch::Gpt2 => Norm::Layer { weight: vb.get(c, "weight")?, bias: vb.get(c, "bias")?, eps },
+            Arch::Llama => Norm::Rms {
+                weight: vb.get(c, "weight")?,
+                eps,
+            },
+            Arch::Gpt2 => Norm::Layer {
+                weight: vb.get(c, "weight")?,
+                bias: vb.get(c, "bias")?,
+                eps,
+            },
         })
     }
 
@@ -120,11 +138,15 @@ pub struct Conv1D {
 
 impl Conv1D {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Conv1D { weight: vb.get((in_dim, out_dim), "weight")?, bias: vb.get(out_dim, "bias")? })
+        Ok(Conv1D {
+            weight: vb.get((in_dim, out_dim), "weight")?,
+            bias: vb.get(out_dim, "bias")?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)?)
+        Ok(x.broadcast_matmul(&self.weight)?
+            .broadcast_add(&self.bias)?)
     }
 }
 
@@ -145,13 +167,26 @@ impl Proj {
 
 /// The attention's input projections: separate q/k/v, or GPT-2's fused `c_attn`.
 pub enum QkvProj {
-    Split { q_proj: Linear, k_proj: Linear, v_proj: Linear },
-    Fused { c_attn: Conv1D, q_dim: usize, kv_dim: usize },
+    Split {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused {
+        c_attn: Conv1D,
+        q_dim: usize,
+        kv_dim: usize,
+    },
 }
 
 /// Input and output projections of one attention layer, built from its `VarBuilder`.
 pub fn attention_projections(cfg: &ModelConfig, vb: &VarBuilder) -> Result<(QkvProj, Proj)> {
-    let (c, h, kv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+    let (c, h, kv, d) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.kv_heads(),
+        cfg.head_dim(),
+    );
     Ok(match cfg.arch() {
         Arch::Llama => (
             QkvProj::Split {
@@ -162,7 +197,11 @@ pub fn attention_projections(cfg: &ModelConfig, vb: &VarBuilder) -> Result<(QkvP
             Proj::Linear(linear(h * d, c, cfg.o_bias(), vb.pp("o_proj"))?),
         ),
         Arch::Gpt2 => (
-            QkvProj::Fused { c_attn: Conv1D::new(c, h * d + 2 * kv * d, vb.pp("c_attn"))?, q_dim: h * d, kv_dim: kv * d },
+            QkvProj::Fused {
+                c_attn: Conv1D::new(c, h * d + 2 * kv * d, vb.pp("c_attn"))?,
+                q_dim: h * d,
+                kv_dim: kv * d,
+            },
             Proj::Conv1D(Conv1D::new(h * d, c, vb.pp("c_proj"))?),
         ),
     })
@@ -172,8 +211,16 @@ impl QkvProj {
     /// x (B, T, C) → q (B, T, H·D), k and v (B, T, KV·D).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
-            QkvProj::Split { q_proj, k_proj, v_proj } => Ok((lin(q_proj, x)?, lin(k_proj, x)?, lin(v_proj, x)?)),
-            QkvProj::Fused { c_attn, q_dim, kv_dim } => {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => Ok((lin(q_proj, x)?, lin(k_proj, x)?, lin(v_proj, x)?)),
+            QkvProj::Fused {
+                c_attn,
+                q_dim,
+                kv_dim,
+            } => {
                 let qkv = c_attn.forward(x)?; // (B, T, H·D + 2·KV·D)
                 Ok((
                     qkv.narrow(D::Minus1, 0, *q_dim)?,
@@ -187,8 +234,16 @@ impl QkvProj {
 
 /// SwiGLU (Llama) or GELU (GPT-2) MLP.
 pub enum Mlp {
-    SwiGlu { gate_proj: Linear, up_proj: Linear, down_proj: Linear },
-    Gelu { c_fc: Conv1D, c_proj: Conv1D, erf: bool },
+    SwiGlu {
+        gate_proj: Linear,
+        up_proj: Linear,
+        down_proj: Linear,
+    },
+    Gelu {
+        c_fc: Conv1D,
+        c_proj: Conv1D,
+        erf: bool,
+    },
 }
 
 impl Mlp {
@@ -214,11 +269,19 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Mlp::SwiGlu { gate_proj, up_proj, down_proj } if fused::enabled(x) => {
+            Mlp::SwiGlu {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } if fused::enabled(x) => {
                 let gated = fused::swiglu(&lin(gate_proj, x)?, &lin(up_proj, x)?)?; // (B, T, I)
                 lin(down_proj, &gated)
             }
-            Mlp::SwiGlu { gate_proj, up_proj, down_proj } => {
+            Mlp::SwiGlu {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => {
                 let gated = (gate_proj.forward(x)?.silu()? * up_proj.forward(x)?)?; // (B, T, I)
                 Ok(down_proj.forward(&gated)?)
             }

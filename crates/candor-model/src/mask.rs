@@ -27,7 +27,12 @@ pub struct Layout {
 impl Layout {
     /// Every token real, one example per row.
     pub fn dense(batch: usize, len: usize) -> Self {
-        Layout { batch, len, valid: vec![true; batch * len], segments: None }
+        Layout {
+            batch,
+            len,
+            valid: vec![true; batch * len],
+            segments: None,
+        }
     }
 
     /// Position id of each token: the count of real tokens of its segment before it.
@@ -54,7 +59,11 @@ impl Layout {
     }
 
     pub fn positions_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(self.positions(), (self.batch, self.len), device)?)
+        Ok(Tensor::from_vec(
+            self.positions(),
+            (self.batch, self.len),
+            device,
+        )?)
     }
 
     /// Additive attention bias (B, 1, T, T).
@@ -85,8 +94,9 @@ impl Layout {
 /// Causal bias (1, 1, T, past + T) for T new queries after `past` cached keys.
 pub fn causal_bias(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let k = past + t;
-    let bias: Vec<f32> =
-        (0..t).flat_map(|q| (0..k).map(move |j| if j <= past + q { 0.0 } else { MASKED })).collect();
+    let bias: Vec<f32> = (0..t)
+        .flat_map(|q| (0..k).map(move |j| if j <= past + q { 0.0 } else { MASKED }))
+        .collect();
     Ok(Tensor::from_vec(bias, (1, 1, t, k), device)?)
 }
 
@@ -94,7 +104,11 @@ pub fn causal_bias(t: usize, past: usize, device: &Device) -> Result<Tensor> {
 pub fn step_bias(key_valid: &[Vec<bool>], device: &Device) -> Result<Tensor> {
     let b = key_valid.len();
     let k = key_valid.first().map_or(0, Vec::len);
-    let bias: Vec<f32> = key_valid.iter().flatten().map(|&v| if v { 0.0 } else { MASKED }).collect();
+    let bias: Vec<f32> = key_valid
+        .iter()
+        .flatten()
+        .map(|&v| if v { 0.0 } else { MASKED })
+        .collect();
     Ok(Tensor::from_vec(bias, (b, 1, 1, k), device)?)
 }
 
@@ -105,9 +119,20 @@ mod tests {
     #[test]
     fn left_padding_positions_and_bias() {
         // row 0: [pad, a, b]; row 1: [a, b, c]
-        let l = Layout { batch: 2, len: 3, valid: vec![false, true, true, true, true, true], segments: None };
+        let l = Layout {
+            batch: 2,
+            len: 3,
+            valid: vec![false, true, true, true, true, true],
+            segments: None,
+        };
         assert_eq!(l.positions(), vec![0, 0, 1, 0, 1, 2]);
-        let b: Vec<f32> = l.bias(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = l
+            .bias(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // row 0, query 2 sees keys 1, 2 but not the pad at 0
         assert_eq!(&b[6..9], &[MASKED, 0.0, 0.0]);
         // row 1, query 0 sees only key 0
@@ -116,15 +141,31 @@ mod tests {
 
     #[test]
     fn packed_segments_do_not_see_each_other() {
-        let l = Layout { batch: 1, len: 4, valid: vec![true; 4], segments: Some(vec![0, 0, 1, 1]) };
+        let l = Layout {
+            batch: 1,
+            len: 4,
+            valid: vec![true; 4],
+            segments: Some(vec![0, 0, 1, 1]),
+        };
         assert_eq!(l.positions(), vec![0, 1, 0, 1]);
-        let b: Vec<f32> = l.bias(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = l
+            .bias(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(&b[12..16], &[MASKED, MASKED, 0.0, 0.0]); // query 3 sees keys 2..=3
     }
 
     #[test]
     fn causal_bias_with_cache() {
-        let b: Vec<f32> = causal_bias(2, 1, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = causal_bias(2, 1, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(b, vec![0.0, 0.0, MASKED, 0.0, 0.0, 0.0]);
     }
 }

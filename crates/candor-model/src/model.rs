@@ -34,12 +34,24 @@ struct Attention {
 impl Attention {
     fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (qkv, o_proj) = attention_projections(cfg, &vb)?;
-        Ok(Attention { qkv, o_proj, n_heads: cfg.num_attention_heads, n_kv: cfg.kv_heads(), head_dim: cfg.head_dim() })
+        Ok(Attention {
+            qkv,
+            o_proj,
+            n_heads: cfg.num_attention_heads,
+            n_kv: cfg.kv_heads(),
+            head_dim: cfg.head_dim(),
+        })
     }
 
     /// x (B, T, C); rope: cos/sin broadcastable to (B, 1, T, D/2), `None` with learned
     /// positions; mask: bias (B|1, 1, T, Tk) on the composed path, or the fused kernel's.
-    fn forward(&self, x: &Tensor, rope: Option<(&Tensor, &Tensor)>, mask: &Mask, cache: Option<&mut LayerKv>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
+        mask: &Mask,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.n_heads, self.n_kv, self.head_dim);
         let (q, k, v) = self.qkv.forward(x)?;
@@ -126,11 +138,15 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        KvCache { layers: vec![LayerKv::default(); n_layers] }
+        KvCache {
+            layers: vec![LayerKv::default(); n_layers],
+        }
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        let Some(l) = self.layers.first() else { return 0 };
+        let Some(l) = self.layers.first() else {
+            return 0;
+        };
         match (&l.composed, &l.fused) {
             (Some((k, _)), _) => k.dim(2).unwrap_or(0),
             (None, Some(c)) => c.len(),
@@ -174,11 +190,18 @@ pub struct Model {
 impl Model {
     /// Build from a `VarBuilder` whose paths are Hugging Face names.
     pub fn new(config: &ModelConfig, head: Head, vb: VarBuilder) -> Result<Self> {
-        let (c, v, p) = (config.hidden_size, config.vocab_size, config.max_position_embeddings);
+        let (c, v, p) = (
+            config.hidden_size,
+            config.vocab_size,
+            config.max_position_embeddings,
+        );
         let n = names(config.arch());
         let m = vb.pp(n.prefix);
         let embed = m.pp(n.embed).get((v, c), "weight")?;
-        let position_embeddings = n.positions.map(|wpe| m.pp(wpe).get((p, c), "weight")).transpose()?;
+        let position_embeddings = n
+            .positions
+            .map(|wpe| m.pp(wpe).get((p, c), "weight"))
+            .transpose()?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| Block::new(config, m.pp(n.layers).pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -190,7 +213,12 @@ impl Model {
         };
         let rope = match position_embeddings {
             Some(_) => None,
-            None => Some(rope_tables(config.head_dim(), p, config.rope_theta, vb.device())?),
+            None => Some(rope_tables(
+                config.head_dim(),
+                p,
+                config.rope_theta,
+                vb.device(),
+            )?),
         };
         Ok(Model {
             config: config.clone(),
@@ -240,7 +268,10 @@ impl Model {
         // position ids, flattened: (B·T) given, or (T) counting on from the cache
         let (pos, rows) = match positions {
             Some(p) => (p.flatten_all()?, b),
-            None => (Tensor::arange(past as u32, (past + t) as u32, ids.device())?, 1),
+            None => (
+                Tensor::arange(past as u32, (past + t) as u32, ids.device())?,
+                1,
+            ),
         };
         let rope = match &self.rope {
             Some((cos, sin)) => {
@@ -253,21 +284,32 @@ impl Model {
         };
         let mask = match (bias, fused::enabled(self.embed_tokens.embeddings())) {
             (None, true) => Mask::Fused(AttnMask::Causal),
-            (Some(b), true) => Mask::Fused(AttnMask::Bias { bias: b, causal: fused::attention::bias_is_causal(b)? }),
+            (Some(b), true) => Mask::Fused(AttnMask::Bias {
+                bias: b,
+                causal: fused::attention::bias_is_causal(b)?,
+            }),
             (Some(b), false) => Mask::Composed(b.to_dtype(self.dtype)?),
-            (None, false) => Mask::Composed(causal_bias(t, past, ids.device())?.to_dtype(self.dtype)?),
+            (None, false) => {
+                Mask::Composed(causal_bias(t, past, ids.device())?.to_dtype(self.dtype)?)
+            }
         };
         let mut x = self.embed_tokens.forward(ids)?; // (B, T, C)
         if let Some(wpe) = &self.position_embeddings {
             let c = self.config.hidden_size;
-            x = x.broadcast_add(&wpe.index_select(&pos, 0)?.reshape((rows, t, c))?)?; // (B, T, C)
+            x = x.broadcast_add(&wpe.index_select(&pos, 0)?.reshape((rows, t, c))?)?;
+            // (B, T, C)
         }
         let rope = rope.as_ref().map(|(c, s)| (c, s));
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, rope, &mask, slot)?;
+            let h =
+                layer
+                    .self_attn
+                    .forward(&layer.input_layernorm.forward(&x)?, rope, &mask, slot)?;
             x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;
         }
         self.norm.forward(&x)
@@ -287,7 +329,9 @@ impl Model {
         match (&self.head_weight, self.head) {
             (None, Head::Lm) => Ok(self.embed_tokens.embeddings()),
             (Some(w), Head::Lm) => Ok(w),
-            (_, Head::Score) => Err(crate::Error::Msg("a score-head model has no LM logits".into())),
+            (_, Head::Score) => Err(crate::Error::Msg(
+                "a score-head model has no LM logits".into(),
+            )),
         }
     }
 
@@ -295,7 +339,9 @@ impl Model {
     pub fn scores(&self, hidden: &Tensor) -> Result<Tensor> {
         match (&self.head_weight, self.head) {
             (Some(w), Head::Score) => Ok(hidden.broadcast_matmul(&w.t()?)?.squeeze(D::Minus1)?),
-            _ => Err(crate::Error::Msg("an lm-head model has no score head".into())),
+            _ => Err(crate::Error::Msg(
+                "an lm-head model has no score head".into(),
+            )),
         }
     }
 

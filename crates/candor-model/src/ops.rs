@@ -23,7 +23,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?; // (..., C)
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
     let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(y.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)?)
+    Ok(y.to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)?)
 }
 
 /// The dtype reductions run in: f32 for half types, else the input's own (f64 stays f64).
@@ -52,7 +54,9 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// Log-probability of `targets` (B, T) under `logits` (B, T, V): (B, T).
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lp = log_softmax(&logits.to_dtype(reduce_dtype(logits.dtype()))?)?; // (B, T, V)
-    Ok(lp.gather(&targets.contiguous()?.unsqueeze(2)?, 2)?.squeeze(2)?)
+    Ok(lp
+        .gather(&targets.contiguous()?.unsqueeze(2)?, 2)?
+        .squeeze(2)?)
 }
 
 /// Entropy of the categorical given by `logits` (B, T, V): (B, T).
@@ -62,9 +66,16 @@ pub fn entropy(logits: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotary-embedding tables for positions `0..max_pos`: (cos, sin), each (max_pos, head_dim/2).
-pub fn rope_tables(head_dim: usize, max_pos: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    head_dim: usize,
+    max_pos: usize,
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+        .collect();
     let mut cos = Vec::with_capacity(max_pos * half);
     let mut sin = Vec::with_capacity(max_pos * half);
     for p in 0..max_pos {
@@ -100,7 +111,9 @@ pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, kv, n, t, d))?.reshape((b, kv * n, t, d))?)
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv, n, t, d))?
+        .reshape((b, kv * n, t, d))?)
 }
 
 #[cfg(test)]
@@ -116,13 +129,22 @@ mod tests {
         // x = [3, 4]: mean square 12.5, rms 3.5355; w = [1, 2]
         let y = rms_norm(&t(&[3.0, 4.0], &[1, 2]), &t(&[1.0, 2.0], &[2]), 0.0).unwrap();
         let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-        assert!((y[0] - 0.848_528).abs() < 1e-5 && (y[1] - 2.262_741).abs() < 1e-5, "{y:?}");
+        assert!(
+            (y[0] - 0.848_528).abs() < 1e-5 && (y[1] - 2.262_741).abs() < 1e-5,
+            "{y:?}"
+        );
     }
 
     #[test]
     fn layer_norm_matches_hand_computation() {
         // x = [1, 2, 3]: mean 2, biased variance 2/3; w = [1, 2, 1], b = [0, 0, 1]
-        let y = layer_norm(&t(&[1.0, 2.0, 3.0], &[1, 3]), &t(&[1.0, 2.0, 1.0], &[3]), &t(&[0.0, 0.0, 1.0], &[3]), 0.0).unwrap();
+        let y = layer_norm(
+            &t(&[1.0, 2.0, 3.0], &[1, 3]),
+            &t(&[1.0, 2.0, 1.0], &[3]),
+            &t(&[0.0, 0.0, 1.0], &[3]),
+            0.0,
+        )
+        .unwrap();
         let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
         let s = (2.0f32 / 3.0).sqrt();
         for (a, b) in y.iter().zip([-1.0 / s, 0.0, 1.0 / s + 1.0]) {
@@ -133,12 +155,22 @@ mod tests {
     #[test]
     fn softmax_and_log_softmax_agree_with_hand_values() {
         let x = t(&[1.0, 2.0, 3.0], &[1, 3]);
-        let s: Vec<f32> = softmax(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let s: Vec<f32> = softmax(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let z = 1f32.exp() + 2f32.exp() + 3f32.exp();
         for (i, v) in s.iter().enumerate() {
             assert!((v - ((i + 1) as f32).exp() / z).abs() < 1e-6);
         }
-        let ls: Vec<f32> = log_softmax(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ls: Vec<f32> = log_softmax(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (a, b) in ls.iter().zip(&s) {
             assert!((a - b.ln()).abs() < 1e-6);
         }
@@ -151,14 +183,27 @@ mod tests {
         let x = t(&[1.0, 0.0, 1.0, 0.0], &[1, 1, 2, 2]); // positions 0, 1
         let c = cos.narrow(0, 0, 2).unwrap().reshape((1, 1, 2, 1)).unwrap();
         let s = sin.narrow(0, 0, 2).unwrap().reshape((1, 1, 2, 1)).unwrap();
-        let y: Vec<f32> = apply_rope(&x, &c, &s).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = apply_rope(&x, &c, &s)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!((y[0] - 1.0).abs() < 1e-6 && y[1].abs() < 1e-6);
-        assert!((y[2] - 1f32.cos()).abs() < 1e-6 && (y[3] - 1f32.sin()).abs() < 1e-6, "{y:?}");
+        assert!(
+            (y[2] - 1f32.cos()).abs() < 1e-6 && (y[3] - 1f32.sin()).abs() < 1e-6,
+            "{y:?}"
+        );
     }
 
     #[test]
     fn entropy_of_uniform_is_log_n() {
-        let e: Vec<f32> = entropy(&t(&[0.0; 4], &[1, 1, 4])).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let e: Vec<f32> = entropy(&t(&[0.0; 4], &[1, 1, 4]))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!((e[0] - 4f32.ln()).abs() < 1e-6);
     }
 }

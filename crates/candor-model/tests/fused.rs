@@ -28,13 +28,25 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims());
     let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
     let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = w.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-30);
-    g.iter().zip(&w).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
+    let scale = w
+        .iter()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64))
+        .max(1e-30);
+    g.iter()
+        .zip(&w)
+        .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()))
+        / scale
 }
 
 /// Run `f` twice on the same variables (fused, reference), backprop `Σ out·r` through each,
 /// and compare outputs and every variable's gradient. Returns the worst error.
-fn check(what: &str, vars: &[&Var], r: &Tensor, fused: impl Fn() -> Tensor, reference: impl Fn() -> Tensor) -> f64 {
+fn check(
+    what: &str,
+    vars: &[&Var],
+    r: &Tensor,
+    fused: impl Fn() -> Tensor,
+    reference: impl Fn() -> Tensor,
+) -> f64 {
     let (a, b) = (fused(), reference());
     let mut worst = rel_err(&a, &b);
     assert!(worst < TOL, "{what}: value error {worst:.2e}");
@@ -42,7 +54,10 @@ fn check(what: &str, vars: &[&Var], r: &Tensor, fused: impl Fn() -> Tensor, refe
     let gb = (b * r).unwrap().sum_all().unwrap().backward().unwrap();
     for (i, v) in vars.iter().enumerate() {
         let (x, y) = (ga.get(v.as_tensor()), gb.get(v.as_tensor()));
-        let (x, y) = (x.unwrap_or_else(|| panic!("{what}: fused gave input {i} no gradient")), y.unwrap());
+        let (x, y) = (
+            x.unwrap_or_else(|| panic!("{what}: fused gave input {i} no gradient")),
+            y.unwrap(),
+        );
         let e = rel_err(x, y);
         assert!(e < TOL, "{what}: gradient of input {i} error {e:.2e}");
         worst = worst.max(e);
@@ -54,7 +69,12 @@ fn check(what: &str, vars: &[&Var], r: &Tensor, fused: impl Fn() -> Tensor, refe
 #[test]
 fn linear_matches_matmul() {
     let mut rng = Rng::new(1);
-    for (lead, k, n) in [(vec![2, 5], 7, 3), (vec![3, 33], 64, 100), (vec![1, 1], 16, 8), (vec![130], 48, 257)] {
+    for (lead, k, n) in [
+        (vec![2, 5], 7, 3),
+        (vec![3, 33], 64, 100),
+        (vec![1, 1], 16, 8),
+        (vec![130], 48, 257),
+    ] {
         let mut xs = lead.clone();
         xs.push(k);
         let x = var(&mut rng, &xs, 1.0);
@@ -67,7 +87,11 @@ fn linear_matches_matmul() {
             &[&x, &w],
             &r,
             || fused::linear(x.as_tensor(), w.as_tensor()).unwrap(),
-            || x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap(),
+            || {
+                x.as_tensor()
+                    .broadcast_matmul(&w.as_tensor().t().unwrap())
+                    .unwrap()
+            },
         );
     }
 }
@@ -75,7 +99,12 @@ fn linear_matches_matmul() {
 #[test]
 fn rms_norm_matches_ops_rms_norm() {
     let mut rng = Rng::new(2);
-    for shape in [vec![2, 3, 8], vec![4, 37, 128], vec![1, 1, 5], vec![600, 96]] {
+    for shape in [
+        vec![2, 3, 8],
+        vec![4, 37, 128],
+        vec![1, 1, 5],
+        vec![600, 96],
+    ] {
         let x = var(&mut rng, &shape, 2.0);
         let w = var(&mut rng, &[*shape.last().unwrap()], 1.0);
         let r = randn(&mut rng, &shape, 1.0);
@@ -92,15 +121,32 @@ fn rms_norm_matches_ops_rms_norm() {
 #[test]
 fn rope_matches_ops_apply_rope() {
     let mut rng = Rng::new(3);
-    for (b, t, h, d, per_row) in [(2, 5, 3, 8, false), (1, 37, 4, 32, false), (3, 7, 2, 4, true), (2, 40, 4, 16, true)] {
+    for (b, t, h, d, per_row) in [
+        (2, 5, 3, 8, false),
+        (1, 37, 4, 32, false),
+        (3, 7, 2, 4, true),
+        (2, 40, 4, 16, true),
+    ] {
         let half = d / 2;
         let (ct, st) = ops::rope_tables(d, 64, 10000.0, &Device::Cpu).unwrap();
         let (cos, sin) = if per_row {
             let pos: Vec<u32> = (0..b * t).map(|_| rng.below(60) as u32).collect();
             let p = Tensor::from_vec(pos, b * t, &Device::Cpu).unwrap();
-            (ct.index_select(&p, 0).unwrap().reshape((b, t, half)).unwrap(), st.index_select(&p, 0).unwrap().reshape((b, t, half)).unwrap())
+            (
+                ct.index_select(&p, 0)
+                    .unwrap()
+                    .reshape((b, t, half))
+                    .unwrap(),
+                st.index_select(&p, 0)
+                    .unwrap()
+                    .reshape((b, t, half))
+                    .unwrap(),
+            )
         } else {
-            (ct.narrow(0, 3, t).unwrap().reshape((1, t, half)).unwrap(), st.narrow(0, 3, t).unwrap().reshape((1, t, half)).unwrap())
+            (
+                ct.narrow(0, 3, t).unwrap().reshape((1, t, half)).unwrap(),
+                st.narrow(0, 3, t).unwrap().reshape((1, t, half)).unwrap(),
+            )
         };
         let x = var(&mut rng, &[b, t, h, d], 1.0);
         let r = randn(&mut rng, &[b, t, h, d], 1.0);
@@ -111,7 +157,9 @@ fn rope_matches_ops_apply_rope() {
             || fused::rope(x.as_tensor(), &cos, &sin).unwrap(),
             || {
                 let xt = x.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap(); // (B, H, T, D)
-                let y = ops::apply_rope(&xt, &cos.unsqueeze(1).unwrap(), &sin.unsqueeze(1).unwrap()).unwrap();
+                let y =
+                    ops::apply_rope(&xt, &cos.unsqueeze(1).unwrap(), &sin.unsqueeze(1).unwrap())
+                        .unwrap();
                 y.transpose(1, 2).unwrap().contiguous().unwrap()
             },
         );
@@ -141,7 +189,10 @@ fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Ten
     let q = q.transpose(1, 2).unwrap().contiguous().unwrap(); // (B, H, T, D)
     let k = ops::repeat_kv(&k.transpose(1, 2).unwrap().contiguous().unwrap(), h / kv).unwrap();
     let v = ops::repeat_kv(&v.transpose(1, 2).unwrap().contiguous().unwrap(), h / kv).unwrap();
-    let att = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / (d as f64).sqrt())).unwrap().broadcast_add(bias).unwrap();
+    let att = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / (d as f64).sqrt()))
+        .unwrap()
+        .broadcast_add(bias)
+        .unwrap();
     let y = ops::softmax(&att).unwrap().matmul(&v).unwrap(); // (B, H, T, D)
     y.transpose(1, 2).unwrap().contiguous().unwrap()
 }
@@ -153,21 +204,53 @@ fn layouts(b: usize, t: usize, rng: &mut Rng) -> Vec<(&'static str, Layout)> {
     for r in 0..b {
         let pad = rng.below(t / 2 + 1);
         left[r * t..r * t + pad].iter_mut().for_each(|v| *v = false);
-        right[(r + 1) * t - pad..(r + 1) * t].iter_mut().for_each(|v| *v = false);
+        right[(r + 1) * t - pad..(r + 1) * t]
+            .iter_mut()
+            .for_each(|v| *v = false);
     }
     let segments: Vec<u32> = (0..b * t).map(|i| ((i % t) * 3 / t) as u32).collect();
     vec![
         ("causal", Layout::dense(b, t)),
-        ("left-padded", Layout { batch: b, len: t, valid: left, segments: None }),
-        ("right-padded", Layout { batch: b, len: t, valid: right.clone(), segments: None }),
-        ("packed", Layout { batch: b, len: t, valid: right, segments: Some(segments) }),
+        (
+            "left-padded",
+            Layout {
+                batch: b,
+                len: t,
+                valid: left,
+                segments: None,
+            },
+        ),
+        (
+            "right-padded",
+            Layout {
+                batch: b,
+                len: t,
+                valid: right.clone(),
+                segments: None,
+            },
+        ),
+        (
+            "packed",
+            Layout {
+                batch: b,
+                len: t,
+                valid: right,
+                segments: Some(segments),
+            },
+        ),
     ]
 }
 
 #[test]
 fn attention_matches_composed_attention_with_masks() {
     let mut rng = Rng::new(5);
-    for (b, t, h, kv, d) in [(2, 5, 2, 2, 4), (2, 37, 4, 2, 8), (1, 70, 2, 1, 16), (3, 33, 4, 4, 32), (2, 64, 2, 2, 8)] {
+    for (b, t, h, kv, d) in [
+        (2, 5, 2, 2, 4),
+        (2, 37, 4, 2, 8),
+        (1, 70, 2, 1, 16),
+        (3, 33, 4, 4, 32),
+        (2, 64, 2, 2, 8),
+    ] {
         for (name, layout) in layouts(b, t, &mut rng) {
             let q = var(&mut rng, &[b, t, h, d], 1.0);
             let k = var(&mut rng, &[b, t, kv, d], 1.0);
@@ -176,9 +259,19 @@ fn attention_matches_composed_attention_with_masks() {
             // a query that sees no key (a padding query on the left) is unused downstream; the
             // kernel averages its causal window there, the reference all keys: leave it out
             let bv: Vec<f32> = bias.flatten_all().unwrap().to_vec1().unwrap();
-            let sees: Vec<f32> = (0..b * t).map(|i| if bv[i * t..(i + 1) * t].contains(&0.0) { 1.0 } else { 0.0 }).collect();
+            let sees: Vec<f32> = (0..b * t)
+                .map(|i| {
+                    if bv[i * t..(i + 1) * t].contains(&0.0) {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
             let sees = Tensor::from_vec(sees, (b, t, 1, 1), &Device::Cpu).unwrap();
-            let r = randn(&mut rng, &[b, t, h, d], 1.0).broadcast_mul(&sees).unwrap();
+            let r = randn(&mut rng, &[b, t, h, d], 1.0)
+                .broadcast_mul(&sees)
+                .unwrap();
             let dense = layout.is_dense();
             let what = format!("attention {name} b{b} t{t} h{h} kv{kv} d{d}");
             check(
@@ -189,12 +282,21 @@ fn attention_matches_composed_attention_with_masks() {
                     let mask = if dense {
                         AttnMask::Causal
                     } else {
-                        AttnMask::Bias { bias: &bias, causal: fused::attention::bias_is_causal(&bias).unwrap() }
+                        AttnMask::Bias {
+                            bias: &bias,
+                            causal: fused::attention::bias_is_causal(&bias).unwrap(),
+                        }
                     };
-                    let y = fused::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, None).unwrap();
+                    let y =
+                        fused::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, None)
+                            .unwrap();
                     y.broadcast_mul(&sees).unwrap()
                 },
-                || attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias).broadcast_mul(&sees).unwrap(),
+                || {
+                    attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)
+                        .broadcast_mul(&sees)
+                        .unwrap()
+                },
             );
         }
         // an arbitrary (non-causal) bias: the general path
@@ -208,7 +310,19 @@ fn attention_matches_composed_attention_with_masks() {
             &format!("attention arbitrary-bias b{b} t{t} h{h} kv{kv} d{d}"),
             &[&q, &k, &v],
             &r,
-            || fused::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), AttnMask::Bias { bias: &bias, causal: false }, None).unwrap(),
+            || {
+                fused::attention(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    AttnMask::Bias {
+                        bias: &bias,
+                        causal: false,
+                    },
+                    None,
+                )
+                .unwrap()
+            },
             || attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias),
         );
     }
@@ -229,7 +343,9 @@ fn attention_with_cache_matches_full_attention() {
     let mut at = 0;
     for n in [40, 1, 1, 3] {
         let s = |x: &Tensor| x.narrow(1, at, n).unwrap();
-        parts.push(fused::attention(&s(&q), &s(&k), &s(&v), AttnMask::Causal, Some(&mut cache)).unwrap());
+        parts.push(
+            fused::attention(&s(&q), &s(&k), &s(&v), AttnMask::Causal, Some(&mut cache)).unwrap(),
+        );
         at += n;
     }
     let inc = Tensor::cat(&parts, 1).unwrap();
@@ -238,7 +354,14 @@ fn attention_with_cache_matches_full_attention() {
     // a backward through the cached path is refused, not silently gradient-free
     let qv = Var::from_tensor(&q.narrow(1, 0, 1).unwrap()).unwrap();
     let mut cache = None;
-    let y = fused::attention(qv.as_tensor(), &k.narrow(1, 0, 1).unwrap(), &v.narrow(1, 0, 1).unwrap(), AttnMask::Causal, Some(&mut cache)).unwrap();
+    let y = fused::attention(
+        qv.as_tensor(),
+        &k.narrow(1, 0, 1).unwrap(),
+        &v.narrow(1, 0, 1).unwrap(),
+        AttnMask::Causal,
+        Some(&mut cache),
+    )
+    .unwrap();
     assert!(y.sum_all().unwrap().backward().is_err());
 }
 
@@ -259,9 +382,18 @@ fn lm_head_xent_matches_token_logprobs() {
             &format!("lm_head_xent n{n} c{c} v{v}"),
             &[&hdn, &w],
             &r,
-            || (fused::lm_head_xent(hdn.as_tensor(), w.as_tensor(), &targets, &weights).unwrap() / count).unwrap(),
             || {
-                let logits = hdn.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().unsqueeze(0).unwrap();
+                (fused::lm_head_xent(hdn.as_tensor(), w.as_tensor(), &targets, &weights).unwrap()
+                    / count)
+                    .unwrap()
+            },
+            || {
+                let logits = hdn
+                    .as_tensor()
+                    .matmul(&w.as_tensor().t().unwrap())
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
                 let lp = ops::token_logprobs(&logits, &tt).unwrap();
                 ((lp * &wt).unwrap().sum_all().unwrap().neg().unwrap() / count).unwrap()
             },
@@ -269,8 +401,13 @@ fn lm_head_xent_matches_token_logprobs() {
     }
     let h = randn(&mut rng, &[2, 4], 1.0);
     let w = randn(&mut rng, &[3, 4], 1.0);
-    let e = fused::lm_head_xent(&h, &w, &[0, 3], &[1.0, 1.0]).unwrap_err().to_string();
-    assert!(e.contains("target token 3 is outside the vocabulary of 3"), "{e}");
+    let e = fused::lm_head_xent(&h, &w, &[0, 3], &[1.0, 1.0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("target token 3 is outside the vocabulary of 3"),
+        "{e}"
+    );
     let _ = DType::F32;
 }
 
@@ -284,13 +421,38 @@ fn kernels_are_deterministic() {
     let x = var(&mut rng, &[b * t, h * d], 1.0);
     let w = var(&mut rng, &[h * d], 1.0);
     let run = || {
-        let y = fused::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), AttnMask::Causal, None).unwrap();
-        let z = fused::rms_norm(&(y.reshape((b * t, h * d)).unwrap() + x.as_tensor()).unwrap(), w.as_tensor(), 1e-5).unwrap();
+        let y = fused::attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            AttnMask::Causal,
+            None,
+        )
+        .unwrap();
+        let z = fused::rms_norm(
+            &(y.reshape((b * t, h * d)).unwrap() + x.as_tensor()).unwrap(),
+            w.as_tensor(),
+            1e-5,
+        )
+        .unwrap();
         let g = z.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        [q.as_tensor(), k.as_tensor(), v.as_tensor(), x.as_tensor(), w.as_tensor()]
-            .iter()
-            .flat_map(|t| g.get(t).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect::<Vec<f32>>()
+        [
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            x.as_tensor(),
+            w.as_tensor(),
+        ]
+        .iter()
+        .flat_map(|t| {
+            g.get(t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect::<Vec<f32>>()
     };
     let a = run();
     for _ in 0..3 {

@@ -91,13 +91,24 @@ pub struct RolloutConfig {
 
 impl Default for RolloutConfig {
     fn default() -> Self {
-        RolloutConfig { prompts_per_iteration: 16, max_new_tokens: 32, temperature: 1.0, top_k: 0, top_p: 1.0 }
+        RolloutConfig {
+            prompts_per_iteration: 16,
+            max_new_tokens: 32,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 }
 
 impl RolloutConfig {
     pub fn sampling(&self) -> SamplingParams {
-        SamplingParams { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p }
+        SamplingParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
     }
 }
 
@@ -121,7 +132,14 @@ pub struct ScoreConfig {
 
 impl Default for ScoreConfig {
     fn default() -> Self {
-        ScoreConfig { reward_model_weight: 1.0, judge: None, judge_weight: 0.0, normalize: true, clip: 0.0, missing_eos_penalty: 0.0 }
+        ScoreConfig {
+            reward_model_weight: 1.0,
+            judge: None,
+            judge_weight: 0.0,
+            normalize: true,
+            clip: 0.0,
+            missing_eos_penalty: 0.0,
+        }
     }
 }
 
@@ -138,7 +156,11 @@ pub struct KlConfig {
 
 impl Default for KlConfig {
     fn default() -> Self {
-        KlConfig { coef: 0.05, target: None, horizon: 10000.0 }
+        KlConfig {
+            coef: 0.05,
+            target: None,
+            horizon: 10000.0,
+        }
     }
 }
 
@@ -203,7 +225,10 @@ pub struct CriticConfig {
 
 impl Default for CriticConfig {
     fn default() -> Self {
-        CriticConfig { init: CriticInit::Reward, lr: None }
+        CriticConfig {
+            init: CriticInit::Reward,
+            lr: None,
+        }
     }
 }
 
@@ -221,6 +246,10 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { judge: None, max_prompts: 64, samples_logged: 3 }
+        EvalConfig {
+            judge: None,
+            max_prompts: 64,
+            samples_logged: 3,
+        }
     }
 }

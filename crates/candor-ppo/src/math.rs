@@ -49,11 +49,22 @@ pub fn masked_mean_rows(x: &[Vec<f64>], mask: &[Vec<bool>]) -> f64 {
 pub fn masked_whiten(x: &[Vec<f64>], mask: &[Vec<bool>], shift_mean: bool) -> Vec<Vec<f64>> {
     let mean = masked_mean_rows(x, mask);
     let n = mask.iter().flatten().filter(|&&m| m).count() as f64;
-    let sq: Vec<Vec<f64>> = x.iter().map(|r| r.iter().map(|v| (v - mean) * (v - mean)).collect()).collect();
-    let var = if n > 1.0 { masked_mean_rows(&sq, mask) * n / (n - 1.0) } else { 0.0 };
+    let sq: Vec<Vec<f64>> = x
+        .iter()
+        .map(|r| r.iter().map(|v| (v - mean) * (v - mean)).collect())
+        .collect();
+    let var = if n > 1.0 {
+        masked_mean_rows(&sq, mask) * n / (n - 1.0)
+    } else {
+        0.0
+    };
     let inv = 1.0 / (var + 1e-8).sqrt();
     x.iter()
-        .map(|r| r.iter().map(|v| (v - mean) * inv + if shift_mean { 0.0 } else { mean }).collect())
+        .map(|r| {
+            r.iter()
+                .map(|v| (v - mean) * inv + if shift_mean { 0.0 } else { mean })
+                .collect()
+        })
         .collect()
 }
 
@@ -89,13 +100,27 @@ pub fn per_token_rewards(
 /// Generalised advantage estimation (Schulman et al. 2016) backwards over each row, values
 /// and rewards zeroed past the end (so the bootstrap after the last real token is 0).
 /// Returns (advantages, returns = advantages + values), before whitening.
-pub fn gae(rewards: &[Vec<f64>], values: &[Vec<f64>], mask: &[Vec<bool>], gamma: f64, lam: f64) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+pub fn gae(
+    rewards: &[Vec<f64>],
+    values: &[Vec<f64>],
+    mask: &[Vec<bool>],
+    gamma: f64,
+    lam: f64,
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let mut advantages = vec![];
     let mut returns = vec![];
     for b in 0..rewards.len() {
         let t_len = rewards[b].len();
-        let v: Vec<f64> = values[b].iter().zip(&mask[b]).map(|(x, &m)| if m { *x } else { 0.0 }).collect();
-        let r: Vec<f64> = rewards[b].iter().zip(&mask[b]).map(|(x, &m)| if m { *x } else { 0.0 }).collect();
+        let v: Vec<f64> = values[b]
+            .iter()
+            .zip(&mask[b])
+            .map(|(x, &m)| if m { *x } else { 0.0 })
+            .collect();
+        let r: Vec<f64> = rewards[b]
+            .iter()
+            .zip(&mask[b])
+            .map(|(x, &m)| if m { *x } else { 0.0 })
+            .collect();
         let mut adv = vec![0.0; t_len];
         let mut last = 0.0;
         for t in (0..t_len).rev() {
@@ -122,7 +147,13 @@ pub struct PolicyLoss {
 
 /// Clipped surrogate (Schulman et al. 2017, eq. 7) as TRL computes it:
 /// mean over masked tokens of max(−A·r, −A·clip(r, 1−ε, 1+ε)), r = exp(log π − log π_old).
-pub fn policy_loss(logprobs: &Tensor, old_logprobs: &Tensor, advantages: &Tensor, mask: &Tensor, cliprange: f64) -> Result<PolicyLoss> {
+pub fn policy_loss(
+    logprobs: &Tensor,
+    old_logprobs: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    cliprange: f64,
+) -> Result<PolicyLoss> {
     let diff = (logprobs - old_logprobs)?;
     let ratio = diff.exp()?;
     let pg1 = (advantages.neg()? * &ratio)?;
@@ -133,12 +164,23 @@ pub fn policy_loss(logprobs: &Tensor, old_logprobs: &Tensor, advantages: &Tensor
     let d = diff.detach();
     let approx_kl = 0.5 * scalar(&masked_mean(&d.sqr()?, mask)?)?;
     let policy_kl = -scalar(&masked_mean(&d, mask)?)?;
-    Ok(PolicyLoss { loss, clip_frac, approx_kl, policy_kl })
+    Ok(PolicyLoss {
+        loss,
+        clip_frac,
+        approx_kl,
+        policy_kl,
+    })
 }
 
 /// Clipped value loss (TRL): ½·mean over masked tokens of
 /// max((v − R)², (clip(v, v_old ± ε) − R)²); returns (loss, clip fraction).
-pub fn value_loss(vpred: &Tensor, values: &Tensor, returns: &Tensor, mask: &Tensor, cliprange_value: f64) -> Result<(Tensor, f64)> {
+pub fn value_loss(
+    vpred: &Tensor,
+    values: &Tensor,
+    returns: &Tensor,
+    mask: &Tensor,
+    cliprange_value: f64,
+) -> Result<(Tensor, f64)> {
     let clipped = (values + (vpred - values)?.clamp(-cliprange_value, cliprange_value)?)?;
     let l1 = (vpred - returns)?.sqr()?;
     let l2 = (clipped - returns)?.sqr()?;
@@ -174,14 +216,30 @@ mod tests {
     use serde_json::Value;
 
     fn fixture() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/ppo_math.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/ppo_math.json"
+        );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
     fn rows(v: &Value) -> Vec<Vec<f64>> {
-        v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
     }
     fn mask(v: &Value) -> Vec<Vec<bool>> {
-        rows(v).into_iter().map(|r| r.into_iter().map(|x| x != 0.0).collect()).collect()
+        rows(v)
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x != 0.0).collect())
+            .collect()
     }
     fn tensor(x: &[Vec<f64>]) -> Tensor {
         let (b, t) = (x.len(), x[0].len());
@@ -206,14 +264,36 @@ mod tests {
             let i = &case["inputs"];
             let o = &case["outputs"];
             let m = mask(&i["mask"]);
-            let scores: Vec<f64> = i["scores"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-            let (rewards, kl) = per_token_rewards(&scores, &rows(&i["logprobs"]), &rows(&i["ref_logprobs"]), &m, i["kl_coef"].as_f64().unwrap());
+            let scores: Vec<f64> = i["scores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            let (rewards, kl) = per_token_rewards(
+                &scores,
+                &rows(&i["logprobs"]),
+                &rows(&i["ref_logprobs"]),
+                &m,
+                i["kl_coef"].as_f64().unwrap(),
+            );
             close_masked(&kl, &rows(&o["kl_masked"]), &m, "kl");
             close_masked(&rewards, &rows(&o["rewards_masked"]), &m, "rewards");
-            let (adv, ret) = gae(&rewards, &rows(&i["values"]), &m, i["gamma"].as_f64().unwrap(), i["lam"].as_f64().unwrap());
+            let (adv, ret) = gae(
+                &rewards,
+                &rows(&i["values"]),
+                &m,
+                i["gamma"].as_f64().unwrap(),
+                i["lam"].as_f64().unwrap(),
+            );
             close_masked(&adv, &rows(&o["advantages"]), &m, "advantages");
             close_masked(&ret, &rows(&o["returns"]), &m, "returns");
-            close_masked(&masked_whiten(&adv, &m, true), &rows(&o["advantages_whitened"]), &m, "whitened");
+            close_masked(
+                &masked_whiten(&adv, &m, true),
+                &rows(&o["advantages_whitened"]),
+                &m,
+                "whitened",
+            );
         }
     }
 
@@ -224,8 +304,18 @@ mod tests {
         let x = rows(&case["inputs"]["values"]);
         let o = &case["outputs"];
         assert!((masked_mean_rows(&x, &m) - o["mean"].as_f64().unwrap()).abs() < 1e-12);
-        close_masked(&masked_whiten(&x, &m, true), &rows(&o["whitened"]), &m, "whitened");
-        close_masked(&masked_whiten(&x, &m, false), &rows(&o["whitened_keep_mean"]), &m, "keep_mean");
+        close_masked(
+            &masked_whiten(&x, &m, true),
+            &rows(&o["whitened"]),
+            &m,
+            "whitened",
+        );
+        close_masked(
+            &masked_whiten(&x, &m, false),
+            &rows(&o["whitened_keep_mean"]),
+            &m,
+            "keep_mean",
+        );
     }
 
     #[test]
@@ -270,7 +360,14 @@ mod tests {
         let adv = Tensor::new(&[[1.0f64, 1.0]], &dev).unwrap();
         let m = Tensor::new(&[[1.0f64, 1.0]], &dev).unwrap();
         let out = policy_loss(lp.as_tensor(), &old, &adv, &m, 0.2).unwrap();
-        let g: Vec<Vec<f64>> = out.loss.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec2().unwrap();
+        let g: Vec<Vec<f64>> = out
+            .loss
+            .backward()
+            .unwrap()
+            .get(lp.as_tensor())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         assert_eq!(g[0][0], 0.0);
         assert!((g[0][1] + 0.5).abs() < 1e-12); // d/dlp of −A·e^{lp}/2 at lp=0
     }
@@ -290,7 +387,10 @@ mod tests {
         let h = candor_model::ops::entropy(&lt).unwrap();
         let m = tensor(&rows(&case["inputs"]["mask"]));
         let got = scalar(&masked_mean(&h, &m).unwrap()).unwrap();
-        assert!((got - case["outputs"]["entropy_masked_mean"].as_f64().unwrap()).abs() < 1e-12, "{got}");
+        assert!(
+            (got - case["outputs"]["entropy_masked_mean"].as_f64().unwrap()).abs() < 1e-12,
+            "{got}"
+        );
     }
 
     #[test]
@@ -303,11 +403,24 @@ mod tests {
             horizon: i["horizon"].as_f64().unwrap(),
         };
         let n = i["n_steps"].as_u64().unwrap() as usize;
-        for (kl, want) in i["current_kl"].as_array().unwrap().iter().zip(o["kl_coef_after_each_update"].as_array().unwrap()) {
+        for (kl, want) in i["current_kl"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(o["kl_coef_after_each_update"].as_array().unwrap())
+        {
             c.update(kl.as_f64().unwrap(), n);
-            assert!((c.value - want.as_f64().unwrap()).abs() < 1e-12, "{} vs {want}", c.value);
+            assert!(
+                (c.value - want.as_f64().unwrap()).abs() < 1e-12,
+                "{} vs {want}",
+                c.value
+            );
         }
-        let mut fixed = KlController { value: 0.1, target: None, horizon: 1e4 };
+        let mut fixed = KlController {
+            value: 0.1,
+            target: None,
+            horizon: 1e4,
+        };
         fixed.update(100.0, 256);
         assert_eq!(fixed.value, 0.1);
     }

@@ -28,7 +28,12 @@ pub struct SeqBatch {
     pub last: Vec<usize>,
 }
 
-pub fn seq_batch(prompts: &[&[u32]], responses: &[&[u32]], pad: u32, device: &Device) -> Result<SeqBatch> {
+pub fn seq_batch(
+    prompts: &[&[u32]],
+    responses: &[&[u32]],
+    pad: u32,
+    device: &Device,
+) -> Result<SeqBatch> {
     let b = prompts.len();
     let p = prompts.iter().map(|x| x.len()).max().unwrap_or(1);
     let r = responses.iter().map(|x| x.len()).max().unwrap_or(1).max(1);
@@ -54,7 +59,12 @@ pub fn seq_batch(prompts: &[&[u32]], responses: &[&[u32]], pad: u32, device: &De
         }
         last[i] = p + rs.len() - 1;
     }
-    let layout = Layout { batch: b, len, valid, segments: None };
+    let layout = Layout {
+        batch: b,
+        len,
+        valid,
+        segments: None,
+    };
     Ok(SeqBatch {
         ids: Tensor::from_vec(ids, (b, len), device)?,
         positions: layout.positions_tensor(device)?,
@@ -78,21 +88,34 @@ fn response_hidden(model: &Model, sb: &SeqBatch) -> Result<Tensor> {
 /// those logits (B, R, V) for the entropy.
 pub fn logprobs(model: &Model, sb: &SeqBatch, temperature: f64) -> Result<(Tensor, Tensor)> {
     let logits = model.lm_logits(&response_hidden(model, sb)?)?;
-    let logits = if temperature > 0.0 && temperature != 1.0 { (logits / temperature)? } else { logits };
+    let logits = if temperature > 0.0 && temperature != 1.0 {
+        (logits / temperature)?
+    } else {
+        logits
+    };
     Ok((token_logprobs(&logits, &sb.responses)?, logits))
 }
 
 /// Critic values (B, R) for the states before each response token, in f32 whatever the
 /// critic's dtype (the value loss is reduced in f32).
 pub fn values(critic: &Model, sb: &SeqBatch) -> Result<Tensor> {
-    Ok(critic.scores(&response_hidden(critic, sb)?)?.to_dtype(DType::F32)?)
+    Ok(critic
+        .scores(&response_hidden(critic, sb)?)?
+        .to_dtype(DType::F32)?)
 }
 
 /// A reward model's score of each whole sequence, read at its last real token.
 pub fn sequence_scores(reward_model: &Model, sb: &SeqBatch) -> Result<Vec<f64>> {
     let hidden = reward_model.forward_hidden(&sb.ids, Some(&sb.positions), Some(&sb.bias), None)?;
-    let scores: Vec<Vec<f32>> = reward_model.scores(&hidden)?.to_dtype(DType::F32)?.to_vec2()?;
-    Ok(scores.iter().zip(&sb.last).map(|(row, &j)| row[j] as f64).collect())
+    let scores: Vec<Vec<f32>> = reward_model
+        .scores(&hidden)?
+        .to_dtype(DType::F32)?
+        .to_vec2()?;
+    Ok(scores
+        .iter()
+        .zip(&sb.last)
+        .map(|(row, &j)| row[j] as f64)
+        .collect())
 }
 
 /// One rollout batch: responses, their scores, and per response token the log-probs of
@@ -126,7 +149,16 @@ impl Rollout {
 
     /// Append a row; per-token rows may be wider than the response (batch padding).
     #[allow(clippy::too_many_arguments)]
-    pub fn push(&mut self, response: &[u32], stopped: bool, combined: f64, raw: f64, old_lp: &[f64], ref_lp: &[f64], values: &[f64]) {
+    pub fn push(
+        &mut self,
+        response: &[u32],
+        stopped: bool,
+        combined: f64,
+        raw: f64,
+        old_lp: &[f64],
+        ref_lp: &[f64],
+        values: &[f64],
+    ) {
         let n = response.len();
         self.responses.push(response.to_vec());
         self.stopped.push(stopped);
@@ -142,9 +174,18 @@ impl Rollout {
     pub fn gather(&self, dist: &Dist) -> Result<Rollout> {
         let mut flat = vec![];
         for i in 0..self.len() {
-            flat.extend([self.responses[i].len() as f64, f64::from(u8::from(self.stopped[i])), self.combined[i], self.raw[i]]);
+            flat.extend([
+                self.responses[i].len() as f64,
+                f64::from(u8::from(self.stopped[i])),
+                self.combined[i],
+                self.raw[i],
+            ]);
             flat.extend(self.responses[i].iter().map(|&t| f64::from(t)));
-            for row in [&self.old_logprobs[i], &self.ref_logprobs[i], &self.values[i]] {
+            for row in [
+                &self.old_logprobs[i],
+                &self.ref_logprobs[i],
+                &self.values[i],
+            ] {
                 flat.extend(row);
             }
         }
@@ -155,7 +196,15 @@ impl Rollout {
                 let n = part[at] as usize;
                 let row = |k: usize| part[at + 4 + k * n..at + 4 + (k + 1) * n].to_vec();
                 let response: Vec<u32> = row(0).into_iter().map(|t| t as u32).collect();
-                all.push(&response, part[at + 1] != 0.0, part[at + 2], part[at + 3], &row(1), &row(2), &row(3));
+                all.push(
+                    &response,
+                    part[at + 1] != 0.0,
+                    part[at + 2],
+                    part[at + 3],
+                    &row(1),
+                    &row(2),
+                    &row(3),
+                );
                 at += 4 + 4 * n;
             }
         }
@@ -164,12 +213,20 @@ impl Rollout {
 
     /// Width of the per-token rows once padded: the longest response (at least 1).
     pub fn width(&self) -> usize {
-        self.responses.iter().map(Vec::len).max().unwrap_or(0).max(1)
+        self.responses
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+            .max(1)
     }
 
     /// (B, width): whether each column is a real response token.
     pub fn mask_rows(&self) -> Vec<Vec<bool>> {
-        self.responses.iter().map(|r| (0..self.width()).map(|j| j < r.len()).collect()).collect()
+        self.responses
+            .iter()
+            .map(|r| (0..self.width()).map(|j| j < r.len()).collect())
+            .collect()
     }
 
     /// Per-token rows right-padded with zeros to [`width`](Self::width).
@@ -209,11 +266,18 @@ mod tests {
     fn recomputed_logprobs_equal_sampled_ones() {
         let cfg = ModelConfig::llama(50, 32, 2, 4, 2, 48, 64, 10000.0, true);
         let dev = Device::Cpu;
-        let (model, _) = build_trainable(&cfg, Head::Lm, None, &[], &mut Rng::new(7), &dev).unwrap();
+        let (model, _) =
+            build_trainable(&cfg, Head::Lm, None, &[], &mut Rng::new(7), &dev).unwrap();
         let prompts: Vec<Vec<u32>> = vec![vec![5, 6, 7, 8, 9], vec![3], vec![10, 11, 12]];
         for temperature in [1.0, 0.7] {
-            let params = SamplingParams { max_new_tokens: 12, temperature, top_k: 0, top_p: 1.0 };
-            let samples = generate(&model, &prompts, &params, &[49, 48], 0, &mut Rng::new(11)).unwrap();
+            let params = SamplingParams {
+                max_new_tokens: 12,
+                temperature,
+                top_k: 0,
+                top_p: 1.0,
+            };
+            let samples =
+                generate(&model, &prompts, &params, &[49, 48], 0, &mut Rng::new(11)).unwrap();
             let pr: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
             let rs: Vec<&[u32]> = samples.iter().map(|s| s.tokens.as_slice()).collect();
             let sb = seq_batch(&pr, &rs, 0, &dev).unwrap();
@@ -225,7 +289,10 @@ mod tests {
                 }
                 assert!(sb.mask_rows[i].iter().filter(|&&m| m).count() == s.tokens.len());
             }
-            assert!(worst < 1e-4, "temperature {temperature}: worst |Δ log p| {worst}");
+            assert!(
+                worst < 1e-4,
+                "temperature {temperature}: worst |Δ log p| {worst}"
+            );
         }
     }
 }

@@ -15,7 +15,7 @@ use candor_data::Tokenizer;
 use candor_model::io::{build_trainable, load_trainable, read_config};
 use candor_model::ModelConfig;
 use candor_train::batch::LmExample;
-use candor_train::ckpt::{final_metrics, resume_or_fresh, Start, StageModel};
+use candor_train::ckpt::{final_metrics, resume_or_fresh, StageModel, Start};
 use candor_train::config::TrainConfig;
 use candor_train::lm::{train_lm, LmTraining};
 use candor_train::optim::{named_vars, AdamW};
@@ -55,7 +55,12 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { files: vec![], heldout_fraction: 0.05, tokenizer: None, vocab_size: 512 }
+        DataConfig {
+            files: vec![],
+            heldout_fraction: 0.05,
+            tokenizer: None,
+            vocab_size: 512,
+        }
     }
 }
 
@@ -93,7 +98,13 @@ impl Default for ModelShape {
 
 impl Default for PretrainConfig {
     fn default() -> Self {
-        PretrainConfig { seed: 1, data: DataConfig::default(), model: ModelShape::default(), init: None, train: TrainConfig::default() }
+        PretrainConfig {
+            seed: 1,
+            data: DataConfig::default(),
+            model: ModelShape::default(),
+            init: None,
+            train: TrainConfig::default(),
+        }
     }
 }
 
@@ -104,8 +115,22 @@ impl ModelShape {
         } else {
             (8 * self.hidden_size / 3).div_ceil(32) * 32
         };
-        let kv = if self.kv_heads > 0 { self.kv_heads } else { self.heads };
-        ModelConfig::llama(vocab_size, self.hidden_size, self.layers, self.heads, kv, inter, self.ctx, self.rope_theta, self.tie_embeddings)
+        let kv = if self.kv_heads > 0 {
+            self.kv_heads
+        } else {
+            self.heads
+        };
+        ModelConfig::llama(
+            vocab_size,
+            self.hidden_size,
+            self.layers,
+            self.heads,
+            kv,
+            inter,
+            self.ctx,
+            self.rope_theta,
+            self.tie_embeddings,
+        )
     }
 }
 
@@ -120,23 +145,35 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let origin = &opts.origin;
     cfg.train.validate(origin)?;
     if cfg.data.files.is_empty() {
-        return Err(err(format!("{origin}: data.files: list at least one text or JSONL file")));
+        return Err(err(format!(
+            "{origin}: data.files: list at least one text or JSONL file"
+        )));
     }
     if !(0.0..0.5).contains(&cfg.data.heldout_fraction) {
-        return Err(err(format!("{origin}: data.heldout_fraction: must be in [0, 0.5)")));
+        return Err(err(format!(
+            "{origin}: data.heldout_fraction: must be in [0, 0.5)"
+        )));
     }
     opts.check_batch("train.batch_size", cfg.train.batch_size)?;
     let effective = candor_core::config::effective(cfg);
     let start = opts.plan_start(&effective)?;
     if let Start::Done(meta) = start {
-        eprintln!("[pretrain] {} is already complete (step {})", opts.out.display(), meta.step);
+        eprintln!(
+            "[pretrain] {} is already complete (step {})",
+            opts.out.display(),
+            meta.step
+        );
         return Ok(meta);
     }
     let resuming = matches!(start, Start::Resume(_));
     let device = &opts.device;
 
     // 1. tokenizer and data
-    let init = cfg.init.as_ref().map(candor_model::resolve_model_dir).transpose()?;
+    let init = cfg
+        .init
+        .as_ref()
+        .map(candor_model::resolve_model_dir)
+        .transpose()?;
     let docs = read_corpus(&cfg.data.files)?;
     let (tokenizer, parents) = match (&init, &cfg.data.tokenizer) {
         (_, Some(path)) => (Tokenizer::from_file(path)?, vec![]),
@@ -145,20 +182,28 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
         (None, None) => {
             // train on the documents that will be training data (the held-out tail is split
             // off by tokens later; a BPE fitted on a few more documents changes nothing material)
-            (Tokenizer::train(docs.iter().map(String::as_str), cfg.data.vocab_size)?, vec![])
+            (
+                Tokenizer::train(docs.iter().map(String::as_str), cfg.data.vocab_size)?,
+                vec![],
+            )
         }
     };
     let parents = match (&init, parents.is_empty()) {
         (Some(init), true) => vec![parent_ref("init", init)?],
         _ => parents,
     };
-    let eos = tokenizer.eos_id().ok_or_else(|| err("tokenizer has no end-of-text token (<|endoftext|> or eos_token)".into()))?;
+    let eos = tokenizer.eos_id().ok_or_else(|| {
+        err("tokenizer has no end-of-text token (<|endoftext|> or eos_token)".into())
+    })?;
 
     // 2. model
     let mut init_rng = Rng::derive(cfg.seed, "init");
     let (model_config, (model, varmap)) = if resuming {
         let c = read_config(&opts.out)?;
-        (c, load_trainable(&opts.out, Head::Lm, &mut init_rng, device)?)
+        (
+            c,
+            load_trainable(&opts.out, Head::Lm, &mut init_rng, device)?,
+        )
     } else if let Some(init) = &init {
         let c = read_config(init)?;
         (c, load_trainable(init, Head::Lm, &mut init_rng, device)?)
@@ -173,7 +218,13 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
         (c, built)
     };
     let ctx = cfg.model.ctx;
-    check_compatible(&tokenizer, &model_config, cfg.model.ctx, init.as_deref(), origin)?;
+    check_compatible(
+        &tokenizer,
+        &model_config,
+        cfg.model.ctx,
+        init.as_deref(),
+        origin,
+    )?;
 
     let stream = tokenize_documents(&tokenizer, &docs, eos)?;
     let corpus = pack_corpus(&stream, ctx, cfg.data.heldout_fraction)?;
@@ -186,9 +237,15 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let mut meta = CandorMeta::new("pretrain", Head::Lm, effective);
     meta.parents = parents;
     meta.total_steps = cfg.train.steps as u64;
-    let (mut state, mut metrics) = resume_or_fresh(&start, &opts.out, cfg.seed, &mut opt, &mut meta, device)?;
+    let (mut state, mut metrics) =
+        resume_or_fresh(&start, &opts.out, cfg.seed, &mut opt, &mut meta, device)?;
     let params = model_config.param_count(Head::Lm);
-    let progress = Progress::for_rank("pretrain", cfg.train.steps as u64, state.step, opts.dist.is_main());
+    let progress = Progress::for_rank(
+        "pretrain",
+        cfg.train.steps as u64,
+        state.step,
+        opts.dist.is_main(),
+    );
     progress.log(&format!(
         "{} params, {} training / {} held-out sequences of {ctx} tokens, unigram baseline loss {unigram:.3}, {}{}",
         params,
@@ -199,7 +256,12 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     ));
     let training = LmTraining {
         model: &model,
-        saved: StageModel { config: &model_config, head: Head::Lm, varmap: &varmap, tokenizer: &tokenizer },
+        saved: StageModel {
+            config: &model_config,
+            head: Head::Lm,
+            varmap: &varmap,
+            tokenizer: &tokenizer,
+        },
         train_set: &train_set,
         heldout: &heldout,
         train: &cfg.train,
@@ -209,7 +271,9 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
         dist: &opts.dist,
     };
     if let Some(eval) = training.eval_before_training(&state)? {
-        metrics.push(record!(0; "eval_loss" => eval, "eval_ppl" => eval.exp(), "unigram_loss" => unigram));
+        metrics.push(
+            record!(0; "eval_loss" => eval, "eval_ppl" => eval.exp(), "unigram_loss" => unigram),
+        );
     }
 
     // 4. the loop (shared with SFT): batch, forward, backward, clip, step, log, eval, checkpoint
@@ -218,15 +282,29 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     // 5. the final checkpoint
     meta.complete = true;
     meta.metrics = final_metrics(&metrics);
-    meta.metrics.insert("unigram_loss".into(), serde_json::json!(unigram));
-    meta.metrics.insert("params".into(), serde_json::json!(params));
-    opts.save_on_main(|| training.saved.save(&opts.out, &state, &metrics, &opt, &mut meta))?;
+    meta.metrics
+        .insert("unigram_loss".into(), serde_json::json!(unigram));
+    meta.metrics
+        .insert("params".into(), serde_json::json!(params));
+    opts.save_on_main(|| {
+        training
+            .saved
+            .save(&opts.out, &state, &metrics, &opt, &mut meta)
+    })?;
     progress.finish();
     Ok(meta)
 }
 
-fn check_compatible(tok: &Tokenizer, model: &ModelConfig, ctx: usize, init: Option<&Path>, origin: &str) -> Result<()> {
-    let where_ = init.map(|p| p.join("config.json").display().to_string()).unwrap_or_else(|| origin.to_string());
+fn check_compatible(
+    tok: &Tokenizer,
+    model: &ModelConfig,
+    ctx: usize,
+    init: Option<&Path>,
+    origin: &str,
+) -> Result<()> {
+    let where_ = init
+        .map(|p| p.join("config.json").display().to_string())
+        .unwrap_or_else(|| origin.to_string());
     if tok.id_bound() > model.vocab_size {
         return Err(err(format!(
             "{where_}: vocab_size {} is smaller than the tokenizer's {} tokens: tokenizer and model do not match",

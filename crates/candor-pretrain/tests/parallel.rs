@@ -37,7 +37,14 @@ fn config(corpus: &Path, steps: usize) -> PretrainConfig {
 }
 
 fn opts(out: &Path, dist: Dist) -> RunOptions {
-    RunOptions { out: out.to_path_buf(), device: Device::Cpu, resume: false, overwrite: false, origin: "test.yaml".into(), dist }
+    RunOptions {
+        out: out.to_path_buf(),
+        device: Device::Cpu,
+        resume: false,
+        overwrite: false,
+        origin: "test.yaml".into(),
+        dist,
+    }
 }
 
 fn weights(dir: &Path) -> HashMap<String, Tensor> {
@@ -48,14 +55,28 @@ fn losses(dir: &Path) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().get("loss").and_then(|v| v.as_f64()))
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap()
+                .get("loss")
+                .and_then(|v| v.as_f64())
+        })
         .collect()
 }
 
 fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
-        .map(|(k, x)| (x - &b[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+        .map(|(k, x)| {
+            (x - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
         .fold(0.0, f32::max)
 }
 
@@ -85,13 +106,21 @@ fn two_ranks_on_half_batches_train_the_same_model_and_only_rank_0_writes() {
     assert!(!out1.exists(), "rank 1 wrote into its --out");
     let diff = max_diff(&weights(&one), &weights(&out0));
     let (l1, l2) = (losses(&one), losses(&out0));
-    let loss_diff = l1.iter().zip(&l2).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let loss_diff = l1
+        .iter()
+        .zip(&l2)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     println!("world 2 vs world 1 after 8 steps: worst weight difference {diff:.2e}, worst loss difference {loss_diff:.2e}");
     assert_eq!(l1.len(), l2.len());
     assert!(diff < 1e-5, "weights differ by {diff}");
     assert!(loss_diff < 1e-5, "losses differ by {loss_diff}");
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out0.join("candor.json")).unwrap()).unwrap();
-    assert_eq!((meta["complete"].as_bool(), meta["step"].as_u64()), (Some(true), Some(8)));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out0.join("candor.json")).unwrap()).unwrap();
+    assert_eq!(
+        (meta["complete"].as_bool(), meta["step"].as_u64()),
+        (Some(true), Some(8))
+    );
 }
 
 /// A bf16 run (f32 master weights) follows the f32 run's loss curve: every logged training
@@ -109,7 +138,11 @@ fn bf16_pretraining_tracks_the_f32_loss() {
     let m16 = run(&cfg16, &opts(&b, Dist::single())).unwrap();
     let (l32, l16) = (losses(&a), losses(&b));
     assert_eq!(l32.len(), 40);
-    let worst = l32.iter().zip(&l16).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let worst = l32
+        .iter()
+        .zip(&l16)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let e32 = m32.metrics["eval_loss"].as_f64().unwrap();
     let e16 = m16.metrics["eval_loss"].as_f64().unwrap();
     println!(
@@ -120,6 +153,7 @@ fn bf16_pretraining_tracks_the_f32_loss() {
     assert!(worst < 0.05, "bf16 loss strays {worst} from f32's");
     assert!((e16 - e32).abs() < 0.05, "eval_loss {e16} vs {e32}");
     assert!(worst > 0.0, "the bf16 run was not in bf16");
-    let opt = candle_core::safetensors::load(b.join("trainer/optimizer.safetensors"), &Device::Cpu).unwrap();
+    let opt = candle_core::safetensors::load(b.join("trainer/optimizer.safetensors"), &Device::Cpu)
+        .unwrap();
     assert!(!opt.is_empty() && opt.values().all(|t| t.dtype() == DType::F32));
 }

@@ -30,7 +30,11 @@ pub fn load_comparisons(files: &[PathBuf]) -> Result<Vec<Comparisons>> {
     for file in files {
         for (_, pref) in read_preferences(file)? {
             let slot = *by_prompt.entry(pref.prompt.clone()).or_insert_with(|| {
-                out.push(Comparisons { prompt: pref.prompt.clone(), responses: vec![], pairs: vec![] });
+                out.push(Comparisons {
+                    prompt: pref.prompt.clone(),
+                    responses: vec![],
+                    pairs: vec![],
+                });
                 out.len() - 1
             });
             let c = &mut out[slot];
@@ -75,7 +79,11 @@ pub fn encode_comparisons(
     let mut cut = 0;
     let mut out = Vec::with_capacity(comparisons.len());
     for c in comparisons {
-        let pairs: Vec<(&str, &str)> = c.responses.iter().map(|r| (c.prompt.as_str(), r.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = c
+            .responses
+            .iter()
+            .map(|r| (c.prompt.as_str(), r.as_str()))
+            .collect();
         let seqs = encode_exchanges(tok, template, &pairs)?
             .into_iter()
             .map(|s| {
@@ -87,7 +95,10 @@ pub fn encode_comparisons(
                 }
             })
             .collect();
-        out.push(Encoded { seqs, pairs: c.pairs.clone() });
+        out.push(Encoded {
+            seqs,
+            pairs: c.pairs.clone(),
+        });
     }
     Ok((out, cut))
 }
@@ -102,7 +113,12 @@ pub struct PairLayout<'a> {
 }
 
 pub fn pair_layout<'a>(examples: &[&'a Encoded]) -> PairLayout<'a> {
-    let mut l = PairLayout { seqs: vec![], better: vec![], worse: vec![], tokens: 0 };
+    let mut l = PairLayout {
+        seqs: vec![],
+        better: vec![],
+        worse: vec![],
+        tokens: 0,
+    };
     for e in examples {
         let base = l.seqs.len() as u32;
         l.seqs.extend(e.seqs.iter().map(Vec::as_slice));
@@ -139,9 +155,18 @@ mod tests {
         assert_eq!(c[0].responses, vec!["a", "b", "c"]);
         assert_eq!(c[0].pairs, vec![(0, 1), (2, 0)]);
         assert_eq!(c[1].pairs, vec![(0, 2), (1, 2)]);
-        let a = Encoded { seqs: vec![vec![1, 2], vec![3]], pairs: vec![(0, 1)] };
-        let b = Encoded { seqs: vec![vec![4], vec![5, 6, 7], vec![8]], pairs: vec![(2, 0), (1, 0)] };
+        let a = Encoded {
+            seqs: vec![vec![1, 2], vec![3]],
+            pairs: vec![(0, 1)],
+        };
+        let b = Encoded {
+            seqs: vec![vec![4], vec![5, 6, 7], vec![8]],
+            pairs: vec![(2, 0), (1, 0)],
+        };
         let l = pair_layout(&[&a, &b]);
-        assert_eq!((l.better, l.worse, l.tokens), (vec![0, 4, 3], vec![1, 2, 2], 8));
+        assert_eq!(
+            (l.better, l.worse, l.tokens),
+            (vec![0, 4, 3], vec![1, 2, 2], 8)
+        );
     }
 }

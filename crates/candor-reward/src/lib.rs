@@ -77,7 +77,12 @@ pub struct RewardData {
 
 impl Default for RewardData {
     fn default() -> Self {
-        RewardData { files: vec![], heldout_fraction: 0.1, heldout: None, max_len: 0 }
+        RewardData {
+            files: vec![],
+            heldout_fraction: 0.1,
+            heldout: None,
+            max_len: 0,
+        }
     }
 }
 
@@ -123,20 +128,32 @@ pub struct EvalStats {
 pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let origin = &opts.origin;
     cfg.train.validate(origin)?;
-    let init = cfg.init.as_ref().ok_or_else(|| err(format!("{origin}: init: give the starting checkpoint (the SFT model) with --init DIR")))?;
+    let init = cfg.init.as_ref().ok_or_else(|| {
+        err(format!(
+            "{origin}: init: give the starting checkpoint (the SFT model) with --init DIR"
+        ))
+    })?;
     // a checkpoint directory, or hf:ORG/NAME in the local Hugging Face cache
     let init = &candor_model::resolve_model_dir(init)?;
     if cfg.data.files.is_empty() {
-        return Err(err(format!("{origin}: data.files: list at least one preference JSONL file (`candor rank` output)")));
+        return Err(err(format!(
+            "{origin}: data.files: list at least one preference JSONL file (`candor rank` output)"
+        )));
     }
     if !(0.0..=0.5).contains(&cfg.data.heldout_fraction) {
-        return Err(err(format!("{origin}: data.heldout_fraction: must be in [0, 0.5]")));
+        return Err(err(format!(
+            "{origin}: data.heldout_fraction: must be in [0, 0.5]"
+        )));
     }
     opts.check_batch("train.batch_size", cfg.train.batch_size)?;
     let effective = candor_core::config::effective(cfg);
     let start = opts.plan_start(&effective)?;
     if let Start::Done(meta) = start {
-        eprintln!("[reward] {} is already complete (step {})", opts.out.display(), meta.step);
+        eprintln!(
+            "[reward] {} is already complete (step {})",
+            opts.out.display(),
+            meta.step
+        );
         return Ok(meta);
     }
     let resuming = matches!(start, Start::Resume(_));
@@ -163,9 +180,17 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
         None => split_heldout(all, cfg.data.heldout_fraction, cfg.seed),
     };
     let (train_all, cut_train) = encode_comparisons(&train_cmp, &tokenizer, &template, max_len)?;
-    let (heldout_all, cut_heldout) = encode_comparisons(&heldout_cmp, &tokenizer, &template, max_len)?;
-    let train_set: Vec<Encoded> = train_all.iter().filter(|e| !e.pairs.is_empty()).cloned().collect();
-    let heldout: Vec<Encoded> = heldout_all.into_iter().filter(|e| !e.pairs.is_empty()).collect();
+    let (heldout_all, cut_heldout) =
+        encode_comparisons(&heldout_cmp, &tokenizer, &template, max_len)?;
+    let train_set: Vec<Encoded> = train_all
+        .iter()
+        .filter(|e| !e.pairs.is_empty())
+        .cloned()
+        .collect();
+    let heldout: Vec<Encoded> = heldout_all
+        .into_iter()
+        .filter(|e| !e.pairs.is_empty())
+        .collect();
     if train_set.is_empty() {
         return Err(err(format!(
             "{}: no training pairs: every ranking is a single tie (or all prompts were held out)",
@@ -179,9 +204,15 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let mut meta = CandorMeta::new("reward", Head::Score, effective);
     meta.parents = vec![parent_ref("init", init)?];
     meta.total_steps = cfg.train.steps as u64;
-    let (mut state, mut metrics) = resume_or_fresh(&start, &opts.out, cfg.seed, &mut opt, &mut meta, device)?;
+    let (mut state, mut metrics) =
+        resume_or_fresh(&start, &opts.out, cfg.seed, &mut opt, &mut meta, device)?;
     let mut sampler = Sampler::new(train_set.len(), cfg.seed, state.cursor.clone());
-    let progress = Progress::for_rank("reward", cfg.train.steps as u64, state.step, opts.dist.is_main());
+    let progress = Progress::for_rank(
+        "reward",
+        cfg.train.steps as u64,
+        state.step,
+        opts.dist.is_main(),
+    );
     progress.log(&format!(
         "{} params, {} training prompts ({n_pairs} pairs, {} prompts all tied), {} held-out prompts ({} pairs){}, {}{}",
         model_config.param_count(Head::Score),
@@ -196,13 +227,24 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
         opts.place(cfg.train.dtype),
         if resuming { format!(", resuming at step {}", state.step) } else { String::new() }
     ));
-    let saved = StageModel { config: &model_config, head: Head::Score, varmap: &varmap, tokenizer: &tokenizer };
+    let saved = StageModel {
+        config: &model_config,
+        head: Head::Score,
+        varmap: &varmap,
+        tokenizer: &tokenizer,
+    };
     let log_eval = |step: u64, metrics: &mut MetricsLog| -> Result<Option<EvalStats>> {
         if heldout.is_empty() {
             return Ok(None);
         }
         let model = compute_model(&model, &varmap, cfg.train.dtype)?;
-        let e = evaluate(&model, &heldout, cfg.train.batch_size, cfg.train.eval_batches, pad)?;
+        let e = evaluate(
+            &model,
+            &heldout,
+            cfg.train.batch_size,
+            cfg.train.eval_batches,
+            pad,
+        )?;
         metrics.push(record!(step; "eval_loss" => e.eval_loss, "eval_accuracy" => e.eval_accuracy, "eval_margin" => e.eval_margin));
         Ok(Some(e))
     };
@@ -222,7 +264,11 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
         // one rank), the loss per pair of the whole batch, gradients summed over the ranks
         let step_model = compute_model(&model, &varmap, cfg.train.dtype)?;
         let pairs_of = |i: usize| train_set[i].pairs.len();
-        let StepGrads { mut grads, loss, tokens } = sharded_grads(&opt, &mut sampler, &cfg.train, dist, pairs_of, |mine| {
+        let StepGrads {
+            mut grads,
+            loss,
+            tokens,
+        } = sharded_grads(&opt, &mut sampler, &cfg.train, dist, pairs_of, |mine| {
             let examples: Vec<&Encoded> = mine.iter().map(|&i| &train_set[i]).collect();
             let (mean, better, _, tokens) = pair_forward(&step_model, &examples, pad)?;
             Ok(((mean * better.dim(0)? as f64)?, tokens))
@@ -236,7 +282,10 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
         state.cursor = sampler.cursor.clone();
         state.elapsed_sec = elapsed_before + clock.elapsed().as_secs_f64();
         let tok_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-        progress.set(state.step, format!("loss {loss:.3} | {} tok/s", human(tok_s)));
+        progress.set(
+            state.step,
+            format!("loss {loss:.3} | {} tok/s", human(tok_s)),
+        );
         if cfg.train.log_due(state.step) {
             metrics.push(record!(state.step; "loss" => loss, "lr" => lr, "grad_norm" => grad_norm, "tokens_per_sec" => tok_s));
             window = (Instant::now(), 0);
@@ -261,8 +310,16 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     // 5. reward statistics over the training responses (final model), the final checkpoint
     meta.step = state.step;
     opts.save_on_main(|| {
-        let seqs: Vec<&[u32]> = train_all.iter().flat_map(|e| e.seqs.iter().map(Vec::as_slice)).collect();
-        let rewards = rewards_of(&*compute_model(&model, &varmap, cfg.train.dtype)?, &seqs, cfg.train.batch_size * 4, pad)?;
+        let seqs: Vec<&[u32]> = train_all
+            .iter()
+            .flat_map(|e| e.seqs.iter().map(Vec::as_slice))
+            .collect();
+        let rewards = rewards_of(
+            &*compute_model(&model, &varmap, cfg.train.dtype)?,
+            &seqs,
+            cfg.train.batch_size * 4,
+            pad,
+        )?;
         let (mean, std) = mean_std(&rewards);
         if let Some(r) = metrics.records.last_mut() {
             r.insert("reward_mean".into(), serde_json::json!(mean));
@@ -270,7 +327,10 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
         }
         meta.complete = true;
         meta.metrics = final_metrics(&metrics);
-        meta.metrics.insert("params".into(), serde_json::json!(model_config.param_count(Head::Score)));
+        meta.metrics.insert(
+            "params".into(),
+            serde_json::json!(model_config.param_count(Head::Score)),
+        );
         saved.save(&opts.out, &state, &metrics, &opt, &mut meta)
     })?;
     progress.finish();
@@ -279,7 +339,11 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
 
 /// Score every response of the given prompts in one forward pass and compare each pair:
 /// (mean loss over pairs, r_better (P,), r_worse (P,), tokens).
-pub fn pair_forward(model: &Model, examples: &[&Encoded], pad: u32) -> Result<(Tensor, Tensor, Tensor, usize)> {
+pub fn pair_forward(
+    model: &Model,
+    examples: &[&Encoded],
+    pad: u32,
+) -> Result<(Tensor, Tensor, Tensor, usize)> {
     let layout = pair_layout(examples);
     let rewards = last_token_scores(model, &layout.seqs, pad)?; // (N,)
     let device = model.device();
@@ -291,7 +355,13 @@ pub fn pair_forward(model: &Model, examples: &[&Encoded], pad: u32) -> Result<(T
 
 /// Pairwise loss, accuracy and margin over held-out prompts, `batch_size` prompts at a
 /// time, the first `max_batches` batches (0 = all).
-pub fn evaluate(model: &Model, heldout: &[Encoded], batch_size: usize, max_batches: usize, pad: u32) -> Result<EvalStats> {
+pub fn evaluate(
+    model: &Model,
+    heldout: &[Encoded],
+    batch_size: usize,
+    max_batches: usize,
+    pad: u32,
+) -> Result<EvalStats> {
     let (mut better, mut worse) = (vec![], vec![]);
     let mut prompts = 0;
     for (i, chunk) in heldout.chunks(batch_size.max(1)).enumerate() {
@@ -308,8 +378,19 @@ pub fn evaluate(model: &Model, heldout: &[Encoded], batch_size: usize, max_batch
         prompts += examples.len();
     }
     let (eval_accuracy, eval_margin) = pair_stats(&better, &worse);
-    let eval_loss = better.iter().zip(&worse).map(|(b, w)| softplus((w - b) as f64)).sum::<f64>() / better.len().max(1) as f64;
-    Ok(EvalStats { eval_loss, eval_accuracy, eval_margin, pairs: better.len(), prompts })
+    let eval_loss = better
+        .iter()
+        .zip(&worse)
+        .map(|(b, w)| softplus((w - b) as f64))
+        .sum::<f64>()
+        / better.len().max(1) as f64;
+    Ok(EvalStats {
+        eval_loss,
+        eval_accuracy,
+        eval_margin,
+        pairs: better.len(),
+        prompts,
+    })
 }
 
 fn softplus(x: f64) -> f64 {
@@ -320,7 +401,9 @@ fn softplus(x: f64) -> f64 {
 pub fn rewards_of(model: &Model, seqs: &[&[u32]], batch_size: usize, pad: u32) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(batch_size.max(1)) {
-        let r = last_token_scores(model, chunk, pad)?.detach().to_vec1::<f32>()?;
+        let r = last_token_scores(model, chunk, pad)?
+            .detach()
+            .to_vec1::<f32>()?;
         out.extend(r.into_iter().map(f64::from));
     }
     Ok(out)

@@ -38,7 +38,11 @@ pub fn preference_loss(better: &Tensor, worse: &Tensor) -> Result<Tensor> {
 pub fn pair_stats(better: &[f32], worse: &[f32]) -> (f64, f64) {
     let n = better.len().max(1) as f64;
     let correct = better.iter().zip(worse).filter(|(b, w)| b > w).count() as f64;
-    let margin: f64 = better.iter().zip(worse).map(|(b, w)| (*b - *w) as f64).sum();
+    let margin: f64 = better
+        .iter()
+        .zip(worse)
+        .map(|(b, w)| (*b - *w) as f64)
+        .sum();
     (correct / n, margin / n)
 }
 
@@ -51,7 +55,13 @@ mod tests {
         let dev = Device::Cpu;
         let b: Vec<f64> = pairs.iter().map(|p| rewards[p.0]).collect();
         let w: Vec<f64> = pairs.iter().map(|p| rewards[p.1]).collect();
-        preference_loss(&Tensor::new(b, &dev).unwrap(), &Tensor::new(w, &dev).unwrap()).unwrap().to_scalar::<f64>().unwrap()
+        preference_loss(
+            &Tensor::new(b, &dev).unwrap(),
+            &Tensor::new(w, &dev).unwrap(),
+        )
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
     }
 
     #[test]
@@ -61,7 +71,8 @@ mod tests {
         // rewards best→worst 2.0, 0.5, -1.0: margins 1.5, 3.0, 1.5;
         // −log σ(d) = log(1 + e^−d): log(1 + e^−1.5) = 0.2014132779827524,
         // log(1 + e^−3) = 0.04858735157374206; mean = 0.1504713025130823
-        let by_hand = (2.0 * (1.0f64 + (-1.5f64).exp()).ln() + (1.0f64 + (-3.0f64).exp()).ln()) / 3.0;
+        let by_hand =
+            (2.0 * (1.0f64 + (-1.5f64).exp()).ln() + (1.0f64 + (-3.0f64).exp()).ln()) / 3.0;
         assert!((by_hand - 0.1504713025130823).abs() < 1e-15);
         assert!((loss_of(&[2.0, 0.5, -1.0], &pairs) - 0.1504713025130823).abs() < 1e-12);
     }
@@ -76,7 +87,11 @@ mod tests {
         // 0.4740769841801067, 0.1269280110429725, 0.31326168751822286, 0.2014132779827524;
         // mean = 0.28578832964845546
         let want = 0.28578832964845546;
-        let by_hand: f64 = [1.0f64, 0.5, 2.0, 1.0, 1.5].iter().map(|d| (1.0 + (-d).exp()).ln()).sum::<f64>() / 5.0;
+        let by_hand: f64 = [1.0f64, 0.5, 2.0, 1.0, 1.5]
+            .iter()
+            .map(|d| (1.0 + (-d).exp()).ln())
+            .sum::<f64>()
+            / 5.0;
         assert!((by_hand - want).abs() < 1e-15);
         assert!((loss_of(&[1.0, 0.0, 0.5, -1.0], &pairs) - want).abs() < 1e-12);
         let (acc, margin) = pair_stats(&[1.0, 1.0, 1.0, 0.0, 0.5], &[0.0, 0.5, -1.0, -1.0, -1.0]);
@@ -90,24 +105,34 @@ mod tests {
     /// scripts/make_ppo_fixtures.py (−F.logsigmoid(chosen − rejected), mean over all pairs).
     #[test]
     fn matches_the_pytorch_fixture() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/ppo_math.json");
-        let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/ppo_math.json"
+        );
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let cases = fx["reward_pairwise"].as_array().unwrap();
         assert_eq!(cases.len(), 3);
         let mut worst = 0.0f64;
         for case in cases {
             let name = case["name"].as_str().unwrap();
-            let rows: Vec<Vec<f64>> = serde_json::from_value(case["inputs"]["rewards_ranked_best_first"].clone()).unwrap();
+            let rows: Vec<Vec<f64>> =
+                serde_json::from_value(case["inputs"]["rewards_ranked_best_first"].clone())
+                    .unwrap();
             let out = &case["outputs"];
-            let want_pairs: Vec<(usize, usize)> = serde_json::from_value(out["pairs"].clone()).unwrap();
+            let want_pairs: Vec<(usize, usize)> =
+                serde_json::from_value(out["pairs"].clone()).unwrap();
             let (mut b, mut w) = (vec![], vec![]);
             for (r, row) in rows.iter().enumerate() {
                 let ranks: Vec<u32> = (1..=row.len() as u32).collect();
                 let pairs = expand_pairs(&ranks);
                 assert_eq!(pairs, want_pairs, "{name}");
-                let chosen: Vec<f64> = serde_json::from_value(out["chosen_rewards"][r].clone()).unwrap();
-                let rejected: Vec<f64> = serde_json::from_value(out["rejected_rewards"][r].clone()).unwrap();
-                let per_pair: Vec<f64> = serde_json::from_value(out["per_pair_loss"][r].clone()).unwrap();
+                let chosen: Vec<f64> =
+                    serde_json::from_value(out["chosen_rewards"][r].clone()).unwrap();
+                let rejected: Vec<f64> =
+                    serde_json::from_value(out["rejected_rewards"][r].clone()).unwrap();
+                let per_pair: Vec<f64> =
+                    serde_json::from_value(out["per_pair_loss"][r].clone()).unwrap();
                 for (p, &(i, j)) in pairs.iter().enumerate() {
                     assert_eq!((row[i], row[j]), (chosen[p], rejected[p]), "{name}");
                     let l = loss_of(row, &[(i, j)]);
@@ -117,14 +142,20 @@ mod tests {
                 }
             }
             let dev = Device::Cpu;
-            let loss = preference_loss(&Tensor::new(b.clone(), &dev).unwrap(), &Tensor::new(w.clone(), &dev).unwrap())
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let loss = preference_loss(
+                &Tensor::new(b.clone(), &dev).unwrap(),
+                &Tensor::new(w.clone(), &dev).unwrap(),
+            )
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
             worst = worst.max((loss - out["loss"].as_f64().unwrap()).abs());
             let bf: Vec<f32> = b.iter().map(|&x| x as f32).collect();
             let wf: Vec<f32> = w.iter().map(|&x| x as f32).collect();
-            assert!((pair_stats(&bf, &wf).0 - out["accuracy"].as_f64().unwrap()).abs() < 1e-12, "{name}");
+            assert!(
+                (pair_stats(&bf, &wf).0 - out["accuracy"].as_f64().unwrap()).abs() < 1e-12,
+                "{name}"
+            );
         }
         eprintln!("reward_pairwise: worst |loss error| {worst:e}");
         assert!(worst < 1e-12, "{worst}");
@@ -142,11 +173,17 @@ mod tests {
         let gw: Vec<f64> = grads.get(w.as_tensor()).unwrap().to_vec1().unwrap();
         for (i, d) in [0.5f64, 100.0, -120.0].iter().enumerate() {
             let sig = 1.0 / (1.0 + d.exp()); // σ(−d)
-            assert!((gb[i] + sig / 3.0).abs() < 1e-12, "{i}: {} vs {}", gb[i], -sig / 3.0);
+            assert!(
+                (gb[i] + sig / 3.0).abs() < 1e-12,
+                "{i}: {} vs {}",
+                gb[i],
+                -sig / 3.0
+            );
             assert!((gw[i] - sig / 3.0).abs() < 1e-12);
         }
         // loss = (log(1+e^−0.5) + ~0 + 120) / 3
-        let want = ((1.0f64 + (-0.5f64).exp()).ln() + (1.0f64 + (-100.0f64).exp()).ln() + 120.0) / 3.0;
+        let want =
+            ((1.0f64 + (-0.5f64).exp()).ln() + (1.0f64 + (-100.0f64).exp()).ln() + 120.0) / 3.0;
         assert!((loss.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
     }
 }

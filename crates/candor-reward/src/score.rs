@@ -11,7 +11,7 @@ use candor_model::Model;
 use candor_train::sample::encode_exchanges;
 
 use crate::data::{encode_comparisons, load_comparisons};
-use crate::{evaluate, rewards_of, EvalStats, Error, Result};
+use crate::{evaluate, rewards_of, Error, EvalStats, Result};
 
 pub struct RewardModel {
     pub model: Model,
@@ -33,7 +33,12 @@ impl RewardModel {
         let model = load_frozen(dir, device)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let template = ChatTemplate::for_tokenizer(&tokenizer);
-        Ok(RewardModel { model, tokenizer, template, dir: dir.to_path_buf() })
+        Ok(RewardModel {
+            model,
+            tokenizer,
+            template,
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn max_len(&self) -> usize {
@@ -46,7 +51,13 @@ impl RewardModel {
         let max = self.max_len();
         let seqs: Vec<Vec<u32>> = encode_exchanges(&self.tokenizer, &self.template, pairs)?
             .into_iter()
-            .map(|s| if s.len() > max { s[s.len() - max..].to_vec() } else { s })
+            .map(|s| {
+                if s.len() > max {
+                    s[s.len() - max..].to_vec()
+                } else {
+                    s
+                }
+            })
             .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         rewards_of(&self.model, &refs, batch_size, self.tokenizer.pad_id())
@@ -55,10 +66,24 @@ impl RewardModel {
     /// Pairwise accuracy, margin and loss on a preference file (every pair of every prompt).
     pub fn evaluate_file(&self, path: &Path, batch_size: usize) -> Result<EvalStats> {
         let comparisons = load_comparisons(&[path.to_path_buf()])?;
-        let (encoded, _) = encode_comparisons(&comparisons, &self.tokenizer, &self.template, self.max_len())?;
-        let stats = evaluate(&self.model, &encoded, batch_size, 0, self.tokenizer.pad_id())?;
+        let (encoded, _) = encode_comparisons(
+            &comparisons,
+            &self.tokenizer,
+            &self.template,
+            self.max_len(),
+        )?;
+        let stats = evaluate(
+            &self.model,
+            &encoded,
+            batch_size,
+            0,
+            self.tokenizer.pad_id(),
+        )?;
         if stats.pairs == 0 {
-            return Err(Error::Msg(format!("{}: no pairs to evaluate (every ranking is a single tie)", path.display())));
+            return Err(Error::Msg(format!(
+                "{}: no pairs to evaluate (every ranking is a single tie)",
+                path.display()
+            )));
         }
         Ok(stats)
     }

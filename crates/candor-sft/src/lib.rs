@@ -19,7 +19,7 @@ use candor_data::sft::{chat_tokenizer, load_sft, SftExample};
 use candor_data::Tokenizer;
 use candor_model::io::{load_trainable, read_config};
 use candor_train::batch::{pack_examples, split_heldout, LmExample};
-use candor_train::ckpt::{final_metrics, resume_or_fresh, Start, StageModel};
+use candor_train::ckpt::{final_metrics, resume_or_fresh, StageModel, Start};
 use candor_train::config::TrainConfig;
 use candor_train::lm::{train_lm, LmTraining};
 use candor_train::optim::{named_vars, AdamW};
@@ -97,7 +97,11 @@ fn err(msg: String) -> Error {
 
 /// A tokenised conversation as a training example: its assistant tokens are the targets.
 fn to_example(e: SftExample) -> LmExample {
-    LmExample { tokens: e.tokens, targets: e.trained, segments: None }
+    LmExample {
+        tokens: e.tokens,
+        targets: e.trained,
+        segments: None,
+    }
 }
 
 /// Run SFT; returns the output checkpoint's metadata.
@@ -108,16 +112,24 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     // a checkpoint directory, or hf:ORG/NAME in the local Hugging Face cache
     let init = &candor_model::resolve_model_dir(init)?;
     if cfg.data.files.is_empty() {
-        return Err(err(format!("{origin}: data.files: list at least one SFT JSONL file")));
+        return Err(err(format!(
+            "{origin}: data.files: list at least one SFT JSONL file"
+        )));
     }
     if !(0.0..0.5).contains(&cfg.data.heldout_fraction) {
-        return Err(err(format!("{origin}: data.heldout_fraction: must be in [0, 0.5)")));
+        return Err(err(format!(
+            "{origin}: data.heldout_fraction: must be in [0, 0.5)"
+        )));
     }
     opts.check_batch("train.batch_size", cfg.train.batch_size)?;
     let effective = candor_core::config::effective(cfg);
     let start = opts.plan_start(&effective)?;
     if let Start::Done(meta) = start {
-        eprintln!("[sft] {} is already complete (step {})", opts.out.display(), meta.step);
+        eprintln!(
+            "[sft] {} is already complete (step {})",
+            opts.out.display(),
+            meta.step
+        );
         return Ok(meta);
     }
     let resuming = matches!(start, Start::Resume(_));
@@ -127,10 +139,17 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let from = if resuming { &opts.out } else { init };
     let model_config = read_config(from)?;
     if model_config.head() != Head::Lm {
-        return Err(err(format!("{}: is a reward model (score head); SFT fine-tunes a language model (lm head)", from.display())));
+        return Err(err(format!(
+            "{}: is a reward model (score head); SFT fine-tunes a language model (lm head)",
+            from.display()
+        )));
     }
-    let (model, varmap) = load_trainable(from, Head::Lm, &mut Rng::derive(cfg.seed, "init"), device)?;
-    let (tokenizer, template) = chat_tokenizer(&Tokenizer::from_dir(from)?, cfg.data.chat_template.as_deref())?;
+    let (model, varmap) =
+        load_trainable(from, Head::Lm, &mut Rng::derive(cfg.seed, "init"), device)?;
+    let (tokenizer, template) = chat_tokenizer(
+        &Tokenizer::from_dir(from)?,
+        cfg.data.chat_template.as_deref(),
+    )?;
     let max_pos = model_config.max_position_embeddings;
     let max_len = match cfg.data.max_len {
         0 => max_pos,
@@ -147,7 +166,11 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
         skipped += set.skipped;
         let mut out = vec![];
         for (e, path, line) in set.examples {
-            if let Some(t) = e.tokens.iter().find(|&&t| t as usize >= model_config.vocab_size) {
+            if let Some(t) = e
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= model_config.vocab_size)
+            {
                 return Err(err(format!(
                     "{}:{line}: token id {t} is outside the model's vocabulary ({}): the tokenizer does not match the model",
                     path.display(),
@@ -163,21 +186,34 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
         None => split_heldout(load(&cfg.data.files)?, cfg.data.heldout_fraction, cfg.seed),
     };
     if train_set.is_empty() {
-        return Err(err(format!("{}: no training conversations left after the held-out split", cfg.data.files[0].display())));
+        return Err(err(format!(
+            "{}: no training conversations left after the held-out split",
+            cfg.data.files[0].display()
+        )));
     }
     let n_conversations = train_set.len();
     let response_tokens: usize = train_set.iter().map(LmExample::n_targets).sum();
     let all_tokens: usize = train_set.iter().map(|e| e.tokens.len()).sum();
-    let train_set = if cfg.data.packing { pack_examples(&train_set, max_len) } else { train_set };
+    let train_set = if cfg.data.packing {
+        pack_examples(&train_set, max_len)
+    } else {
+        train_set
+    };
 
     // 3. optimiser and resume state
     let mut opt = AdamW::new(named_vars(&varmap), &cfg.train)?;
     let mut meta = CandorMeta::new("sft", Head::Lm, effective);
     meta.parents = vec![parent_ref("init", init)?];
     meta.total_steps = cfg.train.steps as u64;
-    let (mut state, mut metrics) = resume_or_fresh(&start, &opts.out, cfg.seed, &mut opt, &mut meta, device)?;
+    let (mut state, mut metrics) =
+        resume_or_fresh(&start, &opts.out, cfg.seed, &mut opt, &mut meta, device)?;
     let params = model_config.param_count(Head::Lm);
-    let progress = Progress::for_rank("sft", cfg.train.steps as u64, state.step, opts.dist.is_main());
+    let progress = Progress::for_rank(
+        "sft",
+        cfg.train.steps as u64,
+        state.step,
+        opts.dist.is_main(),
+    );
     progress.log(&format!(
         "{params} params, {n_conversations} training conversations ({response_tokens} of {all_tokens} tokens trained){}, {} held out{}, {}{}",
         if cfg.data.packing { format!(" packed into {} rows of up to {max_len} tokens", train_set.len()) } else { String::new() },
@@ -188,7 +224,12 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     ));
     let training = LmTraining {
         model: &model,
-        saved: StageModel { config: &model_config, head: Head::Lm, varmap: &varmap, tokenizer: &tokenizer },
+        saved: StageModel {
+            config: &model_config,
+            head: Head::Lm,
+            varmap: &varmap,
+            tokenizer: &tokenizer,
+        },
         train_set: &train_set,
         heldout: &heldout,
         train: &cfg.train,
@@ -199,7 +240,10 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     };
     if let Some(eval) = training.eval_before_training(&state)? {
         metrics.push(record!(0; "eval_loss" => eval, "eval_ppl" => eval.exp()));
-        progress.log(&format!("step 0 | eval_loss {eval:.4} | eval_ppl {:.2}", eval.exp()));
+        progress.log(&format!(
+            "step 0 | eval_loss {eval:.4} | eval_ppl {:.2}",
+            eval.exp()
+        ));
     }
 
     // 4. the loop (shared with pretraining; only the targets differ: the assistant's tokens)
@@ -208,8 +252,13 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     // 5. the final checkpoint, with the chat tokenizer
     meta.complete = true;
     meta.metrics = final_metrics(&metrics);
-    meta.metrics.insert("params".into(), serde_json::json!(params));
-    opts.save_on_main(|| training.saved.save(&opts.out, &state, &metrics, &opt, &mut meta))?;
+    meta.metrics
+        .insert("params".into(), serde_json::json!(params));
+    opts.save_on_main(|| {
+        training
+            .saved
+            .save(&opts.out, &state, &metrics, &opt, &mut meta)
+    })?;
     progress.finish();
     Ok(meta)
 }

@@ -28,7 +28,12 @@ impl Sampler {
     pub fn new(n: usize, seed: u64, cursor: Cursor) -> Self {
         assert!(n > 0, "sampler over an empty dataset");
         let order = Self::permutation(n, seed, cursor.epoch);
-        Sampler { n, seed, order, cursor }
+        Sampler {
+            n,
+            seed,
+            order,
+            cursor,
+        }
     }
 
     fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
@@ -70,7 +75,11 @@ pub fn split_heldout<T>(all: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T
     }
     let (mut train, mut heldout) = (vec![], vec![]);
     for (x, h) in all.into_iter().zip(held) {
-        if h { heldout.push(x) } else { train.push(x) }
+        if h {
+            heldout.push(x)
+        } else {
+            train.push(x)
+        }
     }
     (train, heldout)
 }
@@ -103,7 +112,11 @@ impl LmExample {
         if let Some(t) = targets.first_mut() {
             *t = false;
         }
-        LmExample { tokens, targets, segments: None }
+        LmExample {
+            tokens,
+            targets,
+            segments: None,
+        }
     }
 
     /// The tokens this example trains on (the count [`lm_batch`] makes: the first token is
@@ -122,15 +135,29 @@ pub fn pack_examples(examples: &[LmExample], max_len: usize) -> Vec<LmExample> {
     let mut rows: Vec<LmExample> = vec![];
     let mut row: Option<LmExample> = None;
     for e in examples {
-        if row.as_ref().is_some_and(|r| r.tokens.len() + e.tokens.len() > max_len) {
+        if row
+            .as_ref()
+            .is_some_and(|r| r.tokens.len() + e.tokens.len() > max_len)
+        {
             rows.extend(row.take());
         }
-        let r = row.get_or_insert_with(|| LmExample { tokens: vec![], targets: vec![], segments: Some(vec![]) });
-        let seg = r.segments.as_ref().and_then(|s| s.last()).map_or(0, |&s| s + 1);
+        let r = row.get_or_insert_with(|| LmExample {
+            tokens: vec![],
+            targets: vec![],
+            segments: Some(vec![]),
+        });
+        let seg = r
+            .segments
+            .as_ref()
+            .and_then(|s| s.last())
+            .map_or(0, |&s| s + 1);
         r.tokens.extend(&e.tokens);
         r.targets.push(false);
         r.targets.extend(&e.targets[1..]);
-        r.segments.as_mut().expect("packed rows have segments").extend(std::iter::repeat_n(seg, e.tokens.len()));
+        r.segments
+            .as_mut()
+            .expect("packed rows have segments")
+            .extend(std::iter::repeat_n(seg, e.tokens.len()));
     }
     rows.extend(row);
     rows
@@ -139,12 +166,21 @@ pub fn pack_examples(examples: &[LmExample], max_len: usize) -> Vec<LmExample> {
 /// Right-pad examples to the longest and build inputs (tokens[..-1]) and targets (tokens[1..]).
 pub fn lm_batch(examples: &[&LmExample], pad_id: u32, device: &Device) -> Result<LmBatch> {
     let b = examples.len();
-    let t = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1).saturating_sub(1).max(1);
+    let t = examples
+        .iter()
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(1)
+        .saturating_sub(1)
+        .max(1);
     let mut inputs = vec![pad_id; b * t];
     let mut targets = vec![pad_id; b * t];
     let mut mask = vec![0f32; b * t];
     let mut valid = vec![false; b * t];
-    let mut segments = examples.iter().any(|e| e.segments.is_some()).then(|| vec![u32::MAX; b * t]);
+    let mut segments = examples
+        .iter()
+        .any(|e| e.segments.is_some())
+        .then(|| vec![u32::MAX; b * t]);
     let mut n_targets = 0;
     for (r, e) in examples.iter().enumerate() {
         let n = e.tokens.len().saturating_sub(1);
@@ -176,7 +212,12 @@ pub fn lm_batch(examples: &[&LmExample], pad_id: u32, device: &Device) -> Result
         inputs: Tensor::from_vec(inputs, (b, t), device)?,
         targets: Tensor::from_vec(targets, (b, t), device)?,
         loss_mask: Tensor::from_vec(mask, (b, t), device)?,
-        layout: Layout { batch: b, len: t, valid, segments },
+        layout: Layout {
+            batch: b,
+            len: t,
+            valid,
+            segments,
+        },
         n_targets,
     })
 }
@@ -205,8 +246,14 @@ mod tests {
         let (train, held) = split_heldout((0..100).collect::<Vec<u32>>(), 0.1, 5);
         assert_eq!((train.len(), held.len()), (90, 10));
         assert!(held.windows(2).all(|w| w[0] < w[1]) && train.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(split_heldout((0..100).collect::<Vec<u32>>(), 0.1, 5).1, held);
-        assert_ne!(split_heldout((0..100).collect::<Vec<u32>>(), 0.1, 6).1, held);
+        assert_eq!(
+            split_heldout((0..100).collect::<Vec<u32>>(), 0.1, 5).1,
+            held
+        );
+        assert_ne!(
+            split_heldout((0..100).collect::<Vec<u32>>(), 0.1, 6).1,
+            held
+        );
         assert_eq!(split_heldout(vec![1, 2], 0.01, 1).1.len(), 1);
         assert_eq!(split_heldout(vec![1, 2], 0.0, 1).1.len(), 0);
     }
@@ -216,21 +263,48 @@ mod tests {
         let ex = |n: u32, len: usize| LmExample::dense(vec![n; len]);
         let rows = pack_examples(&[ex(1, 3), ex(2, 4), ex(3, 5), ex(4, 9), ex(5, 2)], 8);
         let tokens: Vec<Vec<u32>> = rows.iter().map(|r| r.tokens.clone()).collect();
-        assert_eq!(tokens, vec![vec![1, 1, 1, 2, 2, 2, 2], vec![3, 3, 3, 3, 3], vec![4; 9], vec![5, 5]]);
+        assert_eq!(
+            tokens,
+            vec![
+                vec![1, 1, 1, 2, 2, 2, 2],
+                vec![3, 3, 3, 3, 3],
+                vec![4; 9],
+                vec![5, 5]
+            ]
+        );
         assert_eq!(rows[0].segments, Some(vec![0, 0, 0, 1, 1, 1, 1]));
-        assert_eq!(rows[0].targets, vec![false, true, true, false, true, true, true]);
+        assert_eq!(
+            rows[0].targets,
+            vec![false, true, true, false, true, true, true]
+        );
         assert_eq!(rows[2].segments, Some(vec![0; 9]));
     }
 
     #[test]
     fn lm_batch_shifts_pads_and_masks() {
         let a = LmExample::dense(vec![5, 6, 7, 8]);
-        let b = LmExample { tokens: vec![1, 2, 3], targets: vec![false, false, true], segments: None };
+        let b = LmExample {
+            tokens: vec![1, 2, 3],
+            targets: vec![false, false, true],
+            segments: None,
+        };
         let batch = lm_batch(&[&a, &b], 0, &Device::Cpu).unwrap();
-        assert_eq!(batch.inputs.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![1, 2, 0]]);
-        assert_eq!(batch.targets.to_vec2::<u32>().unwrap(), vec![vec![6, 7, 8], vec![2, 3, 0]]);
-        assert_eq!(batch.loss_mask.to_vec2::<f32>().unwrap(), vec![vec![1.0, 1.0, 1.0], vec![0.0, 1.0, 0.0]]);
+        assert_eq!(
+            batch.inputs.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7], vec![1, 2, 0]]
+        );
+        assert_eq!(
+            batch.targets.to_vec2::<u32>().unwrap(),
+            vec![vec![6, 7, 8], vec![2, 3, 0]]
+        );
+        assert_eq!(
+            batch.loss_mask.to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, 1.0, 1.0], vec![0.0, 1.0, 0.0]]
+        );
         assert_eq!(batch.n_targets, 4);
-        assert_eq!(batch.layout.valid, vec![true, true, true, true, true, false]);
+        assert_eq!(
+            batch.layout.valid,
+            vec![true, true, true, true, true, false]
+        );
     }
 }

@@ -46,7 +46,11 @@ pub fn shape(name: &str) -> Result<Shape> {
         "tiny" => s(4, 128, 4, 4, 352, 128, 512, 16),
         "medium" => s(6, 384, 6, 6, 1024, 256, 4096, 8),
         "small" => s(8, 256, 4, 4, 704, 256, 8192, 8),
-        _ => return Err(Error::Msg(format!("--shape `{name}`: expected tiny, medium or small"))),
+        _ => {
+            return Err(Error::Msg(format!(
+                "--shape `{name}`: expected tiny, medium or small"
+            )))
+        }
     })
 }
 
@@ -58,7 +62,17 @@ pub const SAMPLE_NEW: usize = 128;
 impl Shape {
     pub fn config(&self) -> ModelConfig {
         let max_pos = self.ctx.max(SAMPLE_PROMPT + SAMPLE_NEW);
-        ModelConfig::llama(self.vocab, self.hidden, self.layers, self.heads, self.kv_heads, self.intermediate, max_pos, 10000.0, true)
+        ModelConfig::llama(
+            self.vocab,
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.intermediate,
+            max_pos,
+            10000.0,
+            true,
+        )
     }
 }
 
@@ -90,15 +104,36 @@ fn process_cpu_sec() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // fields after the command name, which may contain spaces: utime is field 14, stime 15
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
-    if f.len() == 2 { (f[0] + f[1]) / 100.0 } else { 0.0 }
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if f.len() == 2 {
+        (f[0] + f[1]) / 100.0
+    } else {
+        0.0
+    }
 }
 
 /// Busy CPU time of the whole machine so far (all cores, /proc/stat), seconds.
 fn machine_busy_sec() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
-    if v.len() < 8 { 0.0 } else { (v.iter().sum::<f64>() - v[3] - v[4]) / 100.0 }
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        0.0
+    } else {
+        (v.iter().sum::<f64>() - v[3] - v[4]) / 100.0
+    }
 }
 
 /// Measures own CPU time and other processes' share of the machine over an interval.
@@ -110,7 +145,11 @@ struct CpuMeter {
 
 impl CpuMeter {
     fn start() -> Self {
-        CpuMeter { t0: Instant::now(), own0: process_cpu_sec(), busy0: machine_busy_sec() }
+        CpuMeter {
+            t0: Instant::now(),
+            own0: process_cpu_sec(),
+            busy0: machine_busy_sec(),
+        }
     }
     /// (own CPU seconds, background fraction of all cores).
     fn stop(&self) -> (f64, f64) {
@@ -118,7 +157,14 @@ impl CpuMeter {
         let own = process_cpu_sec() - self.own0;
         let others = (machine_busy_sec() - self.busy0 - own).max(0.0);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        (own, if wall > 0.0 { others / (wall * cores) } else { 0.0 })
+        (
+            own,
+            if wall > 0.0 {
+                others / (wall * cores)
+            } else {
+                0.0
+            },
+        )
     }
 }
 
@@ -126,7 +172,11 @@ impl CpuMeter {
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(String::from))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(String::from)
+        })
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |kib| kib * 1024)
 }
@@ -137,19 +187,32 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 pub fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    })
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Time training steps (forward, cross-entropy, backward, clip 1.0, AdamW) on random tokens,
 /// the pass in `precision` (bf16: f32 master weights and AdamW state, as `train.dtype`).
-pub fn bench_train(name: &str, device: &Device, precision: Precision, warmup: usize, steps: usize) -> Result<BenchResult> {
+pub fn bench_train(
+    name: &str,
+    device: &Device,
+    precision: Precision,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
     let s = shape(name)?;
     let cfg = s.config();
     let mut rng = Rng::new(0);
     let (model, varmap) = build_trainable(&cfg, Head::Lm, None, &[], &mut rng, device)?;
-    let train = TrainConfig { lr: 3e-4, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, ..Default::default() };
+    let train = TrainConfig {
+        lr: 3e-4,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        ..Default::default()
+    };
     let mut opt = AdamW::new(named_vars(&varmap), &train)?;
     let examples: Vec<LmExample> = (0..s.batch)
         .map(|_| LmExample::dense((0..=s.ctx).map(|_| rng.below(s.vocab) as u32).collect()))
@@ -199,14 +262,36 @@ pub fn bench_train(name: &str, device: &Device, precision: Precision, warmup: us
 
 /// Time batched generation with the KV cache: 8 prompts of 16 random tokens, 128 new tokens
 /// each (no stop token), temperature 1; weights, activations and cache in `precision`.
-pub fn bench_sample(name: &str, device: &Device, precision: Precision, warmup: usize, reps: usize) -> Result<BenchResult> {
+pub fn bench_sample(
+    name: &str,
+    device: &Device,
+    precision: Precision,
+    warmup: usize,
+    reps: usize,
+) -> Result<BenchResult> {
     let s = shape(name)?;
     let cfg = s.config();
     let mut rng = Rng::new(0);
-    let model = frozen_model(&cfg, Head::Lm, &build_trainable(&cfg, Head::Lm, None, &[], &mut rng, device)?.1, precision.dtype(), device)?;
-    let prompts: Vec<Vec<u32>> =
-        (0..SAMPLE_BATCH).map(|_| (0..SAMPLE_PROMPT).map(|_| rng.below(s.vocab) as u32).collect()).collect();
-    let params_s = SamplingParams { max_new_tokens: SAMPLE_NEW, temperature: 1.0, top_k: 0, top_p: 1.0 };
+    let model = frozen_model(
+        &cfg,
+        Head::Lm,
+        &build_trainable(&cfg, Head::Lm, None, &[], &mut rng, device)?.1,
+        precision.dtype(),
+        device,
+    )?;
+    let prompts: Vec<Vec<u32>> = (0..SAMPLE_BATCH)
+        .map(|_| {
+            (0..SAMPLE_PROMPT)
+                .map(|_| rng.below(s.vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let params_s = SamplingParams {
+        max_new_tokens: SAMPLE_NEW,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
     let mut times = vec![];
     let mut meter = None;
     for i in 0..warmup + reps {
@@ -227,7 +312,10 @@ pub fn bench_sample(name: &str, device: &Device, precision: Precision, warmup: u
     let new_tokens = (SAMPLE_BATCH * SAMPLE_NEW) as f64;
     // forward flops: 2·params per processed token + 4·layers·hidden·kv_len for attention
     let processed = (SAMPLE_PROMPT + SAMPLE_NEW - 1) as f64;
-    let attn: f64 = (1..=SAMPLE_PROMPT).chain(SAMPLE_PROMPT + 1..SAMPLE_PROMPT + SAMPLE_NEW).map(|kv| 4.0 * (s.layers * s.hidden * kv) as f64).sum();
+    let attn: f64 = (1..=SAMPLE_PROMPT)
+        .chain(SAMPLE_PROMPT + 1..SAMPLE_PROMPT + SAMPLE_NEW)
+        .map(|kv| 4.0 * (s.layers * s.hidden * kv) as f64)
+        .sum();
     let flops = SAMPLE_BATCH as f64 * (2.0 * params as f64 * processed + attn);
     let _ = Tensor::zeros(1, candle_core::DType::F32, device)?;
     Ok(BenchResult {

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::Cursor;
 use crate::dist::Dist;
-use crate::precision::Precision;
 use crate::error::{Error, Result};
 use crate::optim::AdamW;
+use crate::precision::Precision;
 
 /// Everything besides weights and optimizer moments that an exact resume needs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -88,7 +88,14 @@ pub struct StageModel<'a> {
 impl StageModel<'_> {
     /// Write a checkpoint of the run into `out` (atomically; see [`save_checkpoint`]), the
     /// optimiser's moments under the name "model".
-    pub fn save(&self, out: &Path, state: &TrainerState, metrics: &MetricsLog, opt: &AdamW, meta: &mut CandorMeta) -> Result<()> {
+    pub fn save(
+        &self,
+        out: &Path,
+        state: &TrainerState,
+        metrics: &MetricsLog,
+        opt: &AdamW,
+        meta: &mut CandorMeta,
+    ) -> Result<()> {
         let snap = Snapshot {
             config: self.config,
             head: self.head,
@@ -103,7 +110,13 @@ impl StageModel<'_> {
 }
 
 /// Write `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`.
-pub fn write_model_dir(dir: &Path, config: &ModelConfig, head: Head, varmap: &VarMap, tokenizer: &Tokenizer) -> Result<()> {
+pub fn write_model_dir(
+    dir: &Path,
+    config: &ModelConfig,
+    head: Head,
+    varmap: &VarMap,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     candor_model::io::save_model(dir, config, head, varmap)?;
     tokenizer.save(dir)?;
     Ok(())
@@ -111,7 +124,11 @@ pub fn write_model_dir(dir: &Path, config: &ModelConfig, head: Head, varmap: &Va
 
 /// Write `trainer/trainer_state.json` and `trainer/optimizer.safetensors` (moments of each
 /// named optimiser, prefixed `<name>/`).
-pub fn write_trainer(dir: &Path, state: &TrainerState, optimizers: &[(&str, &AdamW)]) -> Result<()> {
+pub fn write_trainer(
+    dir: &Path,
+    state: &TrainerState,
+    optimizers: &[(&str, &AdamW)],
+) -> Result<()> {
     let tdir = dir.join(TRAINER_DIR);
     std::fs::create_dir_all(&tdir).map_err(|e| Error::Msg(format!("{}: {e}", tdir.display())))?;
     let mut state = state.clone();
@@ -121,30 +138,53 @@ pub fn write_trainer(dir: &Path, state: &TrainerState, optimizers: &[(&str, &Ada
         tensors.extend(opt.state_tensors(&format!("{name}/"))?);
     }
     let path = tdir.join("optimizer.safetensors");
-    candle_core::safetensors::save(&tensors, &path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+    candle_core::safetensors::save(&tensors, &path)
+        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
     let path = tdir.join("trainer_state.json");
     let text = serde_json::to_string_pretty(&state).expect("state serialises");
     std::fs::write(&path, text + "\n").map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
 }
 
 /// Read the resume state of a checkpoint: the trainer state and the optimiser tensors.
-pub fn read_trainer(dir: &Path, device: &Device) -> Result<(TrainerState, HashMap<String, Tensor>)> {
+pub fn read_trainer(
+    dir: &Path,
+    device: &Device,
+) -> Result<(TrainerState, HashMap<String, Tensor>)> {
     let tdir = dir.join(TRAINER_DIR);
     let path = tdir.join("trainer_state.json");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Error::Msg(format!("{}: cannot resume: {e}", path.display())))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: not a valid trainer state: {e}", path.display())))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| {
+        Error::Msg(format!(
+            "{}: not a valid trainer state: {e}",
+            path.display()
+        ))
+    })?;
     let opath = tdir.join("optimizer.safetensors");
-    let tensors = candle_core::safetensors::load(&opath, device)
-        .map_err(|e| Error::Msg(format!("{}: cannot read optimizer state: {e}", opath.display())))?;
+    let tensors = candle_core::safetensors::load(&opath, device).map_err(|e| {
+        Error::Msg(format!(
+            "{}: cannot read optimizer state: {e}",
+            opath.display()
+        ))
+    })?;
     Ok((state, tensors))
 }
 
 /// Restore a named optimiser from resume state.
-pub fn restore_optimizer(opt: &mut AdamW, name: &str, state: &TrainerState, tensors: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
+pub fn restore_optimizer(
+    opt: &mut AdamW,
+    name: &str,
+    state: &TrainerState,
+    tensors: &HashMap<String, Tensor>,
+    dir: &Path,
+) -> Result<()> {
     let t = state.optimizer_steps.get(name).copied().unwrap_or(0);
-    opt.load_state(tensors, &format!("{name}/"), t, &dir.join(TRAINER_DIR).join("optimizer.safetensors"))
+    opt.load_state(
+        tensors,
+        &format!("{name}/"),
+        t,
+        &dir.join(TRAINER_DIR).join("optimizer.safetensors"),
+    )
 }
 
 /// How to run a stage: where to write, on what, and whether to resume.
@@ -165,7 +205,16 @@ impl RunOptions {
     /// may clear `out`), then the others look at what it left.
     pub fn plan_start(&self, effective: &serde_json::Value) -> Result<Start> {
         let dist = &self.dist;
-        let mine = if dist.is_main() { Some(plan_start(&self.out, self.resume, self.overwrite, effective)?) } else { None };
+        let mine = if dist.is_main() {
+            Some(plan_start(
+                &self.out,
+                self.resume,
+                self.overwrite,
+                effective,
+            )?)
+        } else {
+            None
+        };
         dist.barrier()?;
         match mine {
             Some(start) => Ok(start),
@@ -192,7 +241,11 @@ impl RunOptions {
             "single" => String::new(),
             backend => format!(", {} ranks ({backend})", self.dist.world_size()),
         };
-        format!("{} on {}{ranks}", precision.name(), candor_core::device::device_name(&self.device))
+        format!(
+            "{} on {}{ranks}",
+            precision.name(),
+            candor_core::device::device_name(&self.device)
+        )
     }
 
     /// Write the final checkpoint (`save`) on rank 0 only; no rank returns before it is in place.
@@ -216,14 +269,20 @@ pub enum Start {
 
 /// Decide how to start given `--resume`, refusing to clobber an existing checkpoint and
 /// refusing to resume one made from a different config.
-pub fn plan_start(out: &Path, resume: bool, overwrite: bool, effective: &serde_json::Value) -> Result<Start> {
+pub fn plan_start(
+    out: &Path,
+    resume: bool,
+    overwrite: bool,
+    effective: &serde_json::Value,
+) -> Result<Start> {
     candor_core::checkpoint::recover_interrupted(out)?;
     if !out.exists() {
         return Ok(Start::Fresh);
     }
     let meta = CandorMeta::read(out)?;
     if overwrite {
-        std::fs::remove_dir_all(out).map_err(|e| Error::Msg(format!("{}: cannot remove: {e}", out.display())))?;
+        std::fs::remove_dir_all(out)
+            .map_err(|e| Error::Msg(format!("{}: cannot remove: {e}", out.display())))?;
         return Ok(Start::Fresh);
     }
     let Some(meta) = meta else {
@@ -246,11 +305,19 @@ pub fn plan_start(out: &Path, resume: bool, overwrite: bool, effective: &serde_j
             out.display()
         )));
     }
-    Ok(if meta.complete { Start::Done(meta) } else { Start::Resume(meta) })
+    Ok(if meta.complete {
+        Start::Done(meta)
+    } else {
+        Start::Resume(meta)
+    })
 }
 
 /// The first key path where two JSON values differ.
-pub fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str) -> Option<String> {
+pub fn first_difference(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    path: &str,
+) -> Option<String> {
     use serde_json::Value;
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
@@ -258,7 +325,11 @@ pub fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str
             keys.sort();
             keys.dedup();
             keys.into_iter().find_map(|k| {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match (x.get(k), y.get(k)) {
                     (Some(u), Some(v)) => first_difference(u, v, &p),
                     _ => Some(p),
@@ -266,7 +337,11 @@ pub fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str
             })
         }
         _ if a == b => None,
-        _ => Some(if path.is_empty() { "(root)".into() } else { path.to_string() }),
+        _ => Some(if path.is_empty() {
+            "(root)".into()
+        } else {
+            path.to_string()
+        }),
     }
 }
 
@@ -301,7 +376,13 @@ pub fn save_checkpoint(
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let w = candor_core::checkpoint::CheckpointWriter::begin(out)?;
-    write_model_dir(w.path(), snap.config, snap.head, snap.varmap, snap.tokenizer)?;
+    write_model_dir(
+        w.path(),
+        snap.config,
+        snap.head,
+        snap.varmap,
+        snap.tokenizer,
+    )?;
     snap.metrics.write(w.path())?;
     write_trainer(w.path(), snap.state, snap.optimizers)?;
     extra(w.path())?;

@@ -73,18 +73,22 @@ impl TrainConfig {
 
     /// Whether to evaluate after step `step`: every `eval_every` steps, and at the end.
     pub fn eval_due(&self, step: u64) -> bool {
-        (self.eval_every > 0 && step.is_multiple_of(self.eval_every as u64)) || step == self.steps as u64
+        (self.eval_every > 0 && step.is_multiple_of(self.eval_every as u64))
+            || step == self.steps as u64
     }
 
     /// Whether to write an intermediate checkpoint after step `step` (the final one is
     /// written anyway).
     pub fn save_due(&self, step: u64) -> bool {
-        self.save_every > 0 && step.is_multiple_of(self.save_every as u64) && step != self.steps as u64
+        self.save_every > 0
+            && step.is_multiple_of(self.save_every as u64)
+            && step != self.steps as u64
     }
 
     /// Check ranges; `origin` names the config file in errors.
     pub fn validate(&self, origin: &str) -> crate::Result<()> {
-        let bad = |key: &str, msg: &str| Err(crate::Error::Msg(format!("{origin}: train.{key}: {msg}")));
+        let bad =
+            |key: &str, msg: &str| Err(crate::Error::Msg(format!("{origin}: train.{key}: {msg}")));
         if self.steps == 0 {
             return bad("steps", "must be at least 1");
         }
@@ -116,10 +120,21 @@ mod tests {
 
     #[test]
     fn cadence_counts_steps_from_one_and_always_ends_with_log_and_eval() {
-        let c = TrainConfig { steps: 10, log_every: 3, eval_every: 0, save_every: 5, ..Default::default() };
-        let due = |f: fn(&TrainConfig, u64) -> bool| (1..=10).filter(|&s| f(&c, s)).collect::<Vec<u64>>();
+        let c = TrainConfig {
+            steps: 10,
+            log_every: 3,
+            eval_every: 0,
+            save_every: 5,
+            ..Default::default()
+        };
+        let due =
+            |f: fn(&TrainConfig, u64) -> bool| (1..=10).filter(|&s| f(&c, s)).collect::<Vec<u64>>();
         assert_eq!(due(TrainConfig::log_due), vec![3, 6, 9, 10]);
         assert_eq!(due(TrainConfig::eval_due), vec![10]);
-        assert_eq!(due(TrainConfig::save_due), vec![5], "the final checkpoint is the caller's");
+        assert_eq!(
+            due(TrainConfig::save_due),
+            vec![5],
+            "the final checkpoint is the caller's"
+        );
     }
 }

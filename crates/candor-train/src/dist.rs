@@ -106,17 +106,27 @@ impl Default for Dist {
 
 impl std::fmt::Debug for Dist {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Dist(rank {} of {}, {})", self.rank(), self.world_size(), self.comm.backend())
+        write!(
+            f,
+            "Dist(rank {} of {}, {})",
+            self.rank(),
+            self.world_size(),
+            self.comm.backend()
+        )
     }
 }
 
 impl Dist {
     pub fn single() -> Self {
-        Dist { comm: Arc::new(Single) }
+        Dist {
+            comm: Arc::new(Single),
+        }
     }
 
     pub fn new(comm: impl Comm + 'static) -> Self {
-        Dist { comm: Arc::new(comm) }
+        Dist {
+            comm: Arc::new(comm),
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -174,7 +184,10 @@ impl Dist {
         let t = Tensor::new(&[value as f64], &Device::Cpu)?;
         let root = self.comm.broadcast(&[t], 0)?[0].to_vec1::<f64>()?[0] as u64;
         if root != value {
-            return Err(err(format!("rank {} has {what} {value} but rank 0 has {root}", self.rank())));
+            return Err(err(format!(
+                "rank {} has {what} {value} but rank 0 has {root}",
+                self.rank()
+            )));
         }
         Ok(())
     }
@@ -186,7 +199,11 @@ impl Dist {
         if self.world_size() == 1 {
             return Ok(());
         }
-        let present: Vec<f64> = grads.0.iter().map(|g| f64::from(u8::from(g.is_some()))).collect();
+        let present: Vec<f64> = grads
+            .0
+            .iter()
+            .map(|g| f64::from(u8::from(g.is_some())))
+            .collect();
         let present = self.all_reduce_f64(&present)?;
         let mut slots = vec![];
         let mut tensors = vec![];
@@ -215,7 +232,11 @@ impl Dist {
         }
         let mut lens = vec![0.0; world];
         lens[rank] = mine.len() as f64;
-        let lens: Vec<usize> = self.all_reduce_f64(&lens)?.into_iter().map(|n| n as usize).collect();
+        let lens: Vec<usize> = self
+            .all_reduce_f64(&lens)?
+            .into_iter()
+            .map(|n| n as usize)
+            .collect();
         // a sum in which each rank fills only its own slots: exact, whatever the transport
         let offset: usize = lens[..rank].iter().sum();
         let mut all = vec![0.0; lens.iter().sum()];
@@ -231,24 +252,44 @@ impl Dist {
     }
 
     /// Rank 0's value of anything serialisable (a generator state), on every rank.
-    pub fn broadcast_value<T: serde::Serialize + serde::de::DeserializeOwned + Clone>(&self, value: &T) -> Result<T> {
+    pub fn broadcast_value<T: serde::Serialize + serde::de::DeserializeOwned + Clone>(
+        &self,
+        value: &T,
+    ) -> Result<T> {
         if self.world_size() == 1 {
             return Ok(value.clone());
         }
         let bytes: Vec<f64> = if self.is_main() {
-            serde_json::to_vec(value).map_err(|e| err(e.to_string()))?.into_iter().map(f64::from).collect()
+            serde_json::to_vec(value)
+                .map_err(|e| err(e.to_string()))?
+                .into_iter()
+                .map(f64::from)
+                .collect()
         } else {
             vec![]
         };
-        let bytes: Vec<u8> = self.all_gather_f64(&bytes)?.swap_remove(0).into_iter().map(|b| b as u8).collect();
-        serde_json::from_slice(&bytes).map_err(|e| err(format!("rank {}: rank 0's value did not arrive whole: {e}", self.rank())))
+        let bytes: Vec<u8> = self
+            .all_gather_f64(&bytes)?
+            .swap_remove(0)
+            .into_iter()
+            .map(|b| b as u8)
+            .collect();
+        serde_json::from_slice(&bytes).map_err(|e| {
+            err(format!(
+                "rank {}: rank 0's value did not arrive whole: {e}",
+                self.rank()
+            ))
+        })
     }
 
     /// Where every rank's loop starts: rank 0's weights, and the same resume step (a rank
     /// that resumed elsewhere stops with an error).
     pub fn sync_start(&self, vars: &[(String, Var)], step: u64) -> Result<()> {
         self.broadcast_vars(vars)?;
-        self.check_same("resume step (is --out on a filesystem every rank sees?)", step)
+        self.check_same(
+            "resume step (is --out on a filesystem every rank sees?)",
+            step,
+        )
     }
 
     /// Make every rank's parameters equal to rank 0's (after initialising or loading).
@@ -312,7 +353,11 @@ pub fn sharded_grads(
     }
     dist.all_reduce_grads(&mut grads, opt)?;
     let totals = dist.all_reduce_f64(&[loss_sum, tokens as f64])?;
-    Ok(StepGrads { grads, loss: totals[0], tokens: totals[1] as usize })
+    Ok(StepGrads {
+        grads,
+        loss: totals[0],
+        tokens: totals[1] as usize,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -342,23 +387,36 @@ impl LaunchEnv {
     /// rank, its transport set up: a smoke test of NCCL). A Slurm batch script itself (no
     /// step) is not a rank.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
-        let num = |key: &str| -> Result<Option<usize>> {
-            match get(key) {
-                None => Ok(None),
-                Some(v) if v.trim().is_empty() => Ok(None),
-                Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| err(format!("environment: {key}=`{v}` is not a whole number"))),
-            }
-        };
+        let num =
+            |key: &str| -> Result<Option<usize>> {
+                match get(key) {
+                    None => Ok(None),
+                    Some(v) if v.trim().is_empty() => Ok(None),
+                    Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| {
+                        err(format!("environment: {key}=`{v}` is not a whole number"))
+                    }),
+                }
+            };
         let (rank, world, local, source) = if let Some(world) = num("WORLD_SIZE")? {
-            let rank = num("RANK")?.ok_or_else(|| err("environment: WORLD_SIZE is set but RANK is not"))?;
+            let rank = num("RANK")?
+                .ok_or_else(|| err("environment: WORLD_SIZE is set but RANK is not"))?;
             (rank, world, num("LOCAL_RANK")?.unwrap_or(rank), "RANK")
-        } else if get("SLURM_STEP_ID").or_else(|| get("SLURM_STEPID")).is_some() && num("SLURM_PROCID")?.is_some() {
+        } else if get("SLURM_STEP_ID")
+            .or_else(|| get("SLURM_STEPID"))
+            .is_some()
+            && num("SLURM_PROCID")?.is_some()
+        {
             let world = match num("SLURM_STEP_NUM_TASKS")? {
                 Some(w) => w,
                 None => num("SLURM_NTASKS")?.unwrap_or(1),
             };
             let rank = num("SLURM_PROCID")?.unwrap_or(0);
-            (rank, world, num("SLURM_LOCALID")?.unwrap_or(0), "SLURM_PROCID")
+            (
+                rank,
+                world,
+                num("SLURM_LOCALID")?.unwrap_or(0),
+                "SLURM_PROCID",
+            )
         } else {
             return Ok(None);
         };
@@ -366,7 +424,9 @@ impl LaunchEnv {
             return Err(err("environment: the world size is 0"));
         }
         if rank >= world {
-            return Err(err(format!("environment: {source}={rank} is not below the world size {world}")));
+            return Err(err(format!(
+                "environment: {source}={rank} is not below the world size {world}"
+            )));
         }
         let master_addr = get("MASTER_ADDR").filter(|s| !s.trim().is_empty());
         if world == 1 && master_addr.is_none() {
@@ -377,9 +437,19 @@ impl LaunchEnv {
         })?;
         let master_port = match get("MASTER_PORT") {
             None => DEFAULT_MASTER_PORT,
-            Some(p) => p.trim().parse::<u16>().map_err(|_| err(format!("environment: MASTER_PORT=`{p}` is not a port number")))?,
+            Some(p) => p.trim().parse::<u16>().map_err(|_| {
+                err(format!(
+                    "environment: MASTER_PORT=`{p}` is not a port number"
+                ))
+            })?,
         };
-        Ok(Some(LaunchEnv { rank, world_size: world, local_rank: local, master_addr, master_port }))
+        Ok(Some(LaunchEnv {
+            rank,
+            world_size: world,
+            local_rank: local,
+            master_addr,
+            master_port,
+        }))
     }
 
     pub fn from_env() -> Result<Option<Self>> {
@@ -404,7 +474,10 @@ fn combine(parts: &[Vec<f64>], op: Op) -> std::result::Result<Vec<f64>, String> 
         Op::Sum => {
             let n = parts[0].len();
             if let Some((r, p)) = parts.iter().enumerate().find(|(_, p)| p.len() != n) {
-                return Err(format!("rank {r} sent {} numbers and rank 0 sent {n}: the ranks are out of step", p.len()));
+                return Err(format!(
+                    "rank {r} sent {} numbers and rank 0 sent {n}: the ranks are out of step",
+                    p.len()
+                ));
             }
             let mut out = parts[0].clone();
             for p in &parts[1..] {
@@ -433,13 +506,22 @@ fn host_collective(x: &dyn Exchange, tensors: &[Tensor], op: Op) -> Result<Vec<T
     };
     if send {
         for t in tensors {
-            flat.extend(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+            flat.extend(
+                t.to_device(&Device::Cpu)?
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?,
+            );
         }
     }
     let out = x.exchange(flat, op)?;
     let want: usize = tensors.iter().map(Tensor::elem_count).sum();
     if out.len() != want {
-        return Err(err(format!("rank {} expected {want} numbers and got {}: the ranks are out of step", x.rank(), out.len())));
+        return Err(err(format!(
+            "rank {} expected {want} numbers and got {}: the ranks are out of step",
+            x.rank(),
+            out.len()
+        )));
     }
     let mut off = 0;
     tensors
@@ -508,10 +590,18 @@ impl LocalGroup {
     pub fn new(n: usize) -> Vec<LocalGroup> {
         let shared = Arc::new(LocalShared {
             n,
-            state: Mutex::new(LocalState { slots: vec![None; n], ..Default::default() }),
+            state: Mutex::new(LocalState {
+                slots: vec![None; n],
+                ..Default::default()
+            }),
             cv: Condvar::new(),
         });
-        (0..n).map(|rank| LocalGroup { rank, shared: shared.clone() }).collect()
+        (0..n)
+            .map(|rank| LocalGroup {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
     }
 }
 
@@ -536,26 +626,47 @@ impl Exchange for LocalGroup {
         let mut s = sh.state.lock().unwrap_or_else(|p| p.into_inner());
         // the previous collective must have been collected by everyone
         while s.result.is_some() {
-            s = sh.cv.wait_timeout(s, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+            s = sh
+                .cv
+                .wait_timeout(s, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
             if Instant::now() > deadline {
-                return Err(err(format!("rank {}: timed out waiting for the other ranks", self.rank)));
+                return Err(err(format!(
+                    "rank {}: timed out waiting for the other ranks",
+                    self.rank
+                )));
             }
         }
         s.slots[self.rank] = Some(data);
         s.arrived += 1;
         if s.arrived == sh.n {
-            let parts: Vec<Vec<f64>> = s.slots.iter_mut().map(|x| x.take().unwrap_or_default()).collect();
+            let parts: Vec<Vec<f64>> = s
+                .slots
+                .iter_mut()
+                .map(|x| x.take().unwrap_or_default())
+                .collect();
             s.result = Some(combine(&parts, op).map(Arc::new));
             sh.cv.notify_all();
         } else {
             while s.result.is_none() {
                 if s.left > 0 {
-                    return Err(err(format!("rank {}: another rank stopped before this collective (see its error)", self.rank)));
+                    return Err(err(format!(
+                        "rank {}: another rank stopped before this collective (see its error)",
+                        self.rank
+                    )));
                 }
                 if Instant::now() > deadline {
-                    return Err(err(format!("rank {}: timed out waiting for the other ranks", self.rank)));
+                    return Err(err(format!(
+                        "rank {}: timed out waiting for the other ranks",
+                        self.rank
+                    )));
                 }
-                s = sh.cv.wait_timeout(s, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+                s = sh
+                    .cv
+                    .wait_timeout(s, Duration::from_millis(100))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
         let out = s.result.clone().expect("result is set");
@@ -596,17 +707,26 @@ impl Tcp {
         let (addr, port) = (env.master_addr.as_str(), env.master_port);
         if env.rank == 0 {
             let loopback = addr == "localhost" || addr.starts_with("127.");
-            let bind = if loopback { format!("{addr}:{port}") } else { format!("0.0.0.0:{port}") };
-            let listener = TcpListener::bind(&bind).map_err(|e| io_err(&format!("rank 0 cannot listen on {bind} (MASTER_PORT)"), e))?;
-            listener.set_nonblocking(true).map_err(|e| io_err("listener", e))?;
+            let bind = if loopback {
+                format!("{addr}:{port}")
+            } else {
+                format!("0.0.0.0:{port}")
+            };
+            let listener = TcpListener::bind(&bind)
+                .map_err(|e| io_err(&format!("rank 0 cannot listen on {bind} (MASTER_PORT)"), e))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| io_err("listener", e))?;
             let mut peers: Vec<Option<TcpStream>> = (1..env.world_size).map(|_| None).collect();
             while peers.iter().any(Option::is_none) {
                 match listener.accept() {
                     Ok((mut s, from)) => {
                         s.set_nonblocking(false).map_err(|e| io_err("socket", e))?;
-                        s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| io_err("socket", e))?;
+                        s.set_read_timeout(Some(Duration::from_secs(30)))
+                            .map_err(|e| io_err("socket", e))?;
                         let mut hello = [0u8; 12];
-                        s.read_exact(&mut hello).map_err(|e| io_err(&format!("rank 0: hello from {from}"), e))?;
+                        s.read_exact(&mut hello)
+                            .map_err(|e| io_err(&format!("rank 0: hello from {from}"), e))?;
                         let r = u32::from_le_bytes(hello[4..8].try_into().unwrap()) as usize;
                         let w = u32::from_le_bytes(hello[8..12].try_into().unwrap()) as usize;
                         if &hello[..4] != MAGIC || w != env.world_size || r == 0 || r >= w {
@@ -624,8 +744,12 @@ impl Tcp {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if Instant::now() > deadline {
-                            let missing: Vec<String> =
-                                peers.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
+                            let missing: Vec<String> = peers
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, p)| p.is_none())
+                                .map(|(i, _)| (i + 1).to_string())
+                                .collect();
                             return Err(err(format!(
                                 "rank 0: rank(s) {} did not connect to {bind} within {} s",
                                 missing.join(", "),
@@ -637,7 +761,11 @@ impl Tcp {
                     Err(e) => return Err(io_err("rank 0: accept", e)),
                 }
             }
-            Ok(Tcp { rank: 0, world: env.world_size, peers: Mutex::new(peers.into_iter().map(Option::unwrap).collect()) })
+            Ok(Tcp {
+                rank: 0,
+                world: env.world_size,
+                peers: Mutex::new(peers.into_iter().map(Option::unwrap).collect()),
+            })
         } else {
             let target = format!("{addr}:{port}");
             let stream = loop {
@@ -649,7 +777,11 @@ impl Tcp {
                     break s;
                 }
                 if Instant::now() > deadline {
-                    return Err(err(format!("rank {}: cannot reach rank 0 at {target} within {} s", env.rank, WAIT.as_secs())));
+                    return Err(err(format!(
+                        "rank {}: cannot reach rank 0 at {target} within {} s",
+                        env.rank,
+                        WAIT.as_secs()
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             };
@@ -657,8 +789,14 @@ impl Tcp {
             let mut hello = MAGIC.to_vec();
             hello.extend((env.rank as u32).to_le_bytes());
             hello.extend((env.world_size as u32).to_le_bytes());
-            (&stream).write_all(&hello).map_err(|e| io_err(&format!("rank {}: hello to rank 0", env.rank), e))?;
-            Ok(Tcp { rank: env.rank, world: env.world_size, peers: Mutex::new(vec![stream]) })
+            (&stream)
+                .write_all(&hello)
+                .map_err(|e| io_err(&format!("rank {}: hello to rank 0", env.rank), e))?;
+            Ok(Tcp {
+                rank: env.rank,
+                world: env.world_size,
+                peers: Mutex::new(vec![stream]),
+            })
         }
     }
 }
@@ -678,7 +816,10 @@ fn recv(s: &mut TcpStream) -> std::io::Result<Vec<f64>> {
     let n = u64::from_le_bytes(len) as usize;
     let mut buf = vec![0u8; n * 8];
     s.read_exact(&mut buf)?;
-    Ok(buf.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect())
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect())
 }
 
 impl Exchange for Tcp {
@@ -690,7 +831,12 @@ impl Exchange for Tcp {
     }
     fn exchange(&self, data: Vec<f64>, op: Op) -> Result<Vec<f64>> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let lost = |r: usize, e: std::io::Error| err(format!("rank {}: lost rank {r} ({e}); it probably failed: see its error", self.rank));
+        let lost = |r: usize, e: std::io::Error| {
+            err(format!(
+                "rank {}: lost rank {r} ({e}); it probably failed: see its error",
+                self.rank
+            ))
+        };
         if self.rank == 0 {
             let mut parts = vec![data];
             for (i, s) in peers.iter_mut().enumerate() {
@@ -720,8 +866,8 @@ pub use nccl::Nccl;
 #[cfg(feature = "nccl")]
 mod nccl {
     use super::*;
-    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm as NcclComm, Id, ReduceOp};
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm as NcclComm, Id, ReduceOp};
     use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape};
 
     /// NCCL collectives on one GPU per rank.
@@ -741,17 +887,24 @@ mod nccl {
         /// Rendezvous over TCP (as [`Tcp::connect`]), rank 0 creates the NCCL unique id and
         /// sends it; then every rank joins the communicator on `device` (a CUDA device).
         pub fn connect(env: &LaunchEnv, device: &Device) -> Result<Nccl> {
-            let cuda = device.as_cuda_device().map_err(|_| err("the nccl backend needs --device cuda"))?;
+            let cuda = device
+                .as_cuda_device()
+                .map_err(|_| err("the nccl backend needs --device cuda"))?;
             let tcp = Tcp::connect(env)?;
             let id = if env.rank == 0 {
-                let id = Id::new().map_err(|e| err(format!("NCCL: cannot create a unique id: {e:?}")))?;
+                let id = Id::new()
+                    .map_err(|e| err(format!("NCCL: cannot create a unique id: {e:?}")))?;
                 let bytes: Vec<f64> = id.internal().iter().map(|&c| c as u8 as f64).collect();
                 tcp.exchange(bytes, Op::Take(0))?;
                 id
             } else {
                 let bytes = tcp.exchange(vec![], Op::Take(0))?;
                 if bytes.len() != 128 {
-                    return Err(err(format!("rank {}: received an NCCL id of {} bytes", env.rank, bytes.len())));
+                    return Err(err(format!(
+                        "rank {}: received an NCCL id of {} bytes",
+                        env.rank,
+                        bytes.len()
+                    )));
                 }
                 let mut internal = [0 as ::core::ffi::c_char; 128];
                 for (d, b) in internal.iter_mut().zip(bytes) {
@@ -761,7 +914,12 @@ mod nccl {
             };
             let comm = NcclComm::from_rank(cuda.cuda_stream(), env.rank, env.world_size, id)
                 .map_err(|e| err(format!("rank {}: NCCL init failed: {e:?}", env.rank)))?;
-            Ok(Nccl { comm: Mutex::new(comm), device: device.clone(), rank: env.rank, world: env.world_size })
+            Ok(Nccl {
+                comm: Mutex::new(comm),
+                device: device.clone(),
+                rank: env.rank,
+                world: env.world_size,
+            })
         }
     }
 
@@ -774,8 +932,14 @@ mod nccl {
         fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
             candle_core::bail!("NCCL all-reduce needs a CUDA tensor")
         }
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-            let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("NCCL all-reduce needs a contiguous tensor") };
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let Some((start, end)) = l.contiguous_offsets() else {
+                candle_core::bail!("NCCL all-reduce needs a contiguous tensor")
+            };
             let dev = s.device.clone();
             let nccl_err = |e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}"));
             let out = match s.dtype() {
@@ -783,17 +947,23 @@ mod nccl {
                     let src = s.as_cuda_slice::<f32>()?.slice(start..end);
                     // SAFETY: fully written by the all-reduce before anything reads it.
                     let mut dst = unsafe { dev.alloc::<f32>(end - start)? };
-                    self.0.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(nccl_err)?;
+                    self.0
+                        .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                        .map_err(nccl_err)?;
                     CudaStorage::wrap_cuda_slice(dst, dev)
                 }
                 DType::F64 => {
                     let src = s.as_cuda_slice::<f64>()?.slice(start..end);
                     // SAFETY: as above.
                     let mut dst = unsafe { dev.alloc::<f64>(end - start)? };
-                    self.0.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(nccl_err)?;
+                    self.0
+                        .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                        .map_err(nccl_err)?;
                     CudaStorage::wrap_cuda_slice(dst, dev)
                 }
-                d => candle_core::bail!("NCCL all-reduce of {d:?} tensors is not wired (f32/f64 only)"),
+                d => candle_core::bail!(
+                    "NCCL all-reduce of {d:?} tensors is not wired (f32/f64 only)"
+                ),
             };
             Ok((out, l.shape().clone()))
         }
@@ -803,10 +973,19 @@ mod nccl {
         /// Sum tensors over the ranks in one NCCL call: flattened into one f32 (or f64, if
         /// any input is f64) buffer on this rank's GPU.
         fn reduce(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
-            let dtype = if tensors.iter().any(|t| t.dtype() == DType::F64) { DType::F64 } else { DType::F32 };
+            let dtype = if tensors.iter().any(|t| t.dtype() == DType::F64) {
+                DType::F64
+            } else {
+                DType::F32
+            };
             let flat: Vec<Tensor> = tensors
                 .iter()
-                .map(|t| t.detach().to_device(&self.device)?.to_dtype(dtype)?.flatten_all())
+                .map(|t| {
+                    t.detach()
+                        .to_device(&self.device)?
+                        .to_dtype(dtype)?
+                        .flatten_all()
+                })
                 .collect::<candle_core::Result<_>>()?;
             let buf = Tensor::cat(&flat, 0)?.contiguous()?;
             let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
@@ -817,7 +996,11 @@ mod nccl {
                 .iter()
                 .map(|t| {
                     let n = t.elem_count();
-                    let part = summed.narrow(0, off, n)?.reshape(t.shape())?.to_dtype(t.dtype())?.to_device(t.device())?;
+                    let part = summed
+                        .narrow(0, off, n)?
+                        .reshape(t.shape())?
+                        .to_dtype(t.dtype())?
+                        .to_device(t.device())?;
                     off += n;
                     Ok(part)
                 })
@@ -843,7 +1026,10 @@ mod nccl {
             let mine: Vec<Tensor> = if self.rank == root {
                 tensors.to_vec()
             } else {
-                tensors.iter().map(Tensor::zeros_like).collect::<candle_core::Result<_>>()?
+                tensors
+                    .iter()
+                    .map(Tensor::zeros_like)
+                    .collect::<candle_core::Result<_>>()?
             };
             self.reduce(&mine)
         }
@@ -864,13 +1050,19 @@ pub fn connect(env: &LaunchEnv, device: &Device, backend: &str) -> Result<Dist> 
         "auto" => nccl_built && device.is_cuda(),
         "nccl" => true,
         "tcp" => false,
-        other => return Err(err(format!("CANDOR_DIST_BACKEND `{other}`: expected auto, nccl or tcp"))),
+        other => {
+            return Err(err(format!(
+                "CANDOR_DIST_BACKEND `{other}`: expected auto, nccl or tcp"
+            )))
+        }
     };
     if use_nccl {
         #[cfg(feature = "nccl")]
         return Ok(Dist::new(nccl::Nccl::connect(env, device)?));
         #[cfg(not(feature = "nccl"))]
-        return Err(err("the nccl backend needs a candor built with --features nccl"));
+        return Err(err(
+            "the nccl backend needs a candor built with --features nccl",
+        ));
     }
     Ok(Dist::new(Tcp::connect(env)?))
 }
@@ -899,7 +1091,10 @@ mod tests {
                     sizes.push(r.len());
                     r.for_each(|i| seen[i] += 1);
                 }
-                assert!(seen.iter().all(|&c| c == 1), "n {n} world {world}: {seen:?}");
+                assert!(
+                    seen.iter().all(|&c| c == 1),
+                    "n {n} world {world}: {seen:?}"
+                );
                 assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
             }
         }
@@ -912,7 +1107,9 @@ mod tests {
     #[test]
     fn ranks_draw_disjoint_parts_of_the_same_global_batches() {
         let world = 3;
-        let mut samplers: Vec<Sampler> = (0..world).map(|_| Sampler::new(50, 9, Default::default())).collect();
+        let mut samplers: Vec<Sampler> = (0..world)
+            .map(|_| Sampler::new(50, 9, Default::default()))
+            .collect();
         let mut single = Sampler::new(50, 9, Default::default());
         for _ in 0..40 {
             let global = single.next(8);
@@ -929,31 +1126,82 @@ mod tests {
     #[test]
     fn launch_env_reads_torchrun_and_slurm_variables() {
         let env = |pairs: &[(&str, &str)]| {
-            let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let m: HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             LaunchEnv::from_vars(move |k| m.get(k).cloned())
         };
         assert_eq!(env(&[]).unwrap(), None);
         assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
-        assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "h")]).unwrap().unwrap().world_size, 1);
-        let e = env(&[("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node1"), ("MASTER_PORT", "1234")])
-            .unwrap()
-            .unwrap();
-        assert_eq!(e, LaunchEnv { rank: 1, world_size: 4, local_rank: 1, master_addr: "node1".into(), master_port: 1234 });
-        let e = env(&[("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1"), ("MASTER_ADDR", "n0")])
-            .unwrap()
-            .unwrap();
-        assert_eq!((e.rank, e.world_size, e.local_rank, e.master_port), (5, 8, 1, DEFAULT_MASTER_PORT));
+        assert_eq!(
+            env(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "h")])
+                .unwrap()
+                .unwrap()
+                .world_size,
+            1
+        );
+        let e = env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "node1"),
+            ("MASTER_PORT", "1234"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            e,
+            LaunchEnv {
+                rank: 1,
+                world_size: 4,
+                local_rank: 1,
+                master_addr: "node1".into(),
+                master_port: 1234
+            }
+        );
+        let e = env(&[
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("MASTER_ADDR", "n0"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (e.rank, e.world_size, e.local_rank, e.master_port),
+            (5, 8, 1, DEFAULT_MASTER_PORT)
+        );
         // a batch script (no step) is not a rank, even with SLURM_NTASKS > 1
-        assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")]).unwrap(), None);
-        let bad = env(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x")]).unwrap_err().to_string();
-        assert!(bad.contains("RANK=2 is not below the world size 2"), "{bad}");
-        let bad = env(&[("RANK", "0"), ("WORLD_SIZE", "two")]).unwrap_err().to_string();
-        assert!(bad.contains("WORLD_SIZE=`two` is not a whole number"), "{bad}");
-        let bad = env(&[("RANK", "0"), ("WORLD_SIZE", "2")]).unwrap_err().to_string();
+        assert_eq!(
+            env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")]).unwrap(),
+            None
+        );
+        let bad = env(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("RANK=2 is not below the world size 2"),
+            "{bad}"
+        );
+        let bad = env(&[("RANK", "0"), ("WORLD_SIZE", "two")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("WORLD_SIZE=`two` is not a whole number"),
+            "{bad}"
+        );
+        let bad = env(&[("RANK", "0"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
         assert!(bad.contains("needs MASTER_ADDR"), "{bad}");
     }
 
-    fn on_threads<T: Send + 'static>(comms: Vec<impl Comm + 'static>, f: impl Fn(Dist) -> T + Send + Sync + 'static) -> Vec<T> {
+    fn on_threads<T: Send + 'static>(
+        comms: Vec<impl Comm + 'static>,
+        f: impl Fn(Dist) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
         let f = Arc::new(f);
         let handles: Vec<_> = comms
             .into_iter()
@@ -972,7 +1220,10 @@ mod tests {
             let mut last = vec![];
             for i in 0..50 {
                 let t = Tensor::new(&[r, 10.0 * r + i as f32], &Device::Cpu).unwrap();
-                let s = d.comm().all_reduce_sum(&[t.clone(), t.sum_all().unwrap()]).unwrap();
+                let s = d
+                    .comm()
+                    .all_reduce_sum(&[t.clone(), t.sum_all().unwrap()])
+                    .unwrap();
                 last = s[0].to_vec1::<f32>().unwrap();
                 assert_eq!(last, vec![3.0, 30.0 + 3.0 * i as f32]);
                 assert_eq!(s[1].to_scalar::<f32>().unwrap(), 33.0 + 3.0 * i as f32);
@@ -1003,7 +1254,14 @@ mod tests {
             want.next_u64();
             assert_eq!(root, want, "u64 state words survive the f64 exchange");
             // two parameters; rank 1 has no gradient at all, rank 2 only for the first
-            let vars: Vec<(String, Var)> = (0..2).map(|i| (format!("p{i}"), Var::zeros((2, 2), DType::F32, &Device::Cpu).unwrap())).collect();
+            let vars: Vec<(String, Var)> = (0..2)
+                .map(|i| {
+                    (
+                        format!("p{i}"),
+                        Var::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+                    )
+                })
+                .collect();
             let opt = AdamW::new(vars, &TrainConfig::default()).unwrap();
             let g = |x: f32| Some(Tensor::full(x, (2, 2), &Device::Cpu).unwrap());
             let mut grads = Grads(match r {
@@ -1012,7 +1270,18 @@ mod tests {
                 _ => vec![g(2.0), None],
             });
             d.all_reduce_grads(&mut grads, &opt).unwrap();
-            grads.0.iter().map(|t| t.as_ref().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]).collect::<Vec<f32>>()
+            grads
+                .0
+                .iter()
+                .map(|t| {
+                    t.as_ref()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()[0]
+                })
+                .collect::<Vec<f32>>()
         });
         assert!(out.iter().all(|g| g == &vec![3.0, 5.0]), "{out:?}");
     }
@@ -1027,8 +1296,16 @@ mod tests {
         });
         let e = out[0].as_ref().unwrap_err().to_string();
         assert!(e.contains("another rank stopped"), "{e}");
-        let e = on_threads(LocalGroup::new(2), |d| d.check_same("step", d.rank() as u64 * 3)).into_iter().nth(1).unwrap();
-        assert!(e.unwrap_err().to_string().contains("rank 1 has step 3 but rank 0 has 0"));
+        let e = on_threads(LocalGroup::new(2), |d| {
+            d.check_same("step", d.rank() as u64 * 3)
+        })
+        .into_iter()
+        .nth(1)
+        .unwrap();
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("rank 1 has step 3 but rank 0 has 0"));
     }
 
     #[test]
@@ -1037,15 +1314,27 @@ mod tests {
         let handles: Vec<_> = (0..3)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let env = LaunchEnv { rank, world_size: 3, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port };
+                    let env = LaunchEnv {
+                        rank,
+                        world_size: 3,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
                     let d = connect(&env, &Device::Cpu, "auto").unwrap();
                     assert_eq!(d.backend(), "tcp");
                     let t = Tensor::new(&[[rank as f32, 1.0], [2.0, 3.0]], &Device::Cpu).unwrap();
                     let s = d.comm().all_reduce_sum(&[t.clone()]).unwrap();
-                    let b = d.comm().broadcast(&[t.to_dtype(DType::BF16).unwrap()], 2).unwrap();
+                    let b = d
+                        .comm()
+                        .broadcast(&[t.to_dtype(DType::BF16).unwrap()], 2)
+                        .unwrap();
                     assert_eq!(b[0].dtype(), DType::BF16);
                     d.barrier().unwrap();
-                    (s[0].to_vec2::<f32>().unwrap(), b[0].to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap())
+                    (
+                        s[0].to_vec2::<f32>().unwrap(),
+                        b[0].to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+                    )
                 })
             })
             .collect();
@@ -1057,7 +1346,11 @@ mod tests {
     }
 
     pub(crate) fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     /// Gradients: world size 2 on half batches, summed, equal world size 1 on the whole
@@ -1071,23 +1364,48 @@ mod tests {
             .map(|i| {
                 let len = 6 + (i * 7) % 13;
                 let tokens: Vec<u32> = (0..len).map(|_| rng.below(40) as u32).collect();
-                LmExample { targets: (0..len).map(|t| t >= 2).collect(), tokens, segments: None }
+                LmExample {
+                    targets: (0..len).map(|t| t >= 2).collect(),
+                    tokens,
+                    segments: None,
+                }
             })
             .collect();
         let examples = Arc::new(examples);
-        let train = TrainConfig { batch_size: 5, grad_accum: 2, ..Default::default() };
+        let train = TrainConfig {
+            batch_size: 5,
+            grad_accum: 2,
+            ..Default::default()
+        };
         let grads_of = move |d: Dist, examples: Arc<Vec<LmExample>>, train: TrainConfig| {
-            let (model, varmap) = build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(4), &Device::Cpu).unwrap();
+            let (model, varmap) =
+                build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(4), &Device::Cpu)
+                    .unwrap();
             let opt = AdamW::new(named_vars(&varmap), &train).unwrap();
             let mut sampler = Sampler::new(examples.len(), 2, Default::default());
-            let step = crate::lm::lm_grads(&model, &opt, &examples, &mut sampler, &train, 0, &d).unwrap();
-            let g: Vec<Vec<f32>> = step.grads.0.iter().map(|g| g.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect();
+            let step =
+                crate::lm::lm_grads(&model, &opt, &examples, &mut sampler, &train, 0, &d).unwrap();
+            let g: Vec<Vec<f32>> = step
+                .grads
+                .0
+                .iter()
+                .map(|g| {
+                    g.as_ref()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
             (step.loss, step.tokens, g)
         };
         let (l1, n1, g1) = grads_of(Dist::single(), examples.clone(), train.clone());
         let ex2 = examples.clone();
         let t2 = train.clone();
-        let two = on_threads(LocalGroup::new(2), move |d| grads_of(d, ex2.clone(), t2.clone()));
+        let two = on_threads(LocalGroup::new(2), move |d| {
+            grads_of(d, ex2.clone(), t2.clone())
+        });
         let mut worst = 0.0f32;
         for (l2, n2, g2) in &two {
             assert_eq!(*n2, n1);

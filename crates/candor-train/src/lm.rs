@@ -57,7 +57,14 @@ impl LmTraining<'_> {
     pub fn eval(&self) -> Result<f64> {
         let pad = self.saved.tokenizer.pad_id();
         let model = compute_model(self.model, self.saved.varmap, self.train.dtype)?;
-        Ok(evaluate(&model, self.heldout, self.train.batch_size, self.train.eval_batches, pad)?.loss)
+        Ok(evaluate(
+            &model,
+            self.heldout,
+            self.train.batch_size,
+            self.train.eval_batches,
+            pad,
+        )?
+        .loss)
     }
 }
 
@@ -82,7 +89,11 @@ pub fn train_lm(
         let lr = lr_at(cfg, step);
         // forward/backward in train.dtype over this rank's shard, gradients summed over the ranks
         let step_model = compute_model(t.model, t.saved.varmap, cfg.dtype)?;
-        let StepGrads { mut grads, loss, tokens } = lm_grads(&step_model, opt, t.train_set, &mut sampler, cfg, pad, dist)?;
+        let StepGrads {
+            mut grads,
+            loss,
+            tokens,
+        } = lm_grads(&step_model, opt, t.train_set, &mut sampler, cfg, pad, dist)?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
         check_finite(loss, grad_norm, step as u64 + 1, t.out)?;
         opt.step(&grads, lr)?;
@@ -92,7 +103,10 @@ pub fn train_lm(
         state.elapsed_sec = elapsed_before + clock.elapsed().as_secs_f64();
         window.1 += tokens as u64;
         let tok_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-        t.progress.set(state.step, format!("loss {loss:.3} | {} tok/s", human(tok_s)));
+        t.progress.set(
+            state.step,
+            format!("loss {loss:.3} | {} tok/s", human(tok_s)),
+        );
         if cfg.log_due(state.step) {
             metrics.push(record!(state.step; "loss" => loss, "lr" => lr, "grad_norm" => grad_norm, "tokens_per_sec" => tok_s));
             window = (Instant::now(), 0);
@@ -103,7 +117,11 @@ pub fn train_lm(
         if !t.heldout.is_empty() && cfg.eval_due(state.step) {
             let eval = t.eval()?;
             metrics.push(record!(state.step; "eval_loss" => eval, "eval_ppl" => eval.exp()));
-            t.progress.log(&format!("step {} | loss {loss:.4} | eval_loss {eval:.4} | eval_ppl {:.2}", state.step, eval.exp()));
+            t.progress.log(&format!(
+                "step {} | loss {loss:.4} | eval_loss {eval:.4} | eval_ppl {:.2}",
+                state.step,
+                eval.exp()
+            ));
         }
         if cfg.save_due(state.step) {
             meta.complete = false;
@@ -127,12 +145,19 @@ pub fn lm_grads(
     pad: u32,
     dist: &Dist,
 ) -> Result<StepGrads> {
-    sharded_grads(opt, sampler, train, dist, |i| examples[i].n_targets(), |mine| {
-        let batch: Vec<&LmExample> = mine.iter().map(|&i| &examples[i]).collect();
-        let batch = lm_batch(&batch, pad, model.device())?;
-        let (sum, _) = lm_loss(model, &batch)?;
-        Ok((sum, batch.n_targets))
-    })
+    sharded_grads(
+        opt,
+        sampler,
+        train,
+        dist,
+        |i| examples[i].n_targets(),
+        |mine| {
+            let batch: Vec<&LmExample> = mine.iter().map(|&i| &examples[i]).collect();
+            let batch = lm_batch(&batch, pad, model.device())?;
+            let (sum, _) = lm_loss(model, &batch)?;
+            Ok((sum, batch.n_targets))
+        },
+    )
 }
 
 /// Loss on held-out examples: the mean over all their target tokens, and how many.
@@ -144,7 +169,13 @@ pub struct LmEval {
 
 /// Mean loss per target token over the first `max_batches` batches of `batch_size`
 /// examples, in order (0 = all).
-pub fn evaluate(model: &Model, examples: &[LmExample], batch_size: usize, max_batches: usize, pad: u32) -> Result<LmEval> {
+pub fn evaluate(
+    model: &Model,
+    examples: &[LmExample],
+    batch_size: usize,
+    max_batches: usize,
+    pad: u32,
+) -> Result<LmEval> {
     let (mut sum, mut tokens) = (0.0, 0usize);
     for (i, chunk) in examples.chunks(batch_size.max(1)).enumerate() {
         if max_batches > 0 && i >= max_batches {
@@ -156,7 +187,10 @@ pub fn evaluate(model: &Model, examples: &[LmExample], batch_size: usize, max_ba
         sum += s.detach().to_scalar::<f32>()? as f64;
         tokens += batch.n_targets;
     }
-    Ok(LmEval { loss: sum / tokens.max(1) as f64, tokens })
+    Ok(LmEval {
+        loss: sum / tokens.max(1) as f64,
+        tokens,
+    })
 }
 
 #[cfg(test)]
@@ -173,7 +207,8 @@ mod tests {
     /// are nearly uniform, and a leak would hardly show).
     fn tiny_model() -> Model {
         let config = ModelConfig::llama(50, 32, 2, 4, 2, 64, 32, 10000.0, false);
-        let (model, varmap) = build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(7), &Device::Cpu).unwrap();
+        let (model, varmap) =
+            build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(7), &Device::Cpu).unwrap();
         for (_, v) in crate::optim::named_vars(&varmap) {
             v.set(&(v.as_tensor() * 6.0).unwrap()).unwrap();
         }
@@ -182,14 +217,23 @@ mod tests {
 
     fn example(rng: &mut Rng, len: usize, prompt: usize) -> LmExample {
         let tokens: Vec<u32> = (0..len).map(|_| rng.below(50) as u32).collect();
-        LmExample { tokens, targets: (0..len).map(|i| i >= prompt).collect(), segments: None }
+        LmExample {
+            tokens,
+            targets: (0..len).map(|i| i >= prompt).collect(),
+            segments: None,
+        }
     }
 
     /// Mean loss of one example alone, or of segment `k` of a packed row (only its targets).
     fn loss_of(model: &Model, e: &LmExample, segment: Option<u32>) -> f64 {
         let mut e = e.clone();
         if let (Some(k), Some(segs)) = (segment, e.segments.clone()) {
-            e.targets = e.targets.iter().zip(&segs).map(|(&t, &s)| t && s == k).collect();
+            e.targets = e
+                .targets
+                .iter()
+                .zip(&segs)
+                .map(|(&t, &s)| t && s == k)
+                .collect();
         }
         evaluate(model, &[e], 1, 0, 0).unwrap().loss
     }
@@ -201,9 +245,18 @@ mod tests {
     fn packed_examples_have_their_unpacked_losses() {
         let model = tiny_model();
         let mut rng = Rng::new(3);
-        let examples = vec![example(&mut rng, 9, 4), example(&mut rng, 12, 5), example(&mut rng, 6, 2), example(&mut rng, 14, 7)];
+        let examples = vec![
+            example(&mut rng, 9, 4),
+            example(&mut rng, 12, 5),
+            example(&mut rng, 6, 2),
+            example(&mut rng, 14, 7),
+        ];
         let rows = pack_examples(&examples, 30);
-        assert_eq!(rows.len(), 2, "three examples in the first row, one in the second");
+        assert_eq!(
+            rows.len(),
+            2,
+            "three examples in the first row, one in the second"
+        );
         let mut worst = 0.0f64;
         let mut k = 0;
         for row in &rows {
@@ -217,15 +270,31 @@ mod tests {
         assert_eq!(k, examples.len());
         // the whole padded two-row batch: the same total as the examples one by one
         let all = evaluate(&model, &rows, 2, 0, 0).unwrap();
-        let sum_alone: f64 = examples.iter().map(|e| evaluate(&model, std::slice::from_ref(e), 1, 0, 0).unwrap()).map(|e| e.loss * e.tokens as f64).sum();
+        let sum_alone: f64 = examples
+            .iter()
+            .map(|e| evaluate(&model, std::slice::from_ref(e), 1, 0, 0).unwrap())
+            .map(|e| e.loss * e.tokens as f64)
+            .sum();
         println!("packed vs unpacked: worst per-example loss difference {worst:.2e}; batch {:.6} vs {:.6}", all.loss, sum_alone / all.tokens as f64);
-        assert!((all.loss - (50f64).ln()).abs() > 0.5, "the model's predictions are nearly uniform: {}", all.loss);
-        assert!(worst < 1e-5, "packed losses differ from unpacked by {worst}");
+        assert!(
+            (all.loss - (50f64).ln()).abs() > 0.5,
+            "the model's predictions are nearly uniform: {}",
+            all.loss
+        );
+        assert!(
+            worst < 1e-5,
+            "packed losses differ from unpacked by {worst}"
+        );
         assert!((all.loss - sum_alone / all.tokens as f64).abs() < 1e-5);
         // without segments the same row leaks (the later examples see the earlier ones)
         let mut leaky = rows[0].clone();
         let segs = leaky.segments.take().unwrap();
-        leaky.targets = leaky.targets.iter().zip(&segs).map(|(&t, &s)| t && s == 1).collect();
+        leaky.targets = leaky
+            .targets
+            .iter()
+            .zip(&segs)
+            .map(|(&t, &s)| t && s == 1)
+            .collect();
         let leaked = evaluate(&model, &[leaky], 1, 0, 0).unwrap().loss;
         let alone = loss_of(&model, &examples[1], None);
         println!("the same row without segments: {leaked:.4} vs {alone:.4} alone");

@@ -23,8 +23,17 @@ pub fn lm_loss(model: &Model, batch: &LmBatch) -> Result<(Tensor, Tensor)> {
     let sum = if fused::enabled(&hidden) {
         let (b, t, c) = hidden.dims3()?;
         let targets: Vec<u32> = batch.targets.flatten_all()?.to_vec1()?;
-        let weights: Vec<f32> = batch.loss_mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        fused::lm_head_xent(&hidden.reshape((b * t, c))?, model.lm_head_weight()?, &targets, &weights)?
+        let weights: Vec<f32> = batch
+            .loss_mask
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        fused::lm_head_xent(
+            &hidden.reshape((b * t, c))?,
+            model.lm_head_weight()?,
+            &targets,
+            &weights,
+        )?
     } else {
         let logits = model.lm_logits(&hidden)?; // (B, T, V)
         let logprobs = token_logprobs(&logits, &batch.targets)?; // (B, T)
@@ -46,10 +55,15 @@ mod tests {
     /// An SFT-shaped example (5 prompt tokens, 4 response tokens) on a small random model.
     fn setup() -> (Model, LmBatch) {
         let config = ModelConfig::llama(40, 32, 1, 2, 2, 64, 16, 10000.0, true);
-        let (model, _) = build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(1), &Device::Cpu).unwrap();
+        let (model, _) =
+            build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(1), &Device::Cpu).unwrap();
         let tokens = vec![3, 17, 8, 22, 5, 30, 11, 2, 9];
         let targets = (0..tokens.len()).map(|i| i >= 5).collect();
-        let e = LmExample { tokens, targets, segments: None };
+        let e = LmExample {
+            tokens,
+            targets,
+            segments: None,
+        };
         let batch = lm_batch(&[&e], 0, &Device::Cpu).unwrap();
         (model, batch)
     }
@@ -75,16 +89,27 @@ mod tests {
     fn loss_ignores_prompt_labels_and_counts_response_labels() {
         let (model, batch) = setup();
         assert_eq!(batch.n_targets, 4);
-        let base = lm_loss(&model, &batch).unwrap().1.to_scalar::<f32>().unwrap();
+        let base = lm_loss(&model, &batch)
+            .unwrap()
+            .1
+            .to_scalar::<f32>()
+            .unwrap();
         // inputs 0..3 predict prompt tokens 1..4 (masked); inputs 4..7 predict the response
         for pos in 0..4 {
             for label in [0, 1, 39] {
-                assert_eq!(mean_with_label(&model, &batch, pos, label), base, "prompt label at {pos} changed the loss");
+                assert_eq!(
+                    mean_with_label(&model, &batch, pos, label),
+                    base,
+                    "prompt label at {pos} changed the loss"
+                );
             }
         }
         for pos in 4..8 {
             let changed = mean_with_label(&model, &batch, pos, 1);
-            assert!((changed - base).abs() > 1e-4, "response label at {pos} did not change the loss");
+            assert!(
+                (changed - base).abs() > 1e-4,
+                "response label at {pos} did not change the loss"
+            );
         }
         // reference: the same mean from the logits, in f64
         let logits = model.logits(&batch.inputs).unwrap().squeeze(0).unwrap(); // (T, V)
@@ -98,6 +123,9 @@ mod tests {
             nll += lse - row[targets[pos] as usize];
         }
         let reference = nll / 4.0;
-        assert!((base as f64 - reference).abs() < 1e-5, "lm_loss {base} vs reference {reference}");
+        assert!(
+            (base as f64 - reference).abs() < 1e-5,
+            "lm_loss {base} vs reference {reference}"
+        );
     }
 }

@@ -23,7 +23,13 @@ use crate::error::{Error, Result};
 
 /// Trainable parameters by name, in a fixed (sorted) order.
 pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let map: BTreeMap<String, Var> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let map: BTreeMap<String, Var> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     map.into_iter().collect()
 }
 
@@ -60,14 +66,20 @@ impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: &TrainConfig) -> Result<Self> {
         let zeros = |v: &Var| -> Result<Moments> {
             Ok(if host_f32(v) {
-                Moments::Host { m: vec![0.0; v.elem_count()], v: vec![0.0; v.elem_count()] }
+                Moments::Host {
+                    m: vec![0.0; v.elem_count()],
+                    v: vec![0.0; v.elem_count()],
+                }
             } else {
                 let z = || Tensor::zeros(v.shape(), DType::F32, v.device());
                 Moments::Tensors { m: z()?, v: z()? }
             })
         };
         Ok(AdamW {
-            moments: params.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?,
+            moments: params
+                .iter()
+                .map(|(_, v)| zeros(v))
+                .collect::<Result<_>>()?,
             decay: params.iter().map(|(_, v)| v.rank() >= 2).collect(),
             params,
             t: 0,
@@ -103,7 +115,11 @@ impl AdamW {
         for (i, (_, var)) in self.params.iter().enumerate() {
             let Some(g) = &grads.0[i] else { continue };
             let g = g.to_dtype(DType::F32)?;
-            let wd = if self.decay[i] { self.weight_decay } else { 0.0 };
+            let wd = if self.decay[i] {
+                self.weight_decay
+            } else {
+                0.0
+            };
             match &mut self.moments[i] {
                 Moments::Host { m, v } => {
                     let op = FusedStep {
@@ -142,7 +158,10 @@ impl AdamW {
         Ok(match &self.moments[i] {
             Moments::Host { m, v } => {
                 let shape = self.params[i].1.shape();
-                (Tensor::from_slice(m, shape, &Device::Cpu)?, Tensor::from_slice(v, shape, &Device::Cpu)?)
+                (
+                    Tensor::from_slice(m, shape, &Device::Cpu)?,
+                    Tensor::from_slice(v, shape, &Device::Cpu)?,
+                )
             }
             Moments::Tensors { m, v } => (m.clone(), v.clone()),
         })
@@ -160,14 +179,23 @@ impl AdamW {
     }
 
     /// Restore moments saved by [`state_tensors`](Self::state_tensors) and the step count.
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, prefix: &str, t: u64, origin: &Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        t: u64,
+        origin: &Path,
+    ) -> Result<()> {
         for (i, (name, var)) in self.params.iter().enumerate() {
             let mut loaded = vec![];
             for kind in ["m", "v"] {
                 let key = format!("{prefix}{kind}.{name}");
-                let t = tensors
-                    .get(&key)
-                    .ok_or_else(|| Error::Msg(format!("{}: optimizer state lacks `{key}`", origin.display())))?;
+                let t = tensors.get(&key).ok_or_else(|| {
+                    Error::Msg(format!(
+                        "{}: optimizer state lacks `{key}`",
+                        origin.display()
+                    ))
+                })?;
                 if t.dims() != var.dims() {
                     return Err(Error::Msg(format!(
                         "{}: optimizer state `{key}` has shape {:?}, expected {:?}",
@@ -184,7 +212,10 @@ impl AdamW {
                     m: m.flatten_all()?.to_vec1()?,
                     v: v.flatten_all()?.to_vec1()?,
                 },
-                Moments::Tensors { .. } => Moments::Tensors { m: m.to_device(var.device())?, v: v.to_device(var.device())? },
+                Moments::Tensors { .. } => Moments::Tensors {
+                    m: m.to_device(var.device())?,
+                    v: v.to_device(var.device())?,
+                },
             };
         }
         self.t = t;
@@ -231,17 +262,28 @@ impl InplaceOp2 for FusedStep<'_> {
         "candor-adamw"
     }
 
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, src: &CpuStorage, sl: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(theta), CpuStorage::F32(g)) = (dst, src) else {
             candle_core::bail!("adamw: f32 parameters and gradients only");
         };
-        let (Some((t0, t1)), Some((g0, g1))) = (dl.contiguous_offsets(), sl.contiguous_offsets()) else {
+        let (Some((t0, t1)), Some((g0, g1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
             candle_core::bail!("adamw: contiguous parameters and gradients only");
         };
         let (theta, g) = (&mut theta[t0..t1], &g[g0..g1]);
         let (mut m, mut v) = (self.m.lock().unwrap(), self.v.lock().unwrap());
         if theta.len() != g.len() || theta.len() != m.len() {
-            candle_core::bail!("adamw: parameter of {} elements, gradient of {}", theta.len(), g.len());
+            candle_core::bail!(
+                "adamw: parameter of {} elements, gradient of {}",
+                theta.len(),
+                g.len()
+            );
         }
         if theta.len() < 2 * CHUNK {
             self.update(theta, &mut m[..], &mut v[..], g);
@@ -270,7 +312,10 @@ fn sum_sq(g: &Tensor) -> Result<f64> {
             return Ok(parts.iter().sum());
         }
     }
-    Ok(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+    Ok(g.to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64)
 }
 
 fn host_f32_tensor(t: &Tensor) -> bool {
@@ -324,17 +369,26 @@ mod tests {
     #[test]
     fn matches_pytorch_adamw_by_hand() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0], [0.5, 3.0]], &dev).unwrap()).unwrap();
+        let x =
+            Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0], [0.5, 3.0]], &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::new(&[1.0f32, -1.0], &dev).unwrap()).unwrap();
-        let cfg = TrainConfig { weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, ..Default::default() };
-        let mut opt = AdamW::new(vec![("x".into(), x.clone()), ("b".into(), b.clone())], &cfg).unwrap();
+        let cfg = TrainConfig {
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            ..Default::default()
+        };
+        let mut opt =
+            AdamW::new(vec![("x".into(), x.clone()), ("b".into(), b.clone())], &cfg).unwrap();
         // reference implementation of the same two steps in f64, element by element
         let mut xs = [1.0f64, -2.0, 0.5, 3.0];
         let mut bs = [1.0f64, -1.0];
         let (mut mx, mut vx, mut mb, mut vb) = ([0.0f64; 4], [0.0f64; 4], [0.0f64; 2], [0.0f64; 2]);
         for t in 1..=2 {
-            let loss = ((x.as_tensor().sqr().unwrap().sum_all().unwrap() + b.as_tensor().sqr().unwrap().sum_all().unwrap())
-                .unwrap()
+            let loss = ((x.as_tensor().sqr().unwrap().sum_all().unwrap()
+                + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+            .unwrap()
                 * 0.5)
                 .unwrap();
             let store = loss.backward().unwrap();
@@ -350,7 +404,10 @@ mod tests {
                 assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![0.9, -0.9]);
             }
             let (bc1, bc2) = (1.0 - 0.9f64.powi(t), 1.0 - 0.95f64.powi(t));
-            for (vals, m, v, wd) in [(&mut xs[..], &mut mx[..], &mut vx[..], 0.1), (&mut bs[..], &mut mb[..], &mut vb[..], 0.0)] {
+            for (vals, m, v, wd) in [
+                (&mut xs[..], &mut mx[..], &mut vx[..], 0.1),
+                (&mut bs[..], &mut mb[..], &mut vb[..], 0.0),
+            ] {
                 for i in 0..vals.len() {
                     let grad = vals[i];
                     m[i] = 0.9 * m[i] + 0.1 * grad;
@@ -382,7 +439,10 @@ mod tests {
         assert!((v[0] - 0.6).abs() < 1e-5 && (v[1] - 0.8).abs() < 1e-5);
         let mut g = Grads(vec![Some(Tensor::new(&[0.3f32, 0.4], &dev).unwrap())]);
         clip_grad_norm(&mut g, 1.0).unwrap();
-        assert_eq!(g.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![0.3, 0.4]);
+        assert_eq!(
+            g.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.3, 0.4]
+        );
     }
 
     #[test]
@@ -391,17 +451,39 @@ mod tests {
         let x = Var::from_tensor(&Tensor::new(&[[1.0f32, 2.0]], &dev).unwrap()).unwrap();
         let cfg = TrainConfig::default();
         let mut opt = AdamW::new(vec![("x".into(), x.clone())], &cfg).unwrap();
-        let store = x.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let store = x
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let mut g = opt.zero_grads();
         opt.accumulate(&store, &mut g).unwrap();
         opt.step(&g, 0.01).unwrap();
         let saved = opt.state_tensors("").unwrap();
         let mut other = AdamW::new(vec![("x".into(), x.clone())], &cfg).unwrap();
-        other.load_state(&saved, "", opt.t, Path::new("opt")).unwrap();
+        other
+            .load_state(&saved, "", opt.t, Path::new("opt"))
+            .unwrap();
         let again = other.state_tensors("").unwrap();
-        assert_eq!(again["m.x"].to_vec2::<f32>().unwrap(), saved["m.x"].to_vec2::<f32>().unwrap());
-        assert_eq!(again["v.x"].to_vec2::<f32>().unwrap(), saved["v.x"].to_vec2::<f32>().unwrap());
-        let e = other.load_state(&HashMap::new(), "", 1, Path::new("opt.safetensors")).err().unwrap().to_string();
-        assert!(e.contains("opt.safetensors: optimizer state lacks `m.x`"), "{e}");
+        assert_eq!(
+            again["m.x"].to_vec2::<f32>().unwrap(),
+            saved["m.x"].to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(
+            again["v.x"].to_vec2::<f32>().unwrap(),
+            saved["v.x"].to_vec2::<f32>().unwrap()
+        );
+        let e = other
+            .load_state(&HashMap::new(), "", 1, Path::new("opt.safetensors"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("opt.safetensors: optimizer state lacks `m.x`"),
+            "{e}"
+        );
     }
 }

@@ -81,31 +81,60 @@ impl Deref for StepModel<'_> {
 /// `master` (built on `varmap`'s f32 variables). For bf16, a model whose weights are
 /// `var.to_dtype(bf16)` — gradients flow back through the casts into the f32 variables.
 /// Build it once per optimiser step (after the update, the casts are stale).
-pub fn compute_model<'a>(master: &'a Model, varmap: &VarMap, precision: Precision) -> Result<StepModel<'a>> {
+pub fn compute_model<'a>(
+    master: &'a Model,
+    varmap: &VarMap,
+    precision: Precision,
+) -> Result<StepModel<'a>> {
     if precision.dtype() == master.dtype() {
         return Ok(StepModel::Master(master));
     }
-    let tensors: HashMap<String, Tensor> =
-        varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
     let vb = VarBuilder::from_tensors(tensors, precision.dtype(), master.device());
-    Ok(StepModel::Cast(Box::new(Model::new(&master.config, master.head, vb)?)))
+    Ok(StepModel::Cast(Box::new(Model::new(
+        &master.config,
+        master.head,
+        vb,
+    )?)))
 }
 
 /// The model to sample and score with, where no gradient is wanted (PPO's rollouts): the
 /// master model itself for f32, a gradient-free bf16 copy of its current weights for bf16
 /// (sampling over tracked casts would keep every step's graph alive in the KV cache).
 /// Build it again after an optimiser step.
-pub fn inference_model<'a>(master: &'a Model, varmap: &VarMap, precision: Precision) -> Result<StepModel<'a>> {
+pub fn inference_model<'a>(
+    master: &'a Model,
+    varmap: &VarMap,
+    precision: Precision,
+) -> Result<StepModel<'a>> {
     if precision.dtype() == master.dtype() {
         return Ok(StepModel::Master(master));
     }
-    let copy = frozen_model(&master.config, master.head, varmap, precision.dtype(), master.device())?;
+    let copy = frozen_model(
+        &master.config,
+        master.head,
+        varmap,
+        precision.dtype(),
+        master.device(),
+    )?;
     Ok(StepModel::Cast(Box::new(copy)))
 }
 
 /// A gradient-free copy of `varmap`'s current values in `dtype` (generation, reference
 /// models): weights, activations and the KV cache all in that dtype.
-pub fn frozen_model(config: &ModelConfig, head: Head, varmap: &VarMap, dtype: DType, device: &Device) -> Result<Model> {
+pub fn frozen_model(
+    config: &ModelConfig,
+    head: Head,
+    varmap: &VarMap,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model> {
     let tensors: HashMap<String, Tensor> = varmap
         .data()
         .lock()
@@ -113,7 +142,11 @@ pub fn frozen_model(config: &ModelConfig, head: Head, varmap: &VarMap, dtype: DT
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
-    Ok(Model::new(config, head, VarBuilder::from_tensors(tensors, dtype, device))?)
+    Ok(Model::new(
+        config,
+        head,
+        VarBuilder::from_tensors(tensors, dtype, device),
+    )?)
 }
 
 /// A checkpoint directory as a gradient-free model in `precision` (generation, PPO's
@@ -125,7 +158,12 @@ pub fn load_frozen(dir: &Path, precision: Precision, device: &Device) -> Result<
     }
     let config = candor_model::io::read_config(dir)?;
     // every tensor comes from the file (a score checkpoint has its head): the rng is unused
-    let (_, vars) = candor_model::io::load_trainable(dir, config.head(), &mut candor_core::rng::Rng::new(0), device)?;
+    let (_, vars) = candor_model::io::load_trainable(
+        dir,
+        config.head(),
+        &mut candor_core::rng::Rng::new(0),
+        device,
+    )?;
     frozen_model(&config, config.head(), &vars, precision.dtype(), device)
 }
 
@@ -142,13 +180,16 @@ mod tests {
 
     fn tiny() -> (Model, VarMap, ModelConfig) {
         let config = ModelConfig::llama(64, 32, 2, 4, 2, 64, 32, 10000.0, true);
-        let (m, v) = build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(5), &Device::Cpu).unwrap();
+        let (m, v) =
+            build_trainable(&config, Head::Lm, None, &[], &mut Rng::new(5), &Device::Cpu).unwrap();
         (m, v, config)
     }
 
     fn batch(seed: u64) -> crate::batch::LmBatch {
         let mut rng = Rng::new(seed);
-        let ex: Vec<LmExample> = (0..4).map(|_| LmExample::dense((0..17).map(|_| rng.below(64) as u32).collect())).collect();
+        let ex: Vec<LmExample> = (0..4)
+            .map(|_| LmExample::dense((0..17).map(|_| rng.below(64) as u32).collect()))
+            .collect();
         lm_batch(&ex.iter().collect::<Vec<_>>(), 0, &Device::Cpu).unwrap()
     }
 
@@ -166,7 +207,10 @@ mod tests {
             assert_eq!(mean.dtype(), DType::F32, "the loss is reduced in f32");
             let store = mean.backward().unwrap();
             let loss = mean.to_scalar::<f32>().unwrap();
-            let g: Vec<Tensor> = named_vars(&varmap).iter().map(|(_, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
+            let g: Vec<Tensor> = named_vars(&varmap)
+                .iter()
+                .map(|(_, v)| store.get(v.as_tensor()).unwrap().clone())
+                .collect();
             (loss, g)
         };
         let (l32, g32) = grads(Precision::F32);
@@ -174,11 +218,28 @@ mod tests {
         let mut worst = 0.0f32;
         for (a, b) in g32.iter().zip(&g16) {
             assert_eq!(b.dtype(), DType::F32, "gradient of an f32 master variable");
-            let diff = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            let norm = a.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            let diff = (a - b)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let norm = a
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
             worst = worst.max(diff / norm.max(1e-12));
         }
-        println!("bf16 vs f32: loss {l16:.5} vs {l32:.5}; worst relative gradient error {worst:.4}");
+        println!(
+            "bf16 vs f32: loss {l16:.5} vs {l32:.5}; worst relative gradient error {worst:.4}"
+        );
         assert!((l16 - l32).abs() < 0.02, "{l16} vs {l32}");
         assert!(worst < 0.03, "bf16 gradients differ from f32 by {worst}");
         assert!(worst > 0.0, "the bf16 pass was not in bf16");
@@ -189,9 +250,15 @@ mod tests {
     #[test]
     fn master_weights_and_moments_stay_f32_and_keep_sub_bf16_updates() {
         let (model, varmap, _) = tiny();
-        let train = TrainConfig { weight_decay: 0.0, ..Default::default() };
+        let train = TrainConfig {
+            weight_decay: 0.0,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(named_vars(&varmap), &train).unwrap();
-        let before: Vec<Tensor> = named_vars(&varmap).iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
+        let before: Vec<Tensor> = named_vars(&varmap)
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy().unwrap())
+            .collect();
         let lr = 1e-5; // AdamW's first step moves each weight by ≈ lr; bf16 spacing near 1.0 is 2^-7
         for step in 0..3 {
             let m = compute_model(&model, &varmap, Precision::Bf16).unwrap();
@@ -208,8 +275,21 @@ mod tests {
             assert_eq!(v.dtype(), DType::F32, "{name}");
             if name.ends_with("norm.weight") {
                 // weights of 1.0: 3 steps of ~1e-5 each are ~400× below bf16's spacing there
-                let moved = (v.as_tensor() - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                let as_bf16 = (v.as_tensor().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap() - b)
+                let moved = (v.as_tensor() - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let as_bf16 = (v
+                    .as_tensor()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    - b)
                     .unwrap()
                     .abs()
                     .unwrap()
@@ -218,7 +298,10 @@ mod tests {
                     .to_scalar::<f32>()
                     .unwrap();
                 assert!(moved > 1e-6 && moved < 1e-4, "{name} moved by {moved}");
-                assert_eq!(as_bf16, 0.0, "{name}: the same update in bf16 weights would be lost");
+                assert_eq!(
+                    as_bf16, 0.0,
+                    "{name}: the same update in bf16 weights would be lost"
+                );
             }
         }
     }
@@ -228,7 +311,11 @@ mod tests {
     #[test]
     fn bf16_generation_uses_the_cache_and_matches_f32_greedy() {
         let (model, varmap, config) = tiny();
-        let train = TrainConfig { lr: 3e-3, warmup_steps: 0, ..Default::default() };
+        let train = TrainConfig {
+            lr: 3e-3,
+            warmup_steps: 0,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(named_vars(&varmap), &train).unwrap();
         // overfit a repeating sequence so the greedy continuation is clear-cut
         let ex = LmExample::dense((0..33).map(|i| (i % 7) as u32 + 3).collect());
@@ -244,9 +331,15 @@ mod tests {
         assert_eq!(bf16m.dtype(), DType::BF16);
         let mut cache = bf16m.new_cache();
         let ids = Tensor::new(&[[3u32, 4, 5]], &Device::Cpu).unwrap();
-        let h = bf16m.forward_hidden(&ids, None, None, Some(&mut cache)).unwrap();
+        let h = bf16m
+            .forward_hidden(&ids, None, None, Some(&mut cache))
+            .unwrap();
         assert_eq!((h.dtype(), cache.len()), (DType::BF16, 3));
-        let p = SamplingParams { max_new_tokens: 12, temperature: 0.0, ..Default::default() };
+        let p = SamplingParams {
+            max_new_tokens: 12,
+            temperature: 0.0,
+            ..Default::default()
+        };
         let prompts = vec![vec![3u32, 4, 5], vec![6, 7, 8, 9, 3]];
         let a = generate(&f32m, &prompts, &p, &[], 0, &mut Rng::new(0)).unwrap();
         let c = generate(&bf16m, &prompts, &p, &[], 0, &mut Rng::new(0)).unwrap();
@@ -256,6 +349,10 @@ mod tests {
                 assert!((u - v).abs() < 0.05, "{u} vs {v}");
             }
         }
-        assert_eq!(a[0].tokens[..4], [6, 7, 8, 9], "the model did not learn the sequence");
+        assert_eq!(
+            a[0].tokens[..4],
+            [6, 7, 8, 9],
+            "the model did not learn the sequence"
+        );
     }
 }

@@ -26,7 +26,12 @@ impl Progress {
         bar.set_position(start);
         bar.reset_eta();
         bar.enable_steady_tick(Duration::from_millis(250));
-        Progress { bar, label: label.to_string(), started: Instant::now(), quiet: false }
+        Progress {
+            bar,
+            label: label.to_string(),
+            started: Instant::now(),
+            quiet: false,
+        }
     }
 
     /// [`new`](Self::new) on rank 0 of a run; silent on the other ranks.
@@ -35,7 +40,12 @@ impl Progress {
             return Self::new(label, total, start);
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
-        Progress { bar, label: label.to_string(), started: Instant::now(), quiet: true }
+        Progress {
+            bar,
+            label: label.to_string(),
+            started: Instant::now(),
+            quiet: true,
+        }
     }
 
     pub fn set(&self, step: u64, msg: String) {

@@ -18,8 +18,15 @@ use candor_model::Model;
 use crate::error::{Error, Result};
 
 /// Token ids of each prompt as posed to a chat model.
-pub fn encode_prompts(tok: &Tokenizer, template: &ChatTemplate, prompts: &[&str]) -> Result<Vec<Vec<u32>>> {
-    let texts = prompts.iter().map(|p| template.render_prompt(p)).collect::<candor_data::Result<Vec<_>>>()?;
+pub fn encode_prompts(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    prompts: &[&str],
+) -> Result<Vec<Vec<u32>>> {
+    let texts = prompts
+        .iter()
+        .map(|p| template.render_prompt(p))
+        .collect::<candor_data::Result<Vec<_>>>()?;
     Ok(tok.encode_batch(&texts)?)
 }
 
@@ -30,12 +37,22 @@ pub fn encode_prompts(tok: &Tokenizer, template: &ChatTemplate, prompts: &[&str]
 /// prompt (ChatML: `response<|im_end|>`, what an SFT model emits before it stops), so PPO,
 /// which scores the policy's own prompt + response tokens, reads the reward model at the
 /// same kind of token it was trained on. The reward is read at the last of these tokens.
-pub fn encode_exchanges(tok: &Tokenizer, template: &ChatTemplate, pairs: &[(&str, &str)]) -> Result<Vec<Vec<u32>>> {
+pub fn encode_exchanges(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    pairs: &[(&str, &str)],
+) -> Result<Vec<Vec<u32>>> {
     let stop = stop_tokens(tok);
-    let (mut prompts, mut turns) = (Vec::with_capacity(pairs.len()), Vec::with_capacity(pairs.len()));
+    let (mut prompts, mut turns) = (
+        Vec::with_capacity(pairs.len()),
+        Vec::with_capacity(pairs.len()),
+    );
     for (p, r) in pairs {
         let posed = template.render_prompt(p)?;
-        let full = template.render(&[Message::new("user", p), Message::new("assistant", r)], false)?;
+        let full = template.render(
+            &[Message::new("user", p), Message::new("assistant", r)],
+            false,
+        )?;
         let turn = full.strip_prefix(&posed).ok_or_else(|| {
             Error::Msg("chat template is not prefix-stable: the render of a conversation does not begin with the posed prompt".into())
         })?;
@@ -64,7 +81,9 @@ pub fn encode_exchanges(tok: &Tokenizer, template: &ChatTemplate, pairs: &[(&str
 pub fn last_token_scores(model: &Model, seqs: &[&[u32]], pad_id: u32) -> Result<Tensor> {
     let (n, t) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(0));
     if n == 0 || seqs.iter().any(|s| s.is_empty()) {
-        return Err(Error::Msg("cannot score an empty batch or an empty sequence".into()));
+        return Err(Error::Msg(
+            "cannot score an empty batch or an empty sequence".into(),
+        ));
     }
     let mut ids = vec![pad_id; n * t];
     let mut last = Vec::with_capacity(n);
@@ -77,8 +96,11 @@ pub fn last_token_scores(model: &Model, seqs: &[&[u32]], pad_id: u32) -> Result<
     let last = Tensor::from_vec(last, (n, 1), device)?;
     let hidden = model.forward_hidden(&ids, None, None, None)?; // (N, T, C)
     let scores = model.scores(&hidden)?; // (N, T)
-    // (N,), f32 whatever the model's dtype (the losses over scores reduce in f32)
-    Ok(scores.gather(&last, D::Minus1)?.squeeze(D::Minus1)?.to_dtype(candle_core::DType::F32)?)
+                                         // (N,), f32 whatever the model's dtype (the losses over scores reduce in f32)
+    Ok(scores
+        .gather(&last, D::Minus1)?
+        .squeeze(D::Minus1)?
+        .to_dtype(candle_core::DType::F32)?)
 }
 
 /// How to draw K distinct candidates per prompt.
@@ -133,8 +155,11 @@ pub fn sample_candidates(
     let mut round = 0;
     loop {
         // one job per missing response, prompt by prompt
-        let jobs: Vec<usize> =
-            out.iter().enumerate().flat_map(|(i, r)| std::iter::repeat_n(i, params.k - r.len())).collect();
+        let jobs: Vec<usize> = out
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| std::iter::repeat_n(i, params.k - r.len()))
+            .collect();
         if jobs.is_empty() || round > params.max_resample_rounds {
             break;
         }
@@ -155,7 +180,11 @@ pub fn sample_candidates(
         }
         round += 1;
     }
-    Ok(Candidates { responses: out, duplicates, resample_rounds: round.saturating_sub(1) })
+    Ok(Candidates {
+        responses: out,
+        duplicates,
+        resample_rounds: round.saturating_sub(1),
+    })
 }
 
 #[cfg(test)]
@@ -165,7 +194,9 @@ mod tests {
     use candor_model::{Head, ModelConfig};
 
     fn tiny() -> (Model, Tokenizer) {
-        let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little money. ".repeat(20);
+        let text =
+            "Call me Ishmael. Some years ago, never mind how long precisely, having little money. "
+                .repeat(20);
         let tok = Tokenizer::train(std::iter::once(text), 300).unwrap();
         let cfg = ModelConfig::llama(tok.vocab_size(), 32, 1, 2, 2, 64, 64, 10000.0, true);
         let dev = candle_core::Device::Cpu;
@@ -178,9 +209,15 @@ mod tests {
         let (_, tok) = tiny();
         let t = ChatTemplate::for_tokenizer(&tok);
         let p = encode_prompts(&tok, &t, &["Hi there."]).unwrap();
-        assert_eq!(tok.decode(&p[0], false).unwrap(), "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            tok.decode(&p[0], false).unwrap(),
+            "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\n"
+        );
         let e = encode_exchanges(&tok, &t, &[("Hi there.", "Hello.")]).unwrap();
-        assert_eq!(tok.decode(&e[0], false).unwrap(), "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>");
+        assert_eq!(
+            tok.decode(&e[0], false).unwrap(),
+            "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>"
+        );
         assert_eq!(e[0].last(), tok.token_id("<|im_end|>").as_ref());
         assert!(e[0].starts_with(&p[0]));
     }
@@ -190,18 +227,39 @@ mod tests {
         let (_, tok) = tiny();
         let cfg = ModelConfig::llama(tok.vocab_size(), 32, 2, 2, 2, 64, 64, 10000.0, true);
         let dev = candle_core::Device::Cpu;
-        let (_, vm) = build_trainable(&cfg, Head::Score, None, &[], &mut Rng::new(0), &dev).unwrap();
+        let (_, vm) =
+            build_trainable(&cfg, Head::Score, None, &[], &mut Rng::new(0), &dev).unwrap();
         let model = frozen_copy(&cfg, Head::Score, &vm, &dev).unwrap();
         let a: Vec<u32> = vec![5, 9, 33, 7, 120, 8];
         let b: Vec<u32> = vec![40, 2];
-        let batch: Vec<f32> = last_token_scores(&model, &[&a, &b], 0).unwrap().to_vec1().unwrap();
+        let batch: Vec<f32> = last_token_scores(&model, &[&a, &b], 0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (i, s) in [&a, &b].iter().enumerate() {
-            let ids = Tensor::new(s.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
-            let alone: Vec<f32> = model.scores(&model.forward_hidden(&ids, None, None, None).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-            assert!((batch[i] - alone[s.len() - 1]).abs() < 1e-5, "row {i}: {} vs {}", batch[i], alone[s.len() - 1]);
+            let ids = Tensor::new(s.as_slice(), &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let alone: Vec<f32> = model
+                .scores(&model.forward_hidden(&ids, None, None, None).unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                (batch[i] - alone[s.len() - 1]).abs() < 1e-5,
+                "row {i}: {} vs {}",
+                batch[i],
+                alone[s.len() - 1]
+            );
         }
         // a different pad id changes nothing
-        let other: Vec<f32> = last_token_scores(&model, &[&a, &b], 77).unwrap().to_vec1().unwrap();
+        let other: Vec<f32> = last_token_scores(&model, &[&a, &b], 77)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!((other[1] - batch[1]).abs() < 1e-6);
     }
 
@@ -209,15 +267,33 @@ mod tests {
     fn draws_k_distinct_responses_per_prompt() {
         let (model, tok) = tiny();
         let t = ChatTemplate::for_tokenizer(&tok);
-        let ids = encode_prompts(&tok, &t, &["Say one thing.", "Say another thing, at more length."]).unwrap();
+        let ids = encode_prompts(
+            &tok,
+            &t,
+            &["Say one thing.", "Say another thing, at more length."],
+        )
+        .unwrap();
         let params = CandidateParams {
             k: 4,
-            sampling: SamplingParams { max_new_tokens: 6, temperature: 1.0, top_k: 0, top_p: 1.0 },
+            sampling: SamplingParams {
+                max_new_tokens: 6,
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
             batch_size: 3,
             max_resample_rounds: 3,
         };
         let mut calls = vec![];
-        let c = sample_candidates(&model, &tok, &ids, &params, &mut Rng::new(1), &mut |d, n| calls.push((d, n))).unwrap();
+        let c = sample_candidates(
+            &model,
+            &tok,
+            &ids,
+            &params,
+            &mut Rng::new(1),
+            &mut |d, n| calls.push((d, n)),
+        )
+        .unwrap();
         for r in &c.responses {
             assert_eq!(r.len(), 4);
             let mut s = r.clone();
@@ -227,7 +303,15 @@ mod tests {
         }
         assert_eq!(calls.first(), Some(&(3, 8)));
         // same seed, same candidates
-        let again = sample_candidates(&model, &tok, &ids, &params, &mut Rng::new(1), &mut |_, _| {}).unwrap();
+        let again = sample_candidates(
+            &model,
+            &tok,
+            &ids,
+            &params,
+            &mut Rng::new(1),
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert_eq!(again.responses, c.responses);
     }
 
@@ -239,11 +323,24 @@ mod tests {
         // greedy decoding gives the same response every time
         let params = CandidateParams {
             k: 3,
-            sampling: SamplingParams { max_new_tokens: 5, temperature: 0.0, top_k: 0, top_p: 1.0 },
+            sampling: SamplingParams {
+                max_new_tokens: 5,
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
             batch_size: 8,
             max_resample_rounds: 2,
         };
-        let c = sample_candidates(&model, &tok, &ids, &params, &mut Rng::new(0), &mut |_, _| {}).unwrap();
+        let c = sample_candidates(
+            &model,
+            &tok,
+            &ids,
+            &params,
+            &mut Rng::new(0),
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert_eq!(c.responses[0].len(), 1);
         assert_eq!(c.resample_rounds, 2);
         assert_eq!(c.duplicates, 2 + 2 + 2); // first draw 3 (1 kept), then 2 redrawn twice

@@ -96,7 +96,10 @@ pub struct EvalStage {
 }
 
 fn typed<T: serde::de::DeserializeOwned + Serialize>(p: &Planned) -> Result<T> {
-    Ok(candor_core::config::from_value::<T>(p.config.clone(), &p.origin)?)
+    Ok(candor_core::config::from_value::<T>(
+        p.config.clone(),
+        &p.origin,
+    )?)
 }
 
 /// The stage's effective config (defaults filled in) as JSON: what its fingerprint covers.
@@ -122,7 +125,11 @@ fn file_keys(kind: Kind) -> &'static [(&'static str, bool, bool)] {
     match kind {
         Kind::Pretrain => &[("data.files", true, true), ("data.tokenizer", true, true)],
         Kind::Sft | Kind::Reward => &[("data.files", true, true), ("data.heldout", true, true)],
-        Kind::Ppo => &[("data.prompts", true, true), ("data.heldout_prompts", true, true), ("data.ptx_files", true, true)],
+        Kind::Ppo => &[
+            ("data.prompts", true, true),
+            ("data.heldout_prompts", true, true),
+            ("data.ptx_files", true, true),
+        ],
         Kind::Sample => &[("prompts", false, false)],
         Kind::Eval => &[("data", false, false)],
         Kind::Import => &[("gguf", false, false)],
@@ -173,7 +180,10 @@ struct Record {
 }
 
 fn record_path(recipe: &Recipe, p: &Planned) -> PathBuf {
-    recipe.out.join(".recipe").join(format!("{}.json", p.id.replace('/', "--")))
+    recipe
+        .out
+        .join(".recipe")
+        .join(format!("{}.json", p.id.replace('/', "--")))
 }
 
 fn read_record(path: &Path) -> Option<Record> {
@@ -223,7 +233,11 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
     };
     let from = args.from.as_deref().map(find).transpose()?;
     let only = args.only.as_deref().map(find).transpose()?;
-    let device = if args.dry_run { None } else { Some(crate::device(&device_spec)?) };
+    let device = if args.dry_run {
+        None
+    } else {
+        Some(crate::device(&device_spec)?)
+    };
     let started = Instant::now();
     // output hashes as they become known (None = not produced, or will change this run)
     let mut hashes: Vec<Option<String>> = vec![None; recipe.stages.len()];
@@ -258,7 +272,11 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
         let current = output_hash(p);
         let forced = from.is_some_and(|f| i >= f) || only == Some(i);
         let decision = if forced {
-            Decision::Run(if only == Some(i) { "--only".into() } else { "--from".into() })
+            Decision::Run(if only == Some(i) {
+                "--only".into()
+            } else {
+                "--from".into()
+            })
         } else if let Some(up) = upstream_rerun {
             Decision::Run(format!("upstream `{up}` reruns"))
         } else {
@@ -267,13 +285,20 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
                 (_, None) => Decision::Run("no output yet".into()),
                 (None, Some(_)) => Decision::Run("output not made by this recipe".into()),
                 (Some(r), Some(h)) if r.fingerprint == fp && &r.output_hash == h => Decision::Skip,
-                (Some(r), Some(h)) if &r.output_hash != h => Decision::Run("output changed since it was made".into()),
+                (Some(r), Some(h)) if &r.output_hash != h => {
+                    Decision::Run("output changed since it was made".into())
+                }
                 (Some(r), Some(_)) => Decision::Run(why_changed(r, &config, &inputs, recipe, p)),
             }
         };
         match decision {
             Decision::Skip => {
-                println!("skip  {:<22} {:<9} up to date ({})", p.id, p.kind.name(), p.dir.display());
+                println!(
+                    "skip  {:<22} {:<9} up to date ({})",
+                    p.id,
+                    p.kind.name(),
+                    p.dir.display()
+                );
                 hashes[i] = current;
                 summary.push((p.id.clone(), "skipped", 0.0));
             }
@@ -283,13 +308,31 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
                 hashes[i] = None;
             }
             Decision::Run(reason) => {
-                println!("run   {:<22} {:<9} {reason} → {}", p.id, p.kind.name(), p.dir.display());
+                println!(
+                    "run   {:<22} {:<9} {reason} → {}",
+                    p.id,
+                    p.kind.name(),
+                    p.dir.display()
+                );
                 let t = Instant::now();
                 run_stage(p, device.as_ref().unwrap(), forced)
                     .with_context(|| format!("stage `{}`", p.id))?;
                 let elapsed = t.elapsed().as_secs_f64();
-                let h = output_hash(p).ok_or_else(|| anyhow!("stage `{}` finished without a complete output in {}", p.id, p.dir.display()))?;
-                let rec = Record { kind: p.kind.name().into(), fingerprint: fp, config, inputs, output_hash: h.clone(), elapsed_sec: elapsed };
+                let h = output_hash(p).ok_or_else(|| {
+                    anyhow!(
+                        "stage `{}` finished without a complete output in {}",
+                        p.id,
+                        p.dir.display()
+                    )
+                })?;
+                let rec = Record {
+                    kind: p.kind.name().into(),
+                    fingerprint: fp,
+                    config,
+                    inputs,
+                    output_hash: h.clone(),
+                    elapsed_sec: elapsed,
+                };
                 std::fs::create_dir_all(rec_path.parent().unwrap())?;
                 let tmp = rec_path.with_extension("json.tmp");
                 std::fs::write(&tmp, serde_json::to_string_pretty(&rec)?)?;
@@ -313,7 +356,13 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn why_changed(r: &Record, config: &serde_json::Value, inputs: &[(String, String)], recipe: &Recipe, p: &Planned) -> String {
+fn why_changed(
+    r: &Record,
+    config: &serde_json::Value,
+    inputs: &[(String, String)],
+    recipe: &Recipe,
+    p: &Planned,
+) -> String {
     if let Some(k) = candor_train::ckpt::first_difference(&r.config, config, "") {
         return format!("config changed at `{k}`");
     }
@@ -340,7 +389,10 @@ fn device_spec(d: &candle_core::Device) -> String {
 fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<()> {
     let resume = !forced
         && p.kind.makes_model()
-        && CandorMeta::read(&p.dir).ok().flatten().is_some_and(|m| !m.complete && m.config == effective(p).unwrap_or_default());
+        && CandorMeta::read(&p.dir)
+            .ok()
+            .flatten()
+            .is_some_and(|m| !m.complete && m.config == effective(p).unwrap_or_default());
     let overwrite = !resume;
     if overwrite && p.dir.exists() && !p.kind.makes_model() {
         std::fs::remove_dir_all(&p.dir).with_context(|| p.dir.display().to_string())?;
@@ -350,25 +402,70 @@ fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<
     match p.kind {
         Kind::Pretrain => {
             let cfg: candor_pretrain::PretrainConfig = typed(p)?;
-            candor_pretrain::run(&cfg, &candor_pretrain::RunOptions { out, device: device.clone(), resume, overwrite, origin, dist: Default::default() })?;
+            candor_pretrain::run(
+                &cfg,
+                &candor_pretrain::RunOptions {
+                    out,
+                    device: device.clone(),
+                    resume,
+                    overwrite,
+                    origin,
+                    dist: Default::default(),
+                },
+            )?;
         }
         Kind::Sft => {
             let cfg: candor_sft::SftConfig = typed(p)?;
-            candor_sft::run(&cfg, &candor_sft::RunOptions { out, device: device.clone(), resume, overwrite, origin, dist: Default::default() })?;
+            candor_sft::run(
+                &cfg,
+                &candor_sft::RunOptions {
+                    out,
+                    device: device.clone(),
+                    resume,
+                    overwrite,
+                    origin,
+                    dist: Default::default(),
+                },
+            )?;
         }
         Kind::Reward => {
             let cfg: candor_reward::RewardConfig = typed(p)?;
-            candor_reward::run(&cfg, &candor_reward::RunOptions { out, device: device.clone(), resume, overwrite, origin, dist: Default::default() })?;
+            candor_reward::run(
+                &cfg,
+                &candor_reward::RunOptions {
+                    out,
+                    device: device.clone(),
+                    resume,
+                    overwrite,
+                    origin,
+                    dist: Default::default(),
+                },
+            )?;
         }
         Kind::Ppo => {
             let cfg: candor_ppo::PpoConfig = typed(p)?;
-            candor_ppo::run(&cfg, &candor_ppo::RunOptions { out, device: device.clone(), resume, overwrite, origin, dist: Default::default() })?;
+            candor_ppo::run(
+                &cfg,
+                &candor_ppo::RunOptions {
+                    out,
+                    device: device.clone(),
+                    resume,
+                    overwrite,
+                    origin,
+                    dist: Default::default(),
+                },
+            )?;
         }
         // resolved and hashed while planning; nothing to make
         Kind::Model => {}
         Kind::Import => {
             let i: ImportStage = typed(p)?;
-            crate::import::run(crate::import::ImportArgs { gguf: i.gguf, out, dtype: i.dtype, overwrite: true })?;
+            crate::import::run(crate::import::ImportArgs {
+                gguf: i.gguf,
+                out,
+                dtype: i.dtype,
+                overwrite: true,
+            })?;
         }
         Kind::Tokenizer => {
             let t: TokenizerStage = typed(p)?;
@@ -385,9 +482,14 @@ fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<
                 0 => s.prompts.clone(),
                 n => {
                     // the first n prompt lines, as a file the sampler reads
-                    let text = std::fs::read_to_string(&s.prompts).with_context(|| s.prompts.display().to_string())?;
+                    let text = std::fs::read_to_string(&s.prompts)
+                        .with_context(|| s.prompts.display().to_string())?;
                     let path = out.join("prompts.jsonl");
-                    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(n).collect();
+                    let lines: Vec<&str> = text
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .take(n)
+                        .collect();
                     std::fs::write(&path, lines.join("\n") + "\n")?;
                     path
                 }
@@ -410,7 +512,11 @@ fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<
         Kind::Rank => {
             let r: RankStage = typed(p)?;
             std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
-            crate::rank::run(crate::rank::RankArgs { input: r.input, out: out.join("ranked.jsonl"), judge: r.judge })?;
+            crate::rank::run(crate::rank::RankArgs {
+                input: r.input,
+                out: out.join("ranked.jsonl"),
+                judge: r.judge,
+            })?;
         }
         Kind::Eval => {
             let e: EvalStage = typed(p)?;

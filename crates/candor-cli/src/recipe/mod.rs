@@ -15,8 +15,8 @@
 //! are unchanged; anything else reruns, and downstream stages then see changed inputs and
 //! rerun too. A stage interrupted midway resumes from its last checkpoint.
 
-mod plan;
 mod exec;
+mod plan;
 
 pub use plan::load_recipe;
 

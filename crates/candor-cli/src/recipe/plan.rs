@@ -66,16 +66,26 @@ impl Kind {
 
     /// Whether the output is a model checkpoint directory (hashed by its model files).
     pub fn makes_model(self) -> bool {
-        matches!(self, Kind::Model | Kind::Import | Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo)
+        matches!(
+            self,
+            Kind::Model | Kind::Import | Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo
+        )
     }
 
     /// Input roles: (role, required, where the input's path goes in the stage config).
     fn roles(self) -> &'static [(&'static str, bool, &'static str)] {
         match self {
             Kind::Model | Kind::Import | Kind::Tokenizer => &[],
-            Kind::Pretrain => &[("tokenizer", false, "data.tokenizer"), ("init", false, "init")],
+            Kind::Pretrain => &[
+                ("tokenizer", false, "data.tokenizer"),
+                ("init", false, "init"),
+            ],
             Kind::Sft => &[("init", true, "init")],
-            Kind::Reward => &[("init", true, "init"), ("data", false, "data.files"), ("heldout", false, "data.heldout")],
+            Kind::Reward => &[
+                ("init", true, "init"),
+                ("data", false, "data.files"),
+                ("heldout", false, "data.heldout"),
+            ],
             Kind::Ppo => &[("policy", true, "policy"), ("reward", false, "reward")],
             Kind::Sample => &[("model", true, "model")],
             Kind::Rank => &[("input", true, "input")],
@@ -128,7 +138,9 @@ fn key<'a>(m: &'a Mapping, k: &str) -> Option<&'a Value> {
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !n.is_empty()
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Parse, resolve and check a recipe.
@@ -140,35 +152,58 @@ pub fn load_recipe(path: &Path, sets: &[String]) -> Result<Recipe> {
     let mut stage_sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut top_sets = vec![];
     for ov in sets {
-        let (k, _) = ov.split_once('=').ok_or_else(|| anyhow!("--set `{ov}`: expected key=value"))?;
+        let (k, _) = ov
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--set `{ov}`: expected key=value"))?;
         match k.split_once('.') {
-            Some((stage, rest)) => stage_sets.entry(stage.to_string()).or_default().push(format!("{rest}={}", &ov[k.len() + 1..])),
+            Some((stage, rest)) => stage_sets
+                .entry(stage.to_string())
+                .or_default()
+                .push(format!("{rest}={}", &ov[k.len() + 1..])),
             None => top_sets.push(ov.clone()),
         }
     }
     candor_core::config::apply_overrides(&mut root, &top_sets, &origin)?;
-    let m = root.as_mapping().ok_or_else(|| anyhow!("{origin}: a recipe is a mapping with `out` and `stages`"))?;
+    let m = root
+        .as_mapping()
+        .ok_or_else(|| anyhow!("{origin}: a recipe is a mapping with `out` and `stages`"))?;
     for (k, _) in m {
         let k = s(k).unwrap_or("?");
         if !matches!(k, "out" | "seed" | "device" | "stages" | "description") {
             bail!("{origin}: unknown key `{k}` (expected out, seed, device, stages, description)");
         }
     }
-    let out = key(m, "out").and_then(s).ok_or_else(|| anyhow!("{origin}: `out` (the run directory) is missing"))?;
+    let out = key(m, "out")
+        .and_then(s)
+        .ok_or_else(|| anyhow!("{origin}: `out` (the run directory) is missing"))?;
     let seed = match key(m, "seed") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().ok_or_else(|| anyhow!("{origin}: `seed` must be a non-negative integer"))?),
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| anyhow!("{origin}: `seed` must be a non-negative integer"))?,
+        ),
     };
     let device = key(m, "device").and_then(s).unwrap_or("auto").to_string();
-    let list = key(m, "stages").and_then(Value::as_sequence).ok_or_else(|| anyhow!("{origin}: `stages` must be a list"))?;
+    let list = key(m, "stages")
+        .and_then(Value::as_sequence)
+        .ok_or_else(|| anyhow!("{origin}: `stages` must be a list"))?;
     if list.is_empty() {
         bail!("{origin}: `stages` is empty");
     }
-    let mut b = Builder { origin: origin.clone(), out: PathBuf::from(out), seed, stage_sets, stages: vec![], by_name: BTreeMap::new() };
+    let mut b = Builder {
+        origin: origin.clone(),
+        out: PathBuf::from(out),
+        seed,
+        stage_sets,
+        stages: vec![],
+        by_name: BTreeMap::new(),
+    };
     // names defined anywhere (to tell "comes later" from "does not exist")
     let mut all_names: Vec<(String, Vec<String>)> = vec![];
     for entry in list {
-        let em = entry.as_mapping().ok_or_else(|| anyhow!("{origin}: each stage is a mapping"))?;
+        let em = entry
+            .as_mapping()
+            .ok_or_else(|| anyhow!("{origin}: each stage is a mapping"))?;
         if let Some(g) = key(em, "stages").and_then(Value::as_sequence) {
             for st in g {
                 if let Some(n) = st.as_mapping().and_then(|m| key(m, "name")).and_then(s) {
@@ -192,14 +227,26 @@ pub fn load_recipe(path: &Path, sets: &[String]) -> Result<Recipe> {
             bail!("--set {name}.…: no stage named `{name}` in {origin}");
         }
     }
-    Ok(Recipe { path: path.to_path_buf(), out: b.out, device, stages: b.stages })
+    Ok(Recipe {
+        path: path.to_path_buf(),
+        out: b.out,
+        device,
+        stages: b.stages,
+    })
 }
 
 /// The stage names a stage entry refers to (for cycle reports).
 fn refs_of(v: &Value) -> Vec<String> {
-    let Some(m) = v.as_mapping() else { return vec![] };
-    let Some(kind) = key(m, "kind").and_then(s).and_then(Kind::parse) else { return vec![] };
-    kind.roles().iter().filter_map(|(r, _, _)| key(m, r).and_then(s).map(String::from)).collect()
+    let Some(m) = v.as_mapping() else {
+        return vec![];
+    };
+    let Some(kind) = key(m, "kind").and_then(s).and_then(Kind::parse) else {
+        return vec![];
+    };
+    kind.roles()
+        .iter()
+        .filter_map(|(r, _, _)| key(m, r).and_then(s).map(String::from))
+        .collect()
 }
 
 struct Builder {
@@ -215,7 +262,10 @@ struct Builder {
 impl Builder {
     fn group(&mut self, g: &Mapping, all: &[(String, Vec<String>)]) -> Result<()> {
         let origin = self.origin.clone();
-        let name = key(g, "name").and_then(s).ok_or_else(|| anyhow!("{origin}: a `repeat` group needs a `name`"))?.to_string();
+        let name = key(g, "name")
+            .and_then(s)
+            .ok_or_else(|| anyhow!("{origin}: a `repeat` group needs a `name`"))?
+            .to_string();
         let at = format!("{origin}: group `{name}`");
         for (k, _) in g {
             let k = s(k).unwrap_or("?");
@@ -223,15 +273,22 @@ impl Builder {
                 bail!("{at}: unknown key `{k}` (expected repeat, name, carry, next, stages)");
             }
         }
-        let n = key(g, "repeat").and_then(Value::as_u64).filter(|&n| n >= 1).ok_or_else(|| anyhow!("{at}: `repeat` must be a positive integer"))?;
+        let n = key(g, "repeat")
+            .and_then(Value::as_u64)
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| anyhow!("{at}: `repeat` must be a positive integer"))?;
         let read_map = |k: &str| -> Result<BTreeMap<String, String>> {
             let mut out = BTreeMap::new();
             if let Some(v) = key(g, k) {
-                let m = v.as_mapping().ok_or_else(|| anyhow!("{at}: `{k}` must map names to stage names"))?;
+                let m = v
+                    .as_mapping()
+                    .ok_or_else(|| anyhow!("{at}: `{k}` must map names to stage names"))?;
                 for (a, b) in m {
                     out.insert(
-                        s(a).ok_or_else(|| anyhow!("{at}: `{k}` keys must be names"))?.to_string(),
-                        s(b).ok_or_else(|| anyhow!("{at}: `{k}` values must be stage names"))?.to_string(),
+                        s(a).ok_or_else(|| anyhow!("{at}: `{k}` keys must be names"))?
+                            .to_string(),
+                        s(b).ok_or_else(|| anyhow!("{at}: `{k}` values must be stage names"))?
+                            .to_string(),
                     );
                 }
             }
@@ -244,8 +301,18 @@ impl Builder {
                 bail!("{at}: next.{k} has no matching carry.{k}");
             }
         }
-        let stages = key(g, "stages").and_then(Value::as_sequence).ok_or_else(|| anyhow!("{at}: `stages` must be a list"))?;
-        let inner: Vec<String> = stages.iter().filter_map(|st| st.as_mapping().and_then(|m| key(m, "name")).and_then(s).map(String::from)).collect();
+        let stages = key(g, "stages")
+            .and_then(Value::as_sequence)
+            .ok_or_else(|| anyhow!("{at}: `stages` must be a list"))?;
+        let inner: Vec<String> = stages
+            .iter()
+            .filter_map(|st| {
+                st.as_mapping()
+                    .and_then(|m| key(m, "name"))
+                    .and_then(s)
+                    .map(String::from)
+            })
+            .collect();
         for (var, target) in &next {
             if !inner.contains(target) {
                 bail!("{at}: next.{var}: `{target}` is not a stage of this group");
@@ -254,14 +321,26 @@ impl Builder {
         // round 1 binds carry variables to stages before the group
         let mut bound: BTreeMap<String, usize> = BTreeMap::new();
         for (var, target) in &carry {
-            let i = *self.by_name.get(target).ok_or_else(|| anyhow!("{at}: carry.{var}: no earlier stage named `{target}`"))?;
+            let i = *self
+                .by_name
+                .get(target)
+                .ok_or_else(|| anyhow!("{at}: carry.{var}: no earlier stage named `{target}`"))?;
             bound.insert(var.clone(), i);
         }
         for round in 1..=n {
             let prefix = format!("{name}-{round}");
             let mut this_round: BTreeMap<String, usize> = BTreeMap::new();
             for st in stages {
-                let i = self.stage(st, Some(&prefix), &bound.iter().chain(this_round.iter()).map(|(k, v)| (k.clone(), *v)).collect(), all)?;
+                let i = self.stage(
+                    st,
+                    Some(&prefix),
+                    &bound
+                        .iter()
+                        .chain(this_round.iter())
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect(),
+                    all,
+                )?;
                 this_round.insert(self.stages[i].name.clone(), i);
             }
             for (var, target) in &next {
@@ -272,10 +351,21 @@ impl Builder {
     }
 
     /// Add one stage; `scope` maps names visible first (a round's stages and carried names).
-    fn stage(&mut self, v: &Value, prefix: Option<&str>, scope: &BTreeMap<String, usize>, all: &[(String, Vec<String>)]) -> Result<usize> {
+    fn stage(
+        &mut self,
+        v: &Value,
+        prefix: Option<&str>,
+        scope: &BTreeMap<String, usize>,
+        all: &[(String, Vec<String>)],
+    ) -> Result<usize> {
         let origin = &self.origin;
-        let m = v.as_mapping().ok_or_else(|| anyhow!("{origin}: each stage is a mapping"))?;
-        let name = key(m, "name").and_then(s).ok_or_else(|| anyhow!("{origin}: a stage without a `name`"))?.to_string();
+        let m = v
+            .as_mapping()
+            .ok_or_else(|| anyhow!("{origin}: each stage is a mapping"))?;
+        let name = key(m, "name")
+            .and_then(s)
+            .ok_or_else(|| anyhow!("{origin}: a stage without a `name`"))?
+            .to_string();
         let at = format!("{origin}: stage `{name}`");
         if !valid_name(&name) {
             bail!("{at}: names use letters, digits, '-' and '_'");
@@ -284,11 +374,16 @@ impl Builder {
             Some(p) => format!("{p}/{name}"),
             None => name.clone(),
         };
-        if prefix.is_none() && self.by_name.contains_key(&name) || self.stages.iter().any(|p| p.id == id) {
+        if prefix.is_none() && self.by_name.contains_key(&name)
+            || self.stages.iter().any(|p| p.id == id)
+        {
             bail!("{at}: another stage has this name");
         }
-        let kind_s = key(m, "kind").and_then(s).ok_or_else(|| anyhow!("{at}: `kind` is missing (one of {KINDS})"))?;
-        let kind = Kind::parse(kind_s).ok_or_else(|| anyhow!("{at}: unknown kind `{kind_s}` (expected one of {KINDS})"))?;
+        let kind_s = key(m, "kind")
+            .and_then(s)
+            .ok_or_else(|| anyhow!("{at}: `kind` is missing (one of {KINDS})"))?;
+        let kind = Kind::parse(kind_s)
+            .ok_or_else(|| anyhow!("{at}: unknown kind `{kind_s}` (expected one of {KINDS})"))?;
         let roles = kind.roles();
         // the config: a file or an inline mapping (config kinds), or the stage's own options
         let mut config = if kind.has_config() {
@@ -302,13 +397,17 @@ impl Builder {
                 }
                 Some(Value::Mapping(inline)) => Value::Mapping(inline.clone()),
                 Some(_) => bail!("{at}: `config` must be a file path or a mapping"),
-                None => bail!("{at}: `config` is missing (a {} stage needs a config file or mapping)", kind.name()),
+                None => bail!(
+                    "{at}: `config` is missing (a {} stage needs a config file or mapping)",
+                    kind.name()
+                ),
             }
         } else {
             let mut opts = Mapping::new();
             for (k, val) in m {
                 let ks = s(k).unwrap_or("");
-                if !matches!(ks, "name" | "kind" | "set") && !roles.iter().any(|(r, _, _)| *r == ks) {
+                if !matches!(ks, "name" | "kind" | "set") && !roles.iter().any(|(r, _, _)| *r == ks)
+                {
                     opts.insert(k.clone(), val.clone());
                 }
             }
@@ -316,22 +415,49 @@ impl Builder {
         };
         for (k, _) in m {
             let ks = s(k).unwrap_or("?");
-            let known = matches!(ks, "name" | "kind" | "set") || roles.iter().any(|(r, _, _)| *r == ks) || (kind.has_config() && ks == "config");
+            let known = matches!(ks, "name" | "kind" | "set")
+                || roles.iter().any(|(r, _, _)| *r == ks)
+                || (kind.has_config() && ks == "config");
             if kind.has_config() && !known {
-                bail!("{at}: unknown key `{ks}` for a {} stage (expected name, kind, config, set{})", kind.name(),
-                    roles.iter().map(|(r, _, _)| format!(", {r}")).collect::<String>());
+                bail!(
+                    "{at}: unknown key `{ks}` for a {} stage (expected name, kind, config, set{})",
+                    kind.name(),
+                    roles
+                        .iter()
+                        .map(|(r, _, _)| format!(", {r}"))
+                        .collect::<String>()
+                );
             }
         }
         // the recipe's seed, then the stage's own overrides
-        if let (Some(seed), true) = (self.seed, matches!(kind, Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo | Kind::Sample)) {
-            candor_core::config::set_path(&mut config, "seed", Value::Number(seed.into())).map_err(|e| anyhow!("{at}: {e}"))?;
+        if let (Some(seed), true) = (
+            self.seed,
+            matches!(
+                kind,
+                Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo | Kind::Sample
+            ),
+        ) {
+            candor_core::config::set_path(&mut config, "seed", Value::Number(seed.into()))
+                .map_err(|e| anyhow!("{at}: {e}"))?;
         }
         let mut sets: Vec<String> = match key(m, "set") {
             None => vec![],
-            Some(Value::Sequence(xs)) => xs.iter().map(|x| s(x).map(String::from).ok_or_else(|| anyhow!("{at}: `set` items are key=value strings"))).collect::<Result<_>>()?,
+            Some(Value::Sequence(xs)) => xs
+                .iter()
+                .map(|x| {
+                    s(x).map(String::from)
+                        .ok_or_else(|| anyhow!("{at}: `set` items are key=value strings"))
+                })
+                .collect::<Result<_>>()?,
             Some(Value::Mapping(xm)) => xm
                 .iter()
-                .map(|(k, v)| Ok(format!("{}={}", s(k).ok_or_else(|| anyhow!("{at}: `set` keys are strings"))?, serde_yaml::to_string(v)?.trim())))
+                .map(|(k, v)| {
+                    Ok(format!(
+                        "{}={}",
+                        s(k).ok_or_else(|| anyhow!("{at}: `set` keys are strings"))?,
+                        serde_yaml::to_string(v)?.trim()
+                    ))
+                })
                 .collect::<Result<_>>()?,
             Some(_) => bail!("{at}: `set` is a list of key=value or a mapping"),
         };
@@ -349,9 +475,15 @@ impl Builder {
             let r = s(refv).ok_or_else(|| anyhow!("{at}: `{role}` must name an earlier stage"))?;
             let i = match scope.get(r).or_else(|| self.by_name.get(r)) {
                 Some(&i) => i,
-                None if r == name => bail!("{at}: `{role}: {r}` refers to the stage itself (a cycle)"),
+                None if r == name => {
+                    bail!("{at}: `{role}: {r}` refers to the stage itself (a cycle)")
+                }
                 None if all.iter().any(|(n, _)| n == r) => {
-                    let back = all.iter().find(|(n, _)| n == r).map(|(_, refs)| refs.contains(&name)).unwrap_or(false);
+                    let back = all
+                        .iter()
+                        .find(|(n, _)| n == r)
+                        .map(|(_, refs)| refs.contains(&name))
+                        .unwrap_or(false);
                     if back {
                         bail!("{at}: `{role}: {r}` and stage `{r}` refer to each other (a cycle)");
                     }
@@ -362,31 +494,63 @@ impl Builder {
             let producer = &self.stages[i];
             let path = match (producer.kind, *role) {
                 (Kind::Tokenizer, _) => producer.dir.join("tokenizer.json"),
-                                (Kind::Sample, _) | (Kind::Rank, _) | (Kind::Eval, _) => producer.dir.join(producer.kind.output_file().unwrap()),
+                (Kind::Sample, _) | (Kind::Rank, _) | (Kind::Eval, _) => {
+                    producer.dir.join(producer.kind.output_file().unwrap())
+                }
                 _ => producer.dir.clone(),
             };
-            let expect_model = !matches!((kind, *role), (Kind::Pretrain, "tokenizer") | (Kind::Reward, "data" | "heldout") | (Kind::Rank, "input"));
+            let expect_model = !matches!(
+                (kind, *role),
+                (Kind::Pretrain, "tokenizer")
+                    | (Kind::Reward, "data" | "heldout")
+                    | (Kind::Rank, "input")
+            );
             if expect_model && !producer.kind.makes_model() {
-                bail!("{at}: `{role}: {r}` must name a stage that makes a model, `{r}` is a {} stage", producer.kind.name());
+                bail!(
+                    "{at}: `{role}: {r}` must name a stage that makes a model, `{r}` is a {} stage",
+                    producer.kind.name()
+                );
             }
             if !expect_model && producer.kind.makes_model() {
-                bail!("{at}: `{role}: {r}` must name a {} stage", match *role { "tokenizer" => "tokenizer", "data" | "heldout" => "rank", _ => "sample" });
+                bail!(
+                    "{at}: `{role}: {r}` must name a {} stage",
+                    match *role {
+                        "tokenizer" => "tokenizer",
+                        "data" | "heldout" => "rank",
+                        _ => "sample",
+                    }
+                );
             }
             let pv = Value::String(path.display().to_string());
-            let pv = if *target == "data.files" { Value::Sequence(vec![pv]) } else { pv };
-            candor_core::config::set_path(&mut config, target, pv).map_err(|e| anyhow!("{at}: {e}"))?;
+            let pv = if *target == "data.files" {
+                Value::Sequence(vec![pv])
+            } else {
+                pv
+            };
+            candor_core::config::set_path(&mut config, target, pv)
+                .map_err(|e| anyhow!("{at}: {e}"))?;
             inputs.push((role.to_string(), i));
         }
         // an existing checkpoint is where it is (resolved now, so a missing one fails before
         // anything trains); everything else writes under the run directory
         let dir = match kind {
             Kind::Model => {
-                let spec = config.get("path").and_then(s).ok_or_else(|| anyhow!("{at}: `path` (a checkpoint directory or hf:ORG/NAME) is missing"))?;
+                let spec = config.get("path").and_then(s).ok_or_else(|| {
+                    anyhow!("{at}: `path` (a checkpoint directory or hf:ORG/NAME) is missing")
+                })?;
                 candor_model::resolve_model_dir(spec).map_err(|e| anyhow!("{at}: {e}"))?
             }
             _ => self.out.join(&id),
         };
-        let planned = Planned { id, name: name.clone(), kind, dir, inputs, config, origin: at };
+        let planned = Planned {
+            id,
+            name: name.clone(),
+            kind,
+            dir,
+            inputs,
+            config,
+            origin: at,
+        };
         super::exec::check_config(&planned, &self.out)?;
         self.stages.push(planned);
         let i = self.stages.len() - 1;

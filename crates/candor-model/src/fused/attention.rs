@@ -30,7 +30,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 use super::gemm::sgemm_serial;
@@ -105,7 +107,21 @@ unsafe fn scores(
     let (hd, kvd) = (dm.h * dm.d, dm.kv * dm.d);
     let qp = q.add((bi * dm.t + qb) * hd + h * dm.d);
     let kp = k.add(bi * dm.kbs + (h / dm.rep()) * dm.d);
-    sgemm_serial(false, true, nq, kend, dm.d, scale, qp, hd, kp, kvd, 0.0, s.as_mut_ptr(), kend);
+    sgemm_serial(
+        false,
+        true,
+        nq,
+        kend,
+        dm.d,
+        scale,
+        qp,
+        hd,
+        kp,
+        kvd,
+        0.0,
+        s.as_mut_ptr(),
+        kend,
+    );
     if let Some(bias) = bias {
         let bb = if dm.bias_rows == 1 { 0 } else { bi };
         for i in 0..nq {
@@ -153,7 +169,19 @@ impl Fwd<'_> {
                 let kend = dm.key_end(self.causal, qb, nq);
                 let s = &mut s[..nq * kend];
                 unsafe {
-                    scores(s, self.q.as_ptr(), self.k.as_ptr(), self.bias, &dm, self.scale, bi, h, qb, nq, kend);
+                    scores(
+                        s,
+                        self.q.as_ptr(),
+                        self.k.as_ptr(),
+                        self.bias,
+                        &dm,
+                        self.scale,
+                        bi,
+                        h,
+                        qb,
+                        nq,
+                        kend,
+                    );
                 }
                 for i in 0..nq {
                     let lim = row_limit(self.causal, &dm, qb + i, kend);
@@ -170,7 +198,21 @@ impl Fwd<'_> {
                 unsafe {
                     let vp = self.v.as_ptr().add(bi * dm.kbs + (h / dm.rep()) * dm.d);
                     let o = op.0.add((bi * dm.t + qb) * hd + h * dm.d);
-                    sgemm_serial(false, false, nq, dm.d, kend, 1.0, s.as_ptr(), kend, vp, kvd, 0.0, o, hd);
+                    sgemm_serial(
+                        false,
+                        false,
+                        nq,
+                        dm.d,
+                        kend,
+                        1.0,
+                        s.as_ptr(),
+                        kend,
+                        vp,
+                        kvd,
+                        0.0,
+                        o,
+                        hd,
+                    );
                 }
             }
         };
@@ -196,19 +238,37 @@ impl Attention {
         let (b, t, h, d) = ql.shape().dims4()?;
         let (kb, tk, kv, kd) = kl.shape().dims4()?;
         if kb != b || kd != d || kv == 0 || h % kv != 0 || tk < t {
-            bail!("attention: q {:?} and k {:?} do not fit", ql.shape(), kl.shape());
+            bail!(
+                "attention: q {:?} and k {:?} do not fit",
+                ql.shape(),
+                kl.shape()
+            );
         }
         let bias_rows = match &self.bias {
             Some(bias) => {
                 let (br, bt, btk) = bias.dims3()?;
                 if (br != 1 && br != b) || bt != t || btk != tk {
-                    bail!("attention: bias {:?} does not fit q {:?} and k {:?}", bias.dims(), ql.shape(), kl.shape());
+                    bail!(
+                        "attention: bias {:?} does not fit q {:?} and k {:?}",
+                        bias.dims(),
+                        ql.shape(),
+                        kl.shape()
+                    );
                 }
                 br
             }
             None => 0,
         };
-        Ok(Dims { b, t, h, kv, d, tk, kbs: tk * kv * d, bias_rows })
+        Ok(Dims {
+            b,
+            t,
+            h,
+            kv,
+            d,
+            tk,
+            kbs: tk * kv * d,
+            bias_rows,
+        })
     }
 
     fn with_bias<R>(&self, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
@@ -235,10 +295,29 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let dm = self.dims(ql, kl)?;
         if vl.shape() != kl.shape() {
-            bail!("attention: v {:?} differs from k {:?}", vl.shape(), kl.shape());
+            bail!(
+                "attention: v {:?} differs from k {:?}",
+                vl.shape(),
+                kl.shape()
+            );
         }
-        let (q, k, v) = (f32_slice(qs, ql, "attention")?, f32_slice(ks, kl, "attention")?, f32_slice(vs, vl, "attention")?);
-        let (out, lse) = self.with_bias(|bias| Fwd { q, k, v, bias, causal: self.causal, scale: self.scale, dm }.run())?;
+        let (q, k, v) = (
+            f32_slice(qs, ql, "attention")?,
+            f32_slice(ks, kl, "attention")?,
+            f32_slice(vs, vl, "attention")?,
+        );
+        let (out, lse) = self.with_bias(|bias| {
+            Fwd {
+                q,
+                k,
+                v,
+                bias,
+                causal: self.causal,
+                scale: self.scale,
+                dm,
+            }
+            .run()
+        })?;
         *self.lse.lock().unwrap() = lse;
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
@@ -260,7 +339,11 @@ impl CustomOp3 for Attention {
         let mut dq = uninit(q.elem_count());
         let mut dk = uninit(k.elem_count());
         let mut dv = uninit(v.elem_count());
-        let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+        let (dqp, dkp, dvp) = (
+            SendPtr(dq.as_mut_ptr()),
+            SendPtr(dk.as_mut_ptr()),
+            SendPtr(dv.as_mut_ptr()),
+        );
         let (causal, scale) = (self.causal, self.scale);
         with_f32(q, "attention bwd", |q| {
             with_f32(k, "attention bwd", |k| {
@@ -282,10 +365,23 @@ impl CustomOp3 for Attention {
                                         for qb in (0..dm.t).step_by(BQ) {
                                             let nq = BQ.min(dm.t - qb);
                                             let kend = dm.key_end(causal, qb, nq);
-                                            let (p, dp) = (&mut p[..nq * kend], &mut dp[..nq * kend]);
+                                            let (p, dp) =
+                                                (&mut p[..nq * kend], &mut dp[..nq * kend]);
                                             let row0 = (bi * dm.t + qb) * hd + h * d;
                                             unsafe {
-                                                scores(p, q.as_ptr(), k.as_ptr(), bias, &dm, scale, bi, h, qb, nq, kend);
+                                                scores(
+                                                    p,
+                                                    q.as_ptr(),
+                                                    k.as_ptr(),
+                                                    bias,
+                                                    &dm,
+                                                    scale,
+                                                    bi,
+                                                    h,
+                                                    qb,
+                                                    nq,
+                                                    kend,
+                                                );
                                             }
                                             for i in 0..nq {
                                                 let lim = row_limit(causal, &dm, qb + i, kend);
@@ -298,31 +394,102 @@ impl CustomOp3 for Attention {
                                             unsafe {
                                                 let gp = g.as_ptr().add(row0);
                                                 // dV += Pᵀ·dO
-                                                sgemm_serial(true, false, kend, d, nq, 1.0, p.as_ptr(), kend, gp, hd, 1.0, dv_loc.as_mut_ptr(), d);
+                                                sgemm_serial(
+                                                    true,
+                                                    false,
+                                                    kend,
+                                                    d,
+                                                    nq,
+                                                    1.0,
+                                                    p.as_ptr(),
+                                                    kend,
+                                                    gp,
+                                                    hd,
+                                                    1.0,
+                                                    dv_loc.as_mut_ptr(),
+                                                    d,
+                                                );
                                                 // dP = dO·Vᵀ
-                                                sgemm_serial(false, true, nq, kend, d, 1.0, gp, hd, vp, kvd, 0.0, dp.as_mut_ptr(), kend);
+                                                sgemm_serial(
+                                                    false,
+                                                    true,
+                                                    nq,
+                                                    kend,
+                                                    d,
+                                                    1.0,
+                                                    gp,
+                                                    hd,
+                                                    vp,
+                                                    kvd,
+                                                    0.0,
+                                                    dp.as_mut_ptr(),
+                                                    kend,
+                                                );
                                             }
                                             for i in 0..nq {
                                                 let off = row0 + i * hd;
-                                                let di: f32 = g[off..off + d].iter().zip(&o[off..off + d]).map(|(a, b)| a * b).sum();
-                                                let (pr, dr) = (&p[i * kend..(i + 1) * kend], &mut dp[i * kend..(i + 1) * kend]);
+                                                let di: f32 = g[off..off + d]
+                                                    .iter()
+                                                    .zip(&o[off..off + d])
+                                                    .map(|(a, b)| a * b)
+                                                    .sum();
+                                                let (pr, dr) = (
+                                                    &p[i * kend..(i + 1) * kend],
+                                                    &mut dp[i * kend..(i + 1) * kend],
+                                                );
                                                 for (x, &pv) in dr.iter_mut().zip(pr) {
                                                     *x = pv * (*x - di);
                                                 }
                                             }
                                             unsafe {
                                                 // dQ = dS·K·scale;  dK += dSᵀ·Q·scale
-                                                sgemm_serial(false, false, nq, d, kend, scale, dp.as_ptr(), kend, kp, kvd, 0.0, dqp.0.add(row0), hd);
+                                                sgemm_serial(
+                                                    false,
+                                                    false,
+                                                    nq,
+                                                    d,
+                                                    kend,
+                                                    scale,
+                                                    dp.as_ptr(),
+                                                    kend,
+                                                    kp,
+                                                    kvd,
+                                                    0.0,
+                                                    dqp.0.add(row0),
+                                                    hd,
+                                                );
                                                 let qp = q.as_ptr().add(row0);
-                                                sgemm_serial(true, false, kend, d, nq, scale, dp.as_ptr(), kend, qp, hd, 1.0, dk_loc.as_mut_ptr(), d);
+                                                sgemm_serial(
+                                                    true,
+                                                    false,
+                                                    kend,
+                                                    d,
+                                                    nq,
+                                                    scale,
+                                                    dp.as_ptr(),
+                                                    kend,
+                                                    qp,
+                                                    hd,
+                                                    1.0,
+                                                    dk_loc.as_mut_ptr(),
+                                                    d,
+                                                );
                                             }
                                         }
                                     }
                                     for j in 0..dm.tk {
                                         let off = bi * dm.kbs + j * kvd + kvh * d;
                                         unsafe {
-                                            std::ptr::copy_nonoverlapping(dk_loc[j * d..].as_ptr(), dkp.0.add(off), d);
-                                            std::ptr::copy_nonoverlapping(dv_loc[j * d..].as_ptr(), dvp.0.add(off), d);
+                                            std::ptr::copy_nonoverlapping(
+                                                dk_loc[j * d..].as_ptr(),
+                                                dkp.0.add(off),
+                                                d,
+                                            );
+                                            std::ptr::copy_nonoverlapping(
+                                                dv_loc[j * d..].as_ptr(),
+                                                dvp.0.add(off),
+                                                d,
+                                            );
                                         }
                                     }
                                 };
@@ -337,7 +504,11 @@ impl CustomOp3 for Attention {
                 })
             })
         })??????;
-        Ok((Some(tensor(dq, q.shape())?), Some(tensor(dk, k.shape())?), Some(tensor(dv, v.shape())?)))
+        Ok((
+            Some(tensor(dq, q.shape())?),
+            Some(tensor(dk, k.shape())?),
+            Some(tensor(dv, v.shape())?),
+        ))
     }
 }
 
@@ -363,7 +534,17 @@ impl CustomOp1 for CachedAttention {
         let out = with_f32(&self.k, "attention", |k| {
             with_f32(&self.v, "attention", |v| {
                 self.inner.with_bias(|bias| {
-                    Fwd { q, k, v, bias, causal: self.inner.causal, scale: self.inner.scale, dm }.run().0
+                    Fwd {
+                        q,
+                        k,
+                        v,
+                        bias,
+                        causal: self.inner.causal,
+                        scale: self.inner.scale,
+                        dm,
+                    }
+                    .run()
+                    .0
                 })
             })
         })???;
@@ -382,7 +563,11 @@ pub struct CacheBuf {
 impl Clone for CacheBuf {
     /// A deep copy: two caches never share a buffer they would both append to.
     fn clone(&self) -> Self {
-        CacheBuf { k: self.k.copy().expect("copy a CPU tensor"), v: self.v.copy().expect("copy a CPU tensor"), len: self.len }
+        CacheBuf {
+            k: self.k.copy().expect("copy a CPU tensor"),
+            v: self.v.copy().expect("copy a CPU tensor"),
+            len: self.len,
+        }
     }
 }
 
@@ -394,11 +579,19 @@ impl InplaceOp2 for WriteRows {
     fn name(&self) -> &'static str {
         "candor-kv-write"
     }
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, src: &CpuStorage, sl: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
         let (b, cap, kv, d) = dl.shape().dims4()?;
         let (_, t, _, _) = sl.shape().dims4()?;
         let src = f32_slice(src, sl, "kv write")?;
-        let CpuStorage::F32(dst) = dst else { bail!("kv write: f32 only") };
+        let CpuStorage::F32(dst) = dst else {
+            bail!("kv write: f32 only")
+        };
         let row = kv * d;
         for bi in 0..b {
             let to = (bi * cap + self.at) * row;
@@ -429,7 +622,10 @@ impl CacheBuf {
                 let buf = Tensor::zeros((b, new_cap, kv, d), DType::F32, k.device())?;
                 if let Some(old) = old {
                     if len > 0 {
-                        buf.inplace_op2(&old.narrow(1, 0, len)?.contiguous()?, &WriteRows { at: 0 })?;
+                        buf.inplace_op2(
+                            &old.narrow(1, 0, len)?.contiguous()?,
+                            &WriteRows { at: 0 },
+                        )?;
                     }
                 }
                 Ok(buf)
@@ -459,25 +655,53 @@ impl CacheBuf {
 /// Softmax attention of `q (B, T, H, D)` over `k`, `v (B, T, KV, D)`: (B, T, H, D), with
 /// scores scaled by `1/√D`. With `cache`, `k`/`v` are appended to it first and the queries
 /// attend over every cached position (inference only).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask, cache: Option<&mut Option<CacheBuf>>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+    cache: Option<&mut Option<CacheBuf>>,
+) -> Result<Tensor> {
     let d = q.dim(3)?;
     let (bias, causal) = match mask {
         AttnMask::Causal => (None, true),
         AttnMask::Bias { bias, causal } => {
             let (br, one, t, tk) = bias.dims4()?;
             if one != 1 {
-                bail!("attention: bias {:?}: expected (1|B, 1, T, Tk)", bias.dims());
+                bail!(
+                    "attention: bias {:?}: expected (1|B, 1, T, Tk)",
+                    bias.dims()
+                );
             }
-            (Some(bias.to_dtype(DType::F32)?.reshape((br, t, tk))?.contiguous()?), causal)
+            (
+                Some(
+                    bias.to_dtype(DType::F32)?
+                        .reshape((br, t, tk))?
+                        .contiguous()?,
+                ),
+                causal,
+            )
         }
     };
-    let op = Attention { scale: 1.0 / (d as f32).sqrt(), causal, bias, lse: Mutex::new(vec![]) };
+    let op = Attention {
+        scale: 1.0 / (d as f32).sqrt(),
+        causal,
+        bias,
+        lse: Mutex::new(vec![]),
+    };
     match cache {
-        None => q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op),
+        None => q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op),
         Some(slot) => {
             CacheBuf::append(slot, k, v)?;
             let c = slot.as_ref().unwrap();
-            let op = CachedAttention { inner: op, k: c.k.clone(), v: c.v.clone(), len: c.len };
+            let op = CachedAttention {
+                inner: op,
+                k: c.k.clone(),
+                v: c.v.clone(),
+                len: c.len,
+            };
             q.contiguous()?.apply_op1(op)
         }
     }
@@ -495,7 +719,9 @@ pub fn bias_is_causal(bias: &Tensor) -> Result<bool> {
     with_f32(&bias, "bias_is_causal", |b| {
         (0..br * t).all(|r| {
             let i = r % t;
-            b[r * tk + past + i + 1..(r + 1) * tk].iter().all(|&x| x <= crate::mask::MASKED)
+            b[r * tk + past + i + 1..(r + 1) * tk]
+                .iter()
+                .all(|&x| x <= crate::mask::MASKED)
         })
     })
 }

@@ -100,14 +100,38 @@ pub unsafe fn sgemm_serial(
         }
         return;
     }
-    sgemm_serial_on(backend(), ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    sgemm_serial_on(
+        backend(),
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        lda,
+        b,
+        ldb,
+        beta,
+        c,
+        ldc,
+    )
 }
 
 /// `C = α·A·B + β·C` for few rows of A: each row of C accumulates rows of B, in order.
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_m_ab(
-    m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32,
-    c: *mut f32, ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
 ) {
     for i in 0..m {
         let ci = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
@@ -164,8 +188,16 @@ unsafe fn sgemm_serial_on(
         ),
         _ => {
             // gemm crate: dst = α_g·dst + β_g·lhs·rhs, with column/row strides per operand
-            let (a_rs, a_cs) = if ta { (1, lda as isize) } else { (lda as isize, 1) };
-            let (b_rs, b_cs) = if tb { (1, ldb as isize) } else { (ldb as isize, 1) };
+            let (a_rs, a_cs) = if ta {
+                (1, lda as isize)
+            } else {
+                (lda as isize, 1)
+            };
+            let (b_rs, b_cs) = if tb {
+                (1, ldb as isize)
+            } else {
+                (ldb as isize, 1)
+            };
             gemm::gemm(
                 m,
                 n,
@@ -220,8 +252,18 @@ fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
 /// `C[:, j0..j1] = α·A·Bᵀ + β·C` for few rows of A, column by column.
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_m_abt_generic(
-    m: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32,
-    c: *mut f32, ldc: usize, j0: usize, j1: usize,
+    m: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+    j0: usize,
+    j1: usize,
 ) {
     for j in j0..j1 {
         let bj = std::slice::from_raw_parts(b.add(j * ldb), k);
@@ -240,8 +282,18 @@ unsafe fn small_m_abt_generic(
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_m_abt_avx2(
-    m: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32,
-    c: *mut f32, ldc: usize, j0: usize, j1: usize,
+    m: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+    j0: usize,
+    j1: usize,
 ) {
     use std::arch::x86_64::*;
     #[inline(always)]
@@ -268,9 +320,24 @@ unsafe fn small_m_abt_avx2(
         let bj = b.add(j * ldb);
         let mut i = 0;
         while i + 4 <= m {
-            let (a0, a1, a2, a3) = (a.add(i * lda), a.add((i + 1) * lda), a.add((i + 2) * lda), a.add((i + 3) * lda));
-            let (mut s0, mut s1, mut s2, mut s3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-            let (mut t0, mut t1, mut t2, mut t3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let (a0, a1, a2, a3) = (
+                a.add(i * lda),
+                a.add((i + 1) * lda),
+                a.add((i + 2) * lda),
+                a.add((i + 3) * lda),
+            );
+            let (mut s0, mut s1, mut s2, mut s3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
+            let (mut t0, mut t1, mut t2, mut t3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
             let mut p = 0;
             while p < k16 {
                 let b0 = _mm256_loadu_ps(bj.add(p));
@@ -297,7 +364,11 @@ unsafe fn small_m_abt_avx2(
             let mut p = 0;
             while p < k16 {
                 s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), _mm256_loadu_ps(bj.add(p)), s0);
-                t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), _mm256_loadu_ps(bj.add(p + 8)), t0);
+                t0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a0.add(p + 8)),
+                    _mm256_loadu_ps(bj.add(p + 8)),
+                    t0,
+                );
                 p += 16;
             }
             finish(_mm256_add_ps(s0, t0), i, bj, j);
@@ -308,8 +379,18 @@ unsafe fn small_m_abt_avx2(
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_m_abt(
-    m: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32,
-    c: *mut f32, ldc: usize, j0: usize, j1: usize,
+    m: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+    j0: usize,
+    j1: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -339,19 +420,33 @@ pub fn sgemm(
     // bounds: the last element each operand's layout reaches
     let need = |rows: usize, cols: usize, ld: usize, t: bool| {
         let (r, cc) = if t { (cols, rows) } else { (rows, cols) };
-        if r == 0 || cc == 0 { 0 } else { (r - 1) * ld + cc }
+        if r == 0 || cc == 0 {
+            0
+        } else {
+            (r - 1) * ld + cc
+        }
     };
     assert!(a.len() >= need(m, k, lda, ta), "sgemm: A too short");
     assert!(b.len() >= need(k, n, ldb, tb), "sgemm: B too short");
     assert!(c.len() >= need(m, n, ldc, false), "sgemm: C too short");
     let threads = rayon::current_num_threads().max(1);
-    let (a, b, cp) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
+    let (a, b, cp) = (
+        a.as_ptr() as usize,
+        b.as_ptr() as usize,
+        c.as_mut_ptr() as usize,
+    );
     if !ta && tb && m <= SMALL_M && k > 0 {
         // split the columns (rows of B) across threads when there is enough work
-        let parts = if m * n * k >= 4 * PAR_FLOPS { threads.min(n) } else { 1 };
+        let parts = if m * n * k >= 4 * PAR_FLOPS {
+            threads.min(n)
+        } else {
+            1
+        };
         let run = |p: usize| unsafe {
             let (j0, j1) = (p * n / parts, (p + 1) * n / parts);
-            small_m_abt(m, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc, j0, j1)
+            small_m_abt(
+                m, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc, j0, j1,
+            )
         };
         if parts == 1 {
             run(0);
@@ -361,17 +456,46 @@ pub fn sgemm(
         return;
     }
     if threads == 1 || m * n * k < PAR_FLOPS {
-        unsafe { sgemm_serial(ta, tb, m, n, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc) };
+        unsafe {
+            sgemm_serial(
+                ta, tb, m, n, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc,
+            )
+        };
         return;
     }
     if backend() == Backend::Gemm {
         // the gemm crate splits one product across rayon's threads better than separate calls
-        let (a_rs, a_cs) = if ta { (1, lda as isize) } else { (lda as isize, 1) };
-        let (b_rs, b_cs) = if tb { (1, ldb as isize) } else { (ldb as isize, 1) };
+        let (a_rs, a_cs) = if ta {
+            (1, lda as isize)
+        } else {
+            (lda as isize, 1)
+        };
+        let (b_rs, b_cs) = if tb {
+            (1, ldb as isize)
+        } else {
+            (ldb as isize, 1)
+        };
         unsafe {
             gemm::gemm(
-                m, n, k, cp as *mut f32, 1, ldc as isize, beta != 0.0, a as *const f32, a_cs, a_rs,
-                b as *const f32, b_cs, b_rs, beta, alpha, false, false, false, gemm::Parallelism::Rayon(threads),
+                m,
+                n,
+                k,
+                cp as *mut f32,
+                1,
+                ldc as isize,
+                beta != 0.0,
+                a as *const f32,
+                a_cs,
+                a_rs,
+                b as *const f32,
+                b_cs,
+                b_rs,
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
             )
         };
         return;
@@ -382,7 +506,11 @@ pub fn sgemm(
     // part boundaries on multiples of 16 (whole register tiles) where possible
     let bound = |p: usize| {
         let x = p * len / parts;
-        if p == parts || len < 16 * parts { x } else { x / 16 * 16 }
+        if p == parts || len < 16 * parts {
+            x
+        } else {
+            x / 16 * 16
+        }
     };
     rayon::scope(|s| {
         for p in 0..parts {
@@ -394,10 +522,38 @@ pub fn sgemm(
                 let (a, b, c) = (a as *const f32, b as *const f32, cp as *mut f32);
                 if by_rows {
                     let a_off = if ta { lo } else { lo * lda };
-                    sgemm_serial(ta, tb, hi - lo, n, k, alpha, a.add(a_off), lda, b, ldb, beta, c.add(lo * ldc), ldc);
+                    sgemm_serial(
+                        ta,
+                        tb,
+                        hi - lo,
+                        n,
+                        k,
+                        alpha,
+                        a.add(a_off),
+                        lda,
+                        b,
+                        ldb,
+                        beta,
+                        c.add(lo * ldc),
+                        ldc,
+                    );
                 } else {
                     let b_off = if tb { lo * ldb } else { lo };
-                    sgemm_serial(ta, tb, m, hi - lo, k, alpha, a, lda, b.add(b_off), ldb, beta, c.add(lo), ldc);
+                    sgemm_serial(
+                        ta,
+                        tb,
+                        m,
+                        hi - lo,
+                        k,
+                        alpha,
+                        a,
+                        lda,
+                        b.add(b_off),
+                        ldb,
+                        beta,
+                        c.add(lo),
+                        ldc,
+                    );
                 }
             });
         }
@@ -408,7 +564,17 @@ pub fn sgemm(
 mod tests {
     use super::*;
 
-    fn naive(ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize) -> Vec<f32> {
+    fn naive(
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+    ) -> Vec<f32> {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -426,26 +592,68 @@ mod tests {
 
     #[test]
     fn all_transpose_cases_match_a_naive_product() {
-        for &(m, n, k) in &[(3, 5, 7), (70, 33, 129), (300, 17, 40), (5, 300, 64), (8, 2000, 300), (16, 40, 3), (1, 64, 145), (4, 9, 33)] {
+        for &(m, n, k) in &[
+            (3, 5, 7),
+            (70, 33, 129),
+            (300, 17, 40),
+            (5, 300, 64),
+            (8, 2000, 300),
+            (16, 40, 3),
+            (1, 64, 145),
+            (4, 9, 33),
+        ] {
             for ta in [false, true] {
                 for tb in [false, true] {
-                    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
-                    let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
+                    let a: Vec<f32> = (0..m * k)
+                        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                        .collect();
+                    let b: Vec<f32> = (0..k * n)
+                        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+                        .collect();
                     let lda = if ta { m } else { k };
                     let ldb = if tb { k } else { n };
                     let want = naive(ta, tb, m, n, k, &a, lda, &b, ldb);
                     let mut c = vec![1f32; m * n];
                     sgemm(ta, tb, m, n, k, 2.0, &a, lda, &b, ldb, 0.5, &mut c, n);
                     for (g, w) in c.iter().zip(&want) {
-                        assert!((g - (2.0 * w + 0.5)).abs() < 1e-3, "{m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}", 2.0 * w + 0.5);
+                        assert!(
+                            (g - (2.0 * w + 0.5)).abs() < 1e-3,
+                            "{m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}",
+                            2.0 * w + 0.5
+                        );
                     }
                     // both backends, whichever the process uses
-                    let backends: &[Backend] = if cfg!(candor_openblas) { &[Backend::Gemm, Backend::OpenBlas] } else { &[Backend::Gemm] };
+                    let backends: &[Backend] = if cfg!(candor_openblas) {
+                        &[Backend::Gemm, Backend::OpenBlas]
+                    } else {
+                        &[Backend::Gemm]
+                    };
                     for &bk in backends {
                         let mut c = vec![1f32; m * n];
-                        unsafe { sgemm_serial_on(bk, ta, tb, m, n, k, 2.0, a.as_ptr(), lda, b.as_ptr(), ldb, 0.5, c.as_mut_ptr(), n) };
+                        unsafe {
+                            sgemm_serial_on(
+                                bk,
+                                ta,
+                                tb,
+                                m,
+                                n,
+                                k,
+                                2.0,
+                                a.as_ptr(),
+                                lda,
+                                b.as_ptr(),
+                                ldb,
+                                0.5,
+                                c.as_mut_ptr(),
+                                n,
+                            )
+                        };
                         for (g, w) in c.iter().zip(&want) {
-                            assert!((g - (2.0 * w + 0.5)).abs() < 1e-3, "{bk:?} {m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}", 2.0 * w + 0.5);
+                            assert!(
+                                (g - (2.0 * w + 0.5)).abs() < 1e-3,
+                                "{bk:?} {m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}",
+                                2.0 * w + 0.5
+                            );
                         }
                     }
                 }

@@ -15,7 +15,13 @@ impl CustomOp2 for Linear {
         "candor-linear"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(xs, xl, "linear")?;
         let w = f32_slice(ws, wl, "linear")?;
         let (n, k) = wl.shape().dims2()?;
@@ -27,21 +33,31 @@ impl CustomOp2 for Linear {
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k;
         let dy = dy.contiguous()?;
         with_f32(&dy, "linear bwd", |g| {
             let dx = if x.track_op() {
                 let mut dx = uninit(m * k);
-                with_f32(w, "linear bwd", |w| sgemm(false, false, m, k, n, 1.0, g, n, w, k, 0.0, &mut dx, k))?;
+                with_f32(w, "linear bwd", |w| {
+                    sgemm(false, false, m, k, n, 1.0, g, n, w, k, 0.0, &mut dx, k)
+                })?;
                 Some(tensor(dx, x.shape())?)
             } else {
                 None
             };
             let dw = if w.track_op() {
                 let mut dw = uninit(n * k);
-                with_f32(x, "linear bwd", |x| sgemm(true, false, n, k, m, 1.0, g, n, x, k, 0.0, &mut dw, k))?;
+                with_f32(x, "linear bwd", |x| {
+                    sgemm(true, false, n, k, m, 1.0, g, n, x, k, 0.0, &mut dw, k)
+                })?;
                 Some(tensor(dw, (n, k))?)
             } else {
                 None

@@ -112,7 +112,9 @@ pub(crate) fn par_parts<R: Send>(
     use rayon::prelude::*;
     let threads = rayon::current_num_threads().max(1);
     let parts = (n / min_rows.max(1)).clamp(1, threads);
-    let ranges: Vec<_> = (0..parts).map(|p| (p * n / parts)..((p + 1) * n / parts)).collect();
+    let ranges: Vec<_> = (0..parts)
+        .map(|p| (p * n / parts)..((p + 1) * n / parts))
+        .collect();
     if parts == 1 {
         return ranges.into_iter().map(&f).collect();
     }

@@ -28,7 +28,13 @@ impl CustomOp2 for RmsNorm {
         "candor-rms-norm"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(xs, xl, "rms_norm")?;
         let w = f32_slice(ws, wl, "rms_norm")?;
         let c = w.len();
@@ -47,7 +53,13 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let c = w.elem_count();
         let dy = dy.contiguous()?;
         let mut dx = uninit(x.elem_count());
@@ -62,7 +74,8 @@ impl CustomOp2 for RmsNorm {
                         let mut dw = vec![0f32; c];
                         for r in range {
                             let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-                            let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.0.add(r * c), c) };
+                            let dxr =
+                                unsafe { std::slice::from_raw_parts_mut(dxp.0.add(r * c), c) };
                             let rs = rstd(xr, self.eps);
                             let mut dot = 0f32;
                             for i in 0..c {
@@ -86,12 +99,17 @@ impl CustomOp2 for RmsNorm {
                 *a += b;
             }
         }
-        let dx = if x.track_op() { Some(tensor(dx, x.shape())?) } else { None };
+        let dx = if x.track_op() {
+            Some(tensor(dx, x.shape())?)
+        } else {
+            None
+        };
         Ok((dx, Some(tensor(dw, c)?)))
     }
 }
 
 /// RMSNorm of `x (..., C)` with weight `w (C)`, on contiguous f32 CPU tensors.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
 }

@@ -20,7 +20,14 @@ struct Rope {
 }
 
 /// Rotate every (T, H, D) row block of `x` by the angles of its batch row; `sign` −1 undoes.
-fn rotate(x: &[f32], cos: &[f32], sin: &[f32], dims: (usize, usize, usize, usize), cos_rows: usize, sign: f32) -> Vec<f32> {
+fn rotate(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    dims: (usize, usize, usize, usize),
+    cos_rows: usize,
+    sign: f32,
+) -> Vec<f32> {
     let (_b, t, h, d) = dims;
     let half = d / 2;
     let mut y = uninit(x.len());
@@ -43,9 +50,15 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], dims: (usize, usize, usize, usize
         }
     };
     if x.len() >= PAR_MIN {
-        y.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(work);
+        y.par_chunks_mut(h * d)
+            .zip(x.par_chunks(h * d))
+            .enumerate()
+            .for_each(work);
     } else {
-        y.chunks_mut(h * d).zip(x.chunks(h * d)).enumerate().for_each(work);
+        y.chunks_mut(h * d)
+            .zip(x.chunks(h * d))
+            .enumerate()
+            .for_each(work);
     }
     y
 }
@@ -53,7 +66,9 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], dims: (usize, usize, usize, usize
 impl Rope {
     fn run(&self, x: &[f32], dims: (usize, usize, usize, usize), sign: f32) -> Result<Vec<f32>> {
         let cos_rows = self.cos.dim(0)?;
-        with_f32(&self.cos, "rope", |c| with_f32(&self.sin, "rope", |s| rotate(x, c, s, dims, cos_rows, sign)))?
+        with_f32(&self.cos, "rope", |c| {
+            with_f32(&self.sin, "rope", |s| rotate(x, c, s, dims, cos_rows, sign))
+        })?
     }
 }
 
@@ -80,7 +95,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, t, _, d) = x.dims4()?;
     let (cb, ct, half) = cos.dims3()?;
     if ct != t || half * 2 != d || (cb != 1 && cb != b) || sin.dims() != cos.dims() {
-        bail!("rope: x {:?} with cos {:?} / sin {:?}: expected (1|B, T, D/2)", x.dims(), cos.dims(), sin.dims());
+        bail!(
+            "rope: x {:?} with cos {:?} / sin {:?}: expected (1|B, T, D/2)",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
     }
-    x.contiguous()?.apply_op1(Rope { cos: cos.contiguous()?, sin: sin.contiguous()? })
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+    })
 }

@@ -18,7 +18,13 @@ impl CustomOp2 for SwiGlu {
         "candor-swiglu"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(gs, gl, "swiglu")?;
         let u = f32_slice(us, ul, "swiglu")?;
         let mut y = uninit(g.len());
@@ -31,21 +37,36 @@ impl CustomOp2 for SwiGlu {
             }
         };
         if g.len() >= PAR_MIN {
-            y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(u.par_chunks(CHUNK)).for_each(f);
+            y.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(u.par_chunks(CHUNK))
+                .for_each(f);
         } else {
-            y.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).zip(u.chunks(CHUNK)).for_each(f);
+            y.chunks_mut(CHUNK)
+                .zip(g.chunks(CHUNK))
+                .zip(u.chunks(CHUNK))
+                .for_each(f);
         }
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let n = g.elem_count();
         let (mut dg, mut du) = (uninit(n), uninit(n));
         with_f32(g, "swiglu bwd", |g| {
             with_f32(u, "swiglu bwd", |u| {
                 with_f32(&dy, "swiglu bwd", |d| {
-                    let f = |(((dgc, duc), (gc, uc)), dc): (((&mut [f32], &mut [f32]), (&[f32], &[f32])), &[f32])| {
+                    let f = |(((dgc, duc), (gc, uc)), dc): (
+                        ((&mut [f32], &mut [f32]), (&[f32], &[f32])),
+                        &[f32],
+                    )| {
                         // dgc ← exp(−g) first
                         dgc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
                         exp_inplace(dgc);
@@ -79,7 +100,11 @@ impl CustomOp2 for SwiGlu {
 /// `silu(g) · u` for two contiguous f32 CPU tensors of one shape.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
-        candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", g.dims(), u.dims());
+        candle_core::bail!(
+            "swiglu: gate {:?} and up {:?} differ in shape",
+            g.dims(),
+            u.dims()
+        );
     }
     g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
 }

@@ -38,13 +38,25 @@ impl CustomOp2 for Xent {
         "candor-lm-head-xent"
     }
 
-    fn cpu_fwd(&self, hs: &CpuStorage, hl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let h = f32_slice(hs, hl, "lm_head_xent")?;
         let w = f32_slice(ws, wl, "lm_head_xent")?;
         let (n, c) = hl.shape().dims2()?;
         let (v, wc) = wl.shape().dims2()?;
         if wc != c || self.targets.len() != n || self.weights.len() != n {
-            bail!("lm_head_xent: hidden {:?}, weight {:?}, {} targets, {} weights", hl.shape(), wl.shape(), self.targets.len(), self.weights.len());
+            bail!(
+                "lm_head_xent: hidden {:?}, weight {:?}, {} targets, {} weights",
+                hl.shape(),
+                wl.shape(),
+                self.targets.len(),
+                self.weights.len()
+            );
         }
         if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
             bail!("lm_head_xent: target token {t} is outside the vocabulary of {v}");
@@ -52,7 +64,11 @@ impl CustomOp2 for Xent {
         let rows = (CHUNK_FLOATS / v).clamp(16, n.max(16));
         let mut logits = uninit(rows.min(n) * v);
         let mut loss = vec![0f32; n];
-        let (mut dh, mut dw) = if self.want_grad { (uninit(n * c), uninit(v * c)) } else { (vec![], vec![]) };
+        let (mut dh, mut dw) = if self.want_grad {
+            (uninit(n * c), uninit(v * c))
+        } else {
+            (vec![], vec![])
+        };
         for start in (0..n).step_by(rows) {
             let r = rows.min(n - start);
             let l = &mut logits[..r * v];
@@ -75,12 +91,32 @@ impl CustomOp2 for Xent {
             };
             let lossc = &mut loss[start..start + r];
             if r * v >= PAR_MIN {
-                l.par_chunks_mut(v).zip(lossc.par_iter_mut()).enumerate().for_each(row);
+                l.par_chunks_mut(v)
+                    .zip(lossc.par_iter_mut())
+                    .enumerate()
+                    .for_each(row);
             } else {
-                l.chunks_mut(v).zip(lossc.iter_mut()).enumerate().for_each(row);
+                l.chunks_mut(v)
+                    .zip(lossc.iter_mut())
+                    .enumerate()
+                    .for_each(row);
             }
             if self.want_grad {
-                sgemm(false, false, r, c, v, 1.0, l, v, w, c, 0.0, &mut dh[start * c..(start + r) * c], c);
+                sgemm(
+                    false,
+                    false,
+                    r,
+                    c,
+                    v,
+                    1.0,
+                    l,
+                    v,
+                    w,
+                    c,
+                    0.0,
+                    &mut dh[start * c..(start + r) * c],
+                    c,
+                );
                 let beta = if start == 0 { 0.0 } else { 1.0 };
                 sgemm(true, false, v, c, r, 1.0, l, v, hc, c, beta, &mut dw, c);
             }
@@ -92,7 +128,13 @@ impl CustomOp2 for Xent {
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
 
-    fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some((mut dh, mut dw)) = self.grads.lock().unwrap().take() else {
             bail!("lm_head_xent: backward without the forward's gradients (run twice?)");
         };
@@ -108,8 +150,18 @@ impl CustomOp2 for Xent {
 
 /// `Σ_i −w_i · log softmax(hidden_i · weightᵀ)[targets_i]` for `hidden (N, C)` and the LM
 /// head `weight (V, C)`: a scalar, with gradients for both inputs.
-pub fn lm_head_xent(hidden: &Tensor, weight: &Tensor, targets: &[u32], row_weights: &[f32]) -> Result<Tensor> {
+pub fn lm_head_xent(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    row_weights: &[f32],
+) -> Result<Tensor> {
     let want_grad = hidden.track_op() || weight.track_op();
-    let op = Xent { targets: targets.to_vec(), weights: row_weights.to_vec(), want_grad, grads: Mutex::new(None) };
+    let op = Xent {
+        targets: targets.to_vec(),
+        weights: row_weights.to_vec(),
+        want_grad,
+        grads: Mutex::new(None),
+    };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
