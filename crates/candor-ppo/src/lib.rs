@@ -6,11 +6,12 @@
 //! as in TRL's PPO trainer:
 //!
 //! 1. sample a batch of prompts; 2. generate responses with the KV cache; 3. score them
-//! (reward model at the last token, normalised, plus judges) and compute log-probs of the
-//! policy and the reference and the critic's values; 4. per-token rewards = −β·KL plus the
-//! score at the last token, advantages and returns by GAE, advantages whitened; 5. several
-//! PPO epochs over minibatches: clipped policy loss + clipped value loss (− entropy bonus,
-//! + PPO-ptx), early stop on approximate KL; 6. update β, log, evaluate, checkpoint.
+//!    (reward model at the last token, normalised, plus judges) and compute log-probs of the
+//!    policy and the reference and the critic's values; 4. per-token rewards = −β·KL plus the
+//!    score at the last token, advantages and returns by GAE, advantages whitened; 5. several
+//!    PPO epochs over minibatches: clipped policy loss + clipped value loss
+//!    (− entropy bonus, + PPO-ptx), early stop on approximate KL; 6. update β, log,
+//!    evaluate, checkpoint.
 
 pub mod config;
 pub mod math;
@@ -966,9 +967,12 @@ mod tests {
     use candor_train::config::TrainConfig;
     use candor_train::dist::LocalGroup;
 
+    /// Per-token advantages and returns of each row.
+    type AdvantagesReturns = [Vec<Vec<f64>>; 2];
+
     /// A rollout of 5 rows with responses of different lengths (one empty-ish, 1 token) and
     /// random per-token targets, and 4 pretraining examples for PPO-ptx.
-    fn rollout() -> (Vec<Vec<u32>>, Rollout, [Vec<Vec<f64>>; 2], Vec<LmExample>) {
+    fn rollout() -> (Vec<Vec<u32>>, Rollout, AdvantagesReturns, Vec<LmExample>) {
         let mut rng = Rng::new(21);
         let mut roll = Rollout::default();
         let mut prompts = vec![];

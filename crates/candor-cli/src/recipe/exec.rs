@@ -155,7 +155,7 @@ pub fn check_config(p: &Planned, out: &Path) -> Result<()> {
         for f in paths {
             let f = Path::new(f);
             let there = if *dirs { f.exists() } else { f.is_file() };
-            if !there && !(*made_in_run && f.starts_with(out)) {
+            if !(there || *made_in_run && f.starts_with(out)) {
                 bail!("{}: {key}: {} does not exist", p.origin, f.display());
             }
         }
