@@ -9,8 +9,15 @@ use std::path::{Path, PathBuf};
 use candor_core::checkpoint::content_hash;
 use common::*;
 
+/// A stage name, its checkpoint's head, and its parents (role, stage).
+type ModelStage = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
 /// The stages of configs/recipes/tiny.yaml that make model checkpoints, with their parents.
-const MODEL_STAGES: [(&str, &str, &[(&str, &str)]); 4] = [
+const MODEL_STAGES: [ModelStage; 4] = [
     ("pretrain", "lm", &[]),
     ("sft", "lm", &[("init", "pretrain")]),
     ("reward", "score", &[("init", "sft")]),

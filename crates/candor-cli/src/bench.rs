@@ -37,7 +37,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     shape(&args.shape)?;
     let precision = Precision::parse(&args.dtype, "--dtype")?;
     let steps = if args.sample {
-        args.steps.min(3).max(1)
+        args.steps.clamp(1, 3)
     } else {
         args.steps.max(1)
     };

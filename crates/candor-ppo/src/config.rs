@@ -8,17 +8,19 @@ use candor_train::config::TrainConfig;
 pub use candor_train::score::ScoreConfig;
 use serde::{Deserialize, Serialize};
 
+/// The PPO stage config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoConfig {
-    /// Seeds prompt order, sampling and the critic's new head.
+    /// Seeds prompt order, sampling and the critic's new head. Default 1.
     pub seed: u64,
     /// The SFT checkpoint: the policy starts from it and the frozen reference is a copy of
-    /// it (`--policy` overrides).
+    /// it (`--policy` overrides). Default: none (required).
     pub policy: Option<PathBuf>,
     /// The reward model checkpoint (a `score` head; `--reward` overrides). Optional when the
-    /// reward comes from a rule judge alone.
+    /// reward comes from a rule judge alone. Default: none.
     pub reward: Option<PathBuf>,
+    /// The prompts posed to the policy, held-out prompts and PPO-ptx text.
     pub data: PpoData,
     /// How responses are sampled each iteration.
     pub rollout: RolloutConfig,
@@ -26,12 +28,18 @@ pub struct PpoConfig {
     pub score: ScoreConfig,
     /// The per-token KL penalty β·(log π − log π_ref).
     pub kl: KlConfig,
+    /// The PPO update: epochs, clipping, GAE, loss coefficients.
     pub ppo: PpoAlgo,
+    /// The value model (critic): where it starts and its learning rate.
     pub critic: CriticConfig,
+    /// What each evaluation on the held-out prompts reports.
     pub eval: EvalConfig,
     /// Optimiser and cadence. In PPO `steps` counts iterations (rollout batches), the
     /// learning-rate schedule runs over iterations, and `batch_size` is the minibatch size
-    /// of the PPO updates. `grad_accum` must be 1.
+    /// of the PPO updates (TRL `mini_batch_size`). `grad_accum` must be 1. Defaults:
+    /// [`TrainConfig`]'s, except steps 20, batch_size 8, lr 1e-5, min_lr 1e-5 (constant),
+    /// warmup_steps 0, weight_decay 0, eval_every 5, eval_batches 0, save_every 0,
+    /// log_every 1.
     pub train: TrainConfig,
 }
 
@@ -65,28 +73,36 @@ impl Default for PpoConfig {
     }
 }
 
+/// PPO's data (`data:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoData {
     /// JSONL `{"prompt": ..., "reference"?: ...}` posed to the policy during training.
+    /// Default: none (required).
     pub prompts: PathBuf,
-    /// Held-out prompts for `judge_score` / `eval_reward` (same format).
+    /// Held-out prompts for `judge_score` / `eval_reward` (same format). Default: none
+    /// (no evaluation).
     pub heldout_prompts: Option<PathBuf>,
-    /// Pretraining text mixed into the loss when `ppo.ptx_coef > 0` (PPO-ptx, InstructGPT).
+    /// Pretraining text mixed into the loss when `ppo.ptx_coef > 0` (PPO-ptx, InstructGPT):
+    /// text or JSONL files, as pretraining's `data.files`. Default: none.
     pub ptx_files: Vec<PathBuf>,
 }
 
+/// Sampling the responses of each iteration (`rollout:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RolloutConfig {
-    /// Prompts sampled per iteration (TRL `batch_size`).
+    /// Prompts sampled per iteration (TRL `batch_size`). Default 16.
     pub prompts_per_iteration: usize,
-    /// Most tokens per response (TRL `response_length`).
+    /// Most tokens per response (TRL `response_length`). Default 32.
     pub max_new_tokens: usize,
-    /// Sampling temperature; policy log-probs are computed at this temperature too (TRL).
+    /// Sampling temperature; policy log-probs are computed at this temperature too (TRL
+    /// `temperature`). Default 1.0.
     pub temperature: f64,
-    /// Top-k / top-p truncation while sampling (0 / 1.0 = off; TRL samples untruncated).
+    /// Top-k truncation while sampling, 0 = off (TRL samples untruncated). Default 0.
     pub top_k: usize,
+    /// Top-p (nucleus) truncation while sampling, 1.0 = off (Holtzman et al. 2020).
+    /// Default 1.0.
     pub top_p: f64,
 }
 
@@ -113,14 +129,16 @@ impl RolloutConfig {
     }
 }
 
+/// The KL penalty against the reference policy (`kl:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct KlConfig {
-    /// Initial β (TRL `init_kl_coef` 0.2; InstructGPT used 0.02).
+    /// Initial β (TRL `init_kl_coef` 0.2; InstructGPT used 0.02). Default 0.05.
     pub coef: f64,
-    /// Adapt β toward this per-sequence KL (Ziegler et al. 2019); absent = fixed β.
+    /// Adapt β toward this per-sequence KL (Ziegler et al. 2019; TRL `target`); absent =
+    /// fixed β. Default: none.
     pub target: Option<f64>,
-    /// Controller horizon in sequences (TRL 10000).
+    /// Controller horizon in sequences (TRL `horizon` 10000). Default 10000.
     pub horizon: f64,
 }
 
@@ -134,28 +152,31 @@ impl Default for KlConfig {
     }
 }
 
+/// The PPO update (`ppo:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoAlgo {
-    /// PPO epochs over each rollout batch (TRL `ppo_epochs` 4).
+    /// PPO epochs over each rollout batch (TRL `ppo_epochs`/`num_ppo_epochs` 4). Default 4.
     pub epochs: usize,
-    /// Policy ratio clip ε (Schulman et al. 2017; TRL 0.2).
+    /// Policy ratio clip ε (Schulman et al. 2017; TRL `cliprange` 0.2). Default 0.2.
     pub cliprange: f64,
-    /// Value clip around the rollout values (TRL 0.2).
+    /// Value clip around the rollout values (TRL `cliprange_value` 0.2). Default 0.2.
     pub cliprange_value: f64,
-    /// Value-loss coefficient (TRL `vf_coef` 0.1).
+    /// Value-loss coefficient (TRL `vf_coef` 0.1). Default 0.1.
     pub vf_coef: f64,
-    /// GAE discount γ and λ (TRL 1.0, 0.95).
+    /// GAE discount γ (Schulman et al. 2016; TRL `gamma` 1.0). Default 1.0.
     pub gamma: f64,
+    /// GAE λ (TRL `lam` 0.95). Default 0.95.
     pub lam: f64,
-    /// Entropy bonus coefficient (0 = off).
+    /// Entropy bonus coefficient, 0 = off. Default 0.
     pub entropy_coef: f64,
-    /// Whiten advantages over each rollout batch (TRL does).
+    /// Whiten advantages over each rollout batch (TRL does). Default true.
     pub whiten_advantages: bool,
     /// Stop an iteration's updates once the approximate KL to the rollout policy exceeds
-    /// this (0 = never; TRL's `early_stopping` with `target_kl`).
+    /// this (0 = never; TRL's `early_stopping` with `target_kl`). Default 0.
     pub max_approx_kl: f64,
     /// PPO-ptx: coefficient of the pretraining loss mixed in (InstructGPT's γ; 0 = off).
+    /// Default 0.
     pub ptx_coef: f64,
 }
 
@@ -176,6 +197,7 @@ impl Default for PpoAlgo {
     }
 }
 
+/// Where the critic's weights start (`critic.init`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum CriticInit {
@@ -185,11 +207,15 @@ pub enum CriticInit {
     Policy,
 }
 
+/// The value model (`critic:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CriticConfig {
+    /// `reward`: from the reward model, as InstructGPT (the policy when there is none);
+    /// `policy`: the policy's backbone with a new value head. Default `reward`.
     pub init: CriticInit,
-    /// Critic learning rate (absent = `train.lr`).
+    /// Critic peak learning rate, on the policy's schedule (absent = `train.lr`). Default:
+    /// none.
     pub lr: Option<f64>,
 }
 
@@ -202,15 +228,16 @@ impl Default for CriticConfig {
     }
 }
 
+/// Evaluation on `data.heldout_prompts` (`eval:`), every `train.eval_every` iterations.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalConfig {
-    /// Judge whose mean score on the held-out prompts is reported as `judge_score` (defaults
-    /// to `score.judge`); the SFT policy is scored before training starts.
+    /// Judge whose mean score on the held-out prompts is reported as `judge_score`; the SFT
+    /// policy is scored before training starts. Default: none (`score.judge`).
     pub judge: Option<String>,
-    /// At most this many held-out prompts per evaluation.
+    /// At most this many held-out prompts per evaluation. Default 64.
     pub max_prompts: usize,
-    /// Sampled responses printed and kept in `samples.jsonl` at each evaluation.
+    /// Sampled responses printed and kept in `samples.jsonl` at each evaluation. Default 3.
     pub samples_logged: usize,
 }
 

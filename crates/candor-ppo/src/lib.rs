@@ -779,9 +779,12 @@ mod tests {
     use candor_train::config::TrainConfig;
     use candor_train::dist::LocalGroup;
 
+    /// Per-token advantages and returns of each row.
+    type AdvantagesReturns = [Vec<Vec<f64>>; 2];
+
     /// A rollout of 5 rows with responses of different lengths (one empty-ish, 1 token) and
     /// random per-token targets, and 4 pretraining examples for PPO-ptx.
-    fn rollout() -> (Vec<Vec<u32>>, Rollout, [Vec<Vec<f64>>; 2], Vec<LmExample>) {
+    fn rollout() -> (Vec<Vec<u32>>, Rollout, AdvantagesReturns, Vec<LmExample>) {
         let mut rng = Rng::new(21);
         let mut roll = Rollout::default();
         let mut prompts = vec![];

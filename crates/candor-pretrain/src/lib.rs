@@ -29,27 +29,37 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
-    /// Seeds weight initialisation and data order.
+    /// Seeds weight initialisation and data order. Default 1.
     pub seed: u64,
+    /// The corpus, its held-out tail and the tokenizer.
     pub data: DataConfig,
-    /// Shape of a model trained from scratch (ignored with `init`).
+    /// Shape of a model trained from scratch (with `init`, only `model.ctx` is read: the
+    /// sequence length).
     pub model: ModelShape,
     /// Continue pretraining from this checkpoint instead of a fresh model: a directory, or
-    /// `hf:ORG/NAME` for a model in the Hugging Face cache.
+    /// `hf:ORG/NAME` for a model in the Hugging Face cache. Default: none (a fresh model).
     pub init: Option<PathBuf>,
+    /// Optimiser, schedule and cadence; `batch_size` counts sequences of `model.ctx`
+    /// tokens. Defaults: [`TrainConfig`]'s.
     pub train: TrainConfig,
 }
 
+/// The pretraining corpus (`data:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// Text files (one document each), JSONL files (`text` per line) or directories of them.
+    /// Default: none (required).
     pub files: Vec<PathBuf>,
-    /// Fraction of the token stream (its tail) held out for evaluation.
+    /// Fraction of the token stream (its tail) held out for `eval_loss` / `eval_ppl`, in
+    /// [0, 0.5). Default 0.05.
     pub heldout_fraction: f64,
-    /// A `tokenizer.json` to use; when absent (and no `init`), a byte-level BPE of
-    /// `vocab_size` tokens is trained on the training files.
+    /// A `tokenizer.json` to use instead of the `init` checkpoint's. Default: none — the
+    /// `init` checkpoint's tokenizer, or without `init` a byte-level BPE of `vocab_size`
+    /// tokens trained on the training files.
     pub tokenizer: Option<PathBuf>,
+    /// Tokens of the BPE trained when there is neither `tokenizer` nor `init` (ignored
+    /// otherwise). Default 512.
     pub vocab_size: usize,
 }
 
@@ -68,16 +78,26 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelShape {
+    /// Width of the residual stream (transformers `hidden_size`). Default 64.
     pub hidden_size: usize,
+    /// Transformer blocks (transformers `num_hidden_layers`). Default 2.
     pub layers: usize,
+    /// Attention heads; `hidden_size` must be a multiple (transformers
+    /// `num_attention_heads`). Default 4.
     pub heads: usize,
-    /// Key/value heads for grouped-query attention (0 = same as `heads`).
+    /// Key/value heads for grouped-query attention, 0 = same as `heads` (transformers
+    /// `num_key_value_heads`). Default 0.
     pub kv_heads: usize,
-    /// SwiGLU width (0 = 8/3 · hidden_size rounded up to a multiple of 32, as in Llama).
+    /// SwiGLU width, 0 = 8/3 · hidden_size rounded up to a multiple of 32, as in Llama
+    /// (transformers `intermediate_size`). Default 0.
     pub intermediate_size: usize,
-    /// Context length: tokens per training sequence and the model's positions.
+    /// Context length: tokens per training sequence and the model's positions
+    /// (transformers `max_position_embeddings`). Default 128.
     pub ctx: usize,
+    /// RoPE base θ (Su et al. 2021; transformers `rope_theta`). Default 10000.
     pub rope_theta: f64,
+    /// Share the input embedding with the output head (transformers
+    /// `tie_word_embeddings`). Default true.
     pub tie_embeddings: bool,
 }
 

@@ -17,8 +17,10 @@ fn corpus(dir: &Path) -> PathBuf {
 }
 
 fn config(corpus: &Path, steps: usize) -> PretrainConfig {
-    let mut c = PretrainConfig::default();
-    c.seed = 4;
+    let mut c = PretrainConfig {
+        seed: 4,
+        ..Default::default()
+    };
     c.data.files = vec![corpus.to_path_buf()];
     c.data.vocab_size = 300;
     c.model.hidden_size = 32;

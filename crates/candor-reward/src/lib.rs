@@ -53,16 +53,22 @@ pub struct RewardConfig {
     /// is loaded and a new `score` head initialised (N(0, 0.02)); a `score` checkpoint
     /// continues as it is. Default: none (required).
     pub init: Option<PathBuf>,
+    /// The rankings to learn from and the held-out part.
     pub data: RewardData,
     /// Optimiser, schedule and cadence; `batch_size` counts prompts (each brings all its
     /// responses and pairs). InstructGPT trains its reward model for a single epoch.
+    /// Defaults: [`TrainConfig`]'s, except steps 200, batch_size 8, lr 1e-4, min_lr 1e-5,
+    /// warmup_steps 10, weight_decay 0, eval_every 50, eval_batches 0 (all).
     pub train: TrainConfig,
 }
 
+/// The reward model's data (`data:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardData {
-    /// Preference JSONL files (`candor rank` output, or chosen/rejected pairs). Default: none.
+    /// Preference JSONL files (`candor rank` output: a prompt and its K responses ranked,
+    /// InstructGPT's K-way comparisons; or TRL's `chosen`/`rejected` pairs). Default: none
+    /// (required).
     pub files: Vec<PathBuf>,
     /// Fraction of prompts held out for `eval_accuracy` / `eval_margin` when `heldout` is
     /// not given. Default 0.1.

@@ -35,18 +35,21 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftConfig {
-    /// Seeds the held-out split and the data order. Default 1.
+    /// Seeds the held-out split and the data order. Default 0.
     pub seed: u64,
     /// The checkpoint to fine-tune: an `lm` checkpoint, usually the pretrained model
     /// (`--init` sets it). Default: none (required).
     pub init: Option<PathBuf>,
+    /// The conversations to train on and how they are cut and packed.
     pub data: SftData,
     /// Optimiser, schedule and cadence; `batch_size` counts rows (a conversation, or with
     /// `data.packing` a row of packed conversations). Fine-tuning wants a smaller `lr` than
     /// pretraining; InstructGPT trains SFT for 16 epochs with cosine decay (Appendix C).
+    /// Defaults: [`TrainConfig`]'s.
     pub train: TrainConfig,
 }
 
+/// The SFT data (`data:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftData {

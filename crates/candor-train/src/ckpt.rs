@@ -6,7 +6,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -18,10 +18,11 @@ use candor_model::{Head, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::Cursor;
-use crate::dist::Dist;
 use crate::error::{Error, Result};
 use crate::optim::AdamW;
-use crate::precision::Precision;
+
+/// [`RunOptions`] lived here first; it has its own module now.
+pub use crate::run::RunOptions;
 
 /// Everything besides weights and optimizer moments that an exact resume needs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -185,76 +186,6 @@ pub fn restore_optimizer(
         t,
         &dir.join(TRAINER_DIR).join("optimizer.safetensors"),
     )
-}
-
-/// How to run a stage: where to write, on what, and whether to resume.
-pub struct RunOptions {
-    pub out: PathBuf,
-    pub device: Device,
-    pub resume: bool,
-    pub overwrite: bool,
-    /// Names the config in error messages (its file path).
-    pub origin: String,
-    /// This process's place in a data-parallel run (`Dist::single()` alone): each rank
-    /// trains on its shard of every global batch, gradients are summed, rank 0 writes.
-    pub dist: Dist,
-}
-
-impl RunOptions {
-    /// [`plan_start`] on every rank of the run: rank 0 decides first (with `--overwrite` it
-    /// may clear `out`), then the others look at what it left.
-    pub fn plan_start(&self, effective: &serde_json::Value) -> Result<Start> {
-        let dist = &self.dist;
-        let mine = if dist.is_main() {
-            Some(plan_start(
-                &self.out,
-                self.resume,
-                self.overwrite,
-                effective,
-            )?)
-        } else {
-            None
-        };
-        dist.barrier()?;
-        match mine {
-            Some(start) => Ok(start),
-            None => plan_start(&self.out, self.resume, false, effective),
-        }
-    }
-
-    /// A global batch (`key` in the config) must give every rank at least one item.
-    pub fn check_batch(&self, key: &str, batch: usize) -> Result<()> {
-        let world = self.dist.world_size();
-        if batch < world {
-            return Err(Error::Msg(format!(
-                "{}: {key}: {batch} is smaller than the {world} ranks of this run (it is the global batch, split among them)",
-                self.origin
-            )));
-        }
-        Ok(())
-    }
-
-    /// Where and how the run computes, for its first log line: `bf16 on cuda:0, 2 ranks
-    /// (nccl)`, `f32 on cpu`.
-    pub fn place(&self, precision: Precision) -> String {
-        let ranks = match self.dist.backend() {
-            "single" => String::new(),
-            backend => format!(", {} ranks ({backend})", self.dist.world_size()),
-        };
-        format!(
-            "{} on {}{ranks}",
-            precision.name(),
-            candor_core::device::device_name(&self.device)
-        )
-    }
-
-    /// Write the final checkpoint (`save`) on rank 0 only; no rank returns before it is in place.
-    pub fn save_on_main(&self, save: impl FnOnce() -> Result<()>) -> Result<()> {
-        if self.dist.is_main() {
-            save()?;
-        }
-        self.dist.barrier()
-    }
 }
 
 /// What a stage should do with its output directory.

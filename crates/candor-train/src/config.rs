@@ -2,43 +2,59 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Optimiser, schedule and cadence. Defaults follow nanoGPT / GPT-3 small-model practice.
+/// Optimiser, schedule and cadence. Defaults follow nanoGPT / GPT-3 small-model practice;
+/// the reward and PPO stages start from their own defaults (their configs' `Default`),
+/// noted below as "reward" and "PPO". Names in parentheses are the Hugging Face
+/// `TrainingArguments` (TRL) equivalents.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Optimiser steps (each over `batch_size × grad_accum` examples).
+    /// Optimiser steps, each over `batch_size × grad_accum` examples (TRL `max_steps`; in
+    /// PPO, iterations). Default 200 (PPO 20).
     pub steps: usize,
-    /// Examples (sequences) per micro-batch.
+    /// Examples (sequences) per micro-batch, for the whole run: with several ranks it is
+    /// the global batch, split among them (TRL's `per_device_train_batch_size` × ranks).
+    /// Default 16 (reward, PPO 8).
     pub batch_size: usize,
-    /// Micro-batches whose gradients are summed before each optimiser step.
+    /// Micro-batches whose gradients are summed before each optimiser step (TRL
+    /// `gradient_accumulation_steps`). Default 1.
     pub grad_accum: usize,
-    /// Peak learning rate, reached after `warmup_steps`.
+    /// Peak learning rate, reached after `warmup_steps` (TRL `learning_rate`). Default 1e-3
+    /// (reward 1e-4, PPO 1e-5).
     pub lr: f64,
-    /// Learning rate at the end of the cosine decay.
+    /// Learning rate at the end of the cosine decay (nanoGPT `min_lr`). Default 1e-4
+    /// (reward 1e-5, PPO 1e-5: constant).
     pub min_lr: f64,
-    /// Linear warm-up steps from 0 to `lr`.
+    /// Linear warm-up steps from 0 to `lr` (TRL `warmup_steps`). Default 20 (reward 10,
+    /// PPO 0).
     pub warmup_steps: usize,
     /// Decoupled weight decay (AdamW, Loshchilov & Hutter 2019) on matrices and embeddings,
-    /// not on norms and biases.
+    /// not on norms and biases (TRL `weight_decay`). Default 0.1 (reward, PPO 0).
     pub weight_decay: f64,
-    /// AdamW β1, β2, ε (β2 = 0.95 as in GPT-3 and nanoGPT).
+    /// AdamW β1 (TRL `adam_beta1`). Default 0.9.
     pub beta1: f64,
+    /// AdamW β2 (TRL `adam_beta2`; 0.95 as in GPT-3 and nanoGPT, where TRL has 0.999).
+    /// Default 0.95.
     pub beta2: f64,
+    /// AdamW ε (TRL `adam_epsilon`). Default 1e-8.
     pub eps: f64,
-    /// Clip the global gradient norm to this (0 = off).
+    /// Clip the global gradient norm to this, 0 = off (TRL `max_grad_norm`). Default 1.0.
     pub grad_clip: f64,
-    /// Evaluate on held-out data every N steps (0 = only at the end).
+    /// Evaluate on held-out data every N steps, and always after the last; 0 = only at the
+    /// end (TRL `eval_steps`). Default 50 (PPO 5).
     pub eval_every: usize,
-    /// Held-out batches per evaluation (0 = all).
+    /// Held-out batches per evaluation, 0 = all. Default 8 (reward, PPO 0).
     pub eval_batches: usize,
-    /// Write a resumable checkpoint every N steps (0 = only at the end).
+    /// Write a resumable checkpoint every N steps; 0 = only the final one (TRL
+    /// `save_steps`). Default 0.
     pub save_every: usize,
-    /// Log training metrics every N steps.
+    /// Log training metrics every N steps, and after the last (TRL `logging_steps`).
+    /// Default 10 (PPO 1).
     pub log_every: usize,
-    /// Forward/backward precision: `f32` (default), or `bf16` mixed precision — bf16
-    /// weights and activations in the pass, f32 reductions (norms, softmax, loss), f32
-    /// master weights and AdamW state (Micikevicius et al. 2018; bf16 needs no loss
-    /// scaling). Meant for GPUs; candle's CPU backend runs it too, more slowly than f32.
+    /// Forward/backward precision: `f32`, or `bf16` mixed precision — bf16 weights and
+    /// activations in the pass, f32 reductions (norms, softmax, loss), f32 master weights
+    /// and AdamW state (Micikevicius et al. 2018; bf16 needs no loss scaling; TRL `bf16`).
+    /// Meant for GPUs; candle's CPU backend runs it too, more slowly than f32. Default `f32`.
     pub dtype: crate::precision::Precision,
 }
 

@@ -10,9 +10,11 @@
 //! - [`lm`]: the next-token loop pretraining and SFT share ([`lm::train_lm`]: get batch,
 //!   forward, backward, clip, step, log, eval, checkpoint), its steps' gradients, held-out loss.
 //! - [`ckpt`]: writing a stage's checkpoint directory and its resume state.
+//! - [`run::RunOptions`]: how a stage is run (output, device, resume, its rank).
 //! - [`progress::Progress`]: the progress bar and log lines.
 //! - [`precision`]: bf16 mixed precision (f32 master weights and optimiser state).
 //! - [`dist`]: data parallel — sharding, gradient all-reduce (threads, TCP, NCCL), launcher env.
+//! - [`step`]: one optimiser step's gradients over its micro-batches, sharded over the ranks.
 //! - [`sample`]: chat prompts → K distinct candidate responses; a reward model's last-token
 //!   scores of whole exchanges.
 //! - [`seq`]: prompt + response batches ([`seq::SeqBatch`]) and the forward passes RL and
@@ -35,9 +37,11 @@ pub mod precision;
 pub mod progress;
 pub mod rl;
 pub mod rollout;
+pub mod run;
 pub mod sample;
 pub mod schedule;
 pub mod score;
 pub mod seq;
+pub mod step;
 
 pub use error::{Error, Result};

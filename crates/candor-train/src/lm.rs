@@ -17,13 +17,14 @@ use candor_model::Model;
 use crate::batch::{lm_batch, LmExample, Sampler};
 use crate::ckpt::{StageModel, TrainerState};
 use crate::config::TrainConfig;
-use crate::dist::{sharded_grads, Dist, StepGrads};
+use crate::dist::Dist;
 use crate::error::Result;
 use crate::loss::lm_loss;
 use crate::optim::{check_finite, clip_grad_norm, named_vars, AdamW};
 use crate::precision::compute_model;
 use crate::progress::{human, Progress};
 use crate::schedule::lr_at;
+use crate::step::{sharded_grads, StepGrads};
 
 /// What a next-token stage trains, on what, and where it writes.
 pub struct LmTraining<'a> {

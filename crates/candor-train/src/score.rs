@@ -20,18 +20,21 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScoreConfig {
-    /// Weight of the reward model's (normalised) score.
+    /// Weight of the reward model's (normalised) score; 0 leaves the reward model
+    /// unloaded. Default 1.0.
     pub reward_model_weight: f64,
-    /// A rule judge (`candor_judge`), e.g. `sentiment`; its score is added with `judge_weight`.
+    /// A rule judge (`candor_judge`, `NAME` or `NAME:ARG`), e.g. `sentiment`; its score is
+    /// added with `judge_weight`. Default: none.
     pub judge: Option<String>,
+    /// Weight of the judge's score. Default 0.
     pub judge_weight: f64,
     /// Normalise reward-model scores with the mean/std the reward stage stored in its
-    /// candor.json (`reward_mean`, `reward_std`).
+    /// candor.json (`reward_mean`, `reward_std`). Default true.
     pub normalize: bool,
-    /// Clip the combined score to ±clip (0 = off).
+    /// Clip the combined score to ±clip, 0 = off. Default 0.
     pub clip: f64,
     /// Added to the score of responses that hit `max_new_tokens` without a stop token
-    /// (TRL's `missing_eos_penalty`; 0 = off).
+    /// (TRL's `missing_eos_penalty`; 0 = off). Default 0.
     pub missing_eos_penalty: f64,
 }
 
