@@ -279,3 +279,45 @@ fn a_nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
         ])
         .arg(&out));
 }
+
+/// `--show-config` prints the effective config (defaults filled in, the command's paths
+/// applied; loadable YAML) and, as comments, the paths the run would read: the policy's
+/// directory, absolute; input files, absolute, a missing one marked.
+#[test]
+fn show_config_prints_the_effective_config_and_resolved_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    let out = ok(candor().args([
+        "ppo",
+        "--config",
+        "configs/tiny/ppo.yaml",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--set",
+        "data.heldout_prompts=nowhere.jsonl",
+        "--show-config",
+    ]));
+    let config: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+    assert_eq!(config["rollout"]["max_new_tokens"].as_u64(), Some(24));
+    assert_eq!(config["ppo"]["gamma"].as_f64(), Some(1.0), "{out}");
+    assert_eq!(config["policy"].as_str(), policy.to_str());
+    let prompts = repo_root().join("data/prompts/sentiment-train.jsonl");
+    assert!(out.contains("# resolved paths:"), "{out}");
+    assert!(
+        out.contains(&format!("#   policy: {}", policy.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("#   data.prompts: {}\n", prompts.display())),
+        "{out}"
+    );
+    let missing = repo_root().join("nowhere.jsonl");
+    assert!(
+        out.contains(&format!(
+            "#   data.heldout_prompts: {} (does not exist)",
+            missing.display()
+        )),
+        "{out}"
+    );
+}

@@ -92,6 +92,7 @@ pub fn command(kind: &str, c: &CommonStage, paths: &[(&str, &Option<PathBuf>)]) 
     let effective = (entry.effective)(&config, &origin)?;
     if c.show_config {
         print!("{}", serde_yaml::to_string(&effective)?);
+        print!("{}", resolved_paths(entry, &effective));
         return Ok(());
     }
     let Some(opts) = run_options(c, kind)? else {
@@ -106,4 +107,56 @@ pub fn command(kind: &str, c: &CommonStage, paths: &[(&str, &Option<PathBuf>)]) 
         );
     }
     Ok(())
+}
+
+/// The paths the config names, as the run will read them, as YAML comments (the printed
+/// config stays loadable): each role's checkpoint (hf:ORG/NAME → its directory in the
+/// Hugging Face cache) and each input file, absolute; a missing one is marked.
+fn resolved_paths(entry: &registry::StageKind, effective: &serde_json::Value) -> String {
+    let at = |key: &str| key.split('.').try_fold(effective, |v, k| v.get(k));
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        match v {
+            serde_json::Value::String(s) => vec![s.clone()],
+            serde_json::Value::Array(xs) => xs
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+            _ => vec![],
+        }
+    };
+    let absolute = |p: &std::path::Path| {
+        std::path::absolute(p).map_or_else(|_| p.display().to_string(), |a| a.display().to_string())
+    };
+    let local = |spec: &str| {
+        let p = std::path::Path::new(spec);
+        let missing = if p.exists() { "" } else { " (does not exist)" };
+        format!("{}{missing}", absolute(p))
+    };
+    let mut lines = vec![];
+    let mut seen = vec![];
+    for role in entry.roles {
+        for spec in at(role.key).map(strings).unwrap_or_default() {
+            let shown = match spec.strip_prefix("hf:") {
+                Some(_) => match candor_model::resolve_model_dir(&spec) {
+                    Ok(dir) => absolute(&dir),
+                    Err(e) => format!("(not in the Hugging Face cache: {e})"),
+                },
+                None => local(&spec),
+            };
+            lines.push(format!("#   {}: {shown}", role.key));
+        }
+        seen.push(role.key);
+    }
+    for file in entry.file_keys {
+        if seen.contains(&file.key) {
+            continue;
+        }
+        for spec in at(file.key).map(strings).unwrap_or_default() {
+            lines.push(format!("#   {}: {}", file.key, local(&spec)));
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!("# resolved paths:\n{}\n", lines.join("\n"))
 }

@@ -18,6 +18,7 @@
 pub mod config;
 pub mod math;
 pub mod rollout;
+mod update;
 
 use std::path::Path;
 use std::time::Instant;
@@ -31,34 +32,29 @@ use candor_data::text::{pack_corpus, read_corpus, tokenize_documents};
 use candor_data::Tokenizer;
 use candor_model::io::{load_trainable, read_config};
 use candor_model::Model;
-use candor_train::batch::{lm_batch, Cursor, LmExample, Sampler};
+use candor_train::batch::{Cursor, LmExample, Sampler};
 use candor_train::ckpt::{
     read_trainer, restore_optimizer, save_checkpoint, write_model_dir, Snapshot, Start,
     TrainerState,
 };
-use candor_train::dist::Dist;
-use candor_train::loss::lm_loss;
-use candor_train::optim::{clip_grad_norm, named_vars, AdamW, Grads};
-use candor_train::precision::{compute_model, inference_model, load_frozen};
+use candor_train::err;
+use candor_train::optim::{named_vars, AdamW};
+use candor_train::precision::{inference_model, load_frozen};
 use candor_train::progress::Progress;
-use candor_train::rl::{
-    masked_mean, masked_mean_rows, masked_whiten, policy_loss, scalar, KlController,
-};
+use candor_train::rl::{masked_mean_rows, masked_whiten, KlController};
 use candor_train::rollout::{load_prompts, sample_responses, Prompt};
 use candor_train::schedule::lr_at;
 use candor_train::score::{judge, judge_scores, Scorer};
-use candor_train::seq::{logprobs, rows, seq_batch, sequence_scores, tensor, values};
+use candor_train::seq::{logprobs, rows, sequence_scores, values};
+use candor_train::train_loop::begin;
 
 pub use config::*;
-use math::{gae, per_token_rewards, value_loss};
+use math::{gae, per_token_rewards};
 use rollout::Rollout;
+use update::{ppo_epochs, Epochs, Learners, Targets};
 
 pub type Error = candor_train::Error;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-fn err(msg: String) -> Error {
-    Error::Msg(msg)
-}
 
 pub use candor_train::ckpt::RunOptions;
 
@@ -89,13 +85,8 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         ..cfg.clone()
     };
     let cfg = &resolved;
-    let start = opts.plan_start(&effective)?;
+    let start = begin(opts, "ppo", &effective)?;
     if let Start::Done(meta) = start {
-        eprintln!(
-            "[ppo] {} is already complete (step {})",
-            opts.out.display(),
-            meta.step
-        );
         return Ok(meta);
     }
     let resuming = matches!(start, Start::Resume(_));
@@ -383,7 +374,6 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         // 5. PPO epochs over minibatches (each rank computes its share of every minibatch)
         let t2 = Instant::now();
         let n = roll.len();
-        let mb = cfg.train.batch_size.min(n);
         let batch_ids: Vec<&[u32]> = batch_prompts.iter().map(|p| p.ids.as_slice()).collect();
         let targets = Targets {
             prompts: &batch_ids,
@@ -393,60 +383,32 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             advantages: &advantages,
             returns: &returns,
         };
-        let mut stats = UpdateStats::default();
-        'epochs: for _epoch in 0..cfg.ppo.epochs {
-            let mut order: Vec<usize> = (0..n).collect();
-            state.rng.shuffle(&mut order);
-            for chunk in order.chunks(mb) {
-                let ptx_rows: Vec<usize> =
-                    ptx_sampler.as_mut().map_or(vec![], |s| s.next(chunk.len()));
-                let models = Models {
-                    policy: &*compute_model(&policy, &policy_vars, dtype)?,
-                    critic: &*compute_model(&critic, &critic_vars, dtype)?,
-                    policy_opt: &policy_opt,
-                    critic_opt: &critic_opt,
-                };
-                let ptx_batch = PtxBatch {
-                    examples: &ptx,
-                    rows: &ptx_rows,
-                };
-                let mut u = minibatch_grads(
-                    &models,
-                    &targets,
-                    chunk,
-                    &ptx_batch,
-                    &cfg.ppo,
-                    temperature,
-                    pad,
-                    dist,
-                )?;
-                if !u.loss.is_finite() {
-                    return Err(err(format!(
-                        "PPO loss became {} at iteration {}; stopped, the last good checkpoint (if any) is kept in {}",
-                        u.loss,
-                        iteration + 1,
-                        opts.out.display()
-                    )));
-                }
-                let gn = clip_grad_norm(&mut u.policy_grads, cfg.train.grad_clip)?;
-                clip_grad_norm(&mut u.critic_grads, cfg.train.grad_clip)?;
-                if !gn.is_finite() {
-                    return Err(err(format!(
-                        "policy gradient norm became {gn} at iteration {}; stopped, the last good checkpoint (if any) is kept in {}",
-                        iteration + 1,
-                        opts.out.display()
-                    )));
-                }
-                policy_opt.step(&u.policy_grads, lr)?;
-                critic_opt.step(&u.critic_grads, lr * critic_lr_scale)?;
-                u.stats.grad_norm = gn;
-                stats.add(&u.stats);
-                if cfg.ppo.max_approx_kl > 0.0 && u.stats.approx_kl > cfg.ppo.max_approx_kl {
-                    stats.early_stopped = true;
-                    break 'epochs;
-                }
-            }
-        }
+        let mut learners = Learners {
+            policy: &policy,
+            policy_vars: &policy_vars,
+            critic: &critic,
+            critic_vars: &critic_vars,
+            policy_opt: &mut policy_opt,
+            critic_opt: &mut critic_opt,
+        };
+        let epochs = Epochs {
+            cfg,
+            lr,
+            critic_lr_scale,
+            temperature,
+            pad,
+            dist,
+            iteration,
+            out: &opts.out,
+            ptx: &ptx,
+        };
+        let stats = ppo_epochs(
+            &mut learners,
+            &targets,
+            &mut ptx_sampler,
+            &mut state.rng,
+            &epochs,
+        )?;
         let time_train = t2.elapsed().as_secs_f64();
         let resp: Vec<&[u32]> = roll.responses.iter().map(Vec::as_slice).collect();
 
@@ -534,144 +496,6 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     Ok(meta)
 }
 
-/// The models one minibatch update runs (in `train.dtype`) and their optimisers.
-struct Models<'a> {
-    policy: &'a Model,
-    critic: &'a Model,
-    policy_opt: &'a AdamW,
-    critic_opt: &'a AdamW,
-}
-
-/// A rollout batch and what PPO fits to it, rows in the batch's order, per-token rows
-/// padded to the rollout's width.
-struct Targets<'a> {
-    prompts: &'a [&'a [u32]],
-    roll: &'a Rollout,
-    old_lp: &'a [Vec<f64>],
-    old_values: &'a [Vec<f64>],
-    advantages: &'a [Vec<f64>],
-    returns: &'a [Vec<f64>],
-}
-
-/// PPO-ptx: pretraining examples and the rows of them this minibatch mixes in.
-struct PtxBatch<'a> {
-    examples: &'a [LmExample],
-    rows: &'a [usize],
-}
-
-/// One minibatch update's gradients (summed over the ranks), loss and statistics (over the
-/// whole minibatch: means over its response tokens; `grad_norm` is set after clipping).
-struct MinibatchUpdate {
-    policy_grads: Grads,
-    critic_grads: Grads,
-    loss: f64,
-    stats: MeanStats,
-}
-
-/// The clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy (+
-/// ptx_coef · next-token loss) of one minibatch (rows `chunk` of the rollout), from this
-/// rank's share of its rows, gradients summed over the ranks. Each rank's token means are
-/// weighted by its share of the minibatch's response tokens (and of the ptx examples'
-/// target tokens), so the sum over the ranks is the whole minibatch's loss, and every rank
-/// gets the same gradients and statistics. With `Dist::single()` the weights are 1.
-#[allow(clippy::too_many_arguments)]
-fn minibatch_grads(
-    m: &Models,
-    t: &Targets,
-    chunk: &[usize],
-    ptx: &PtxBatch,
-    cfg: &PpoAlgo,
-    temperature: f64,
-    pad: u32,
-    dist: &Dist,
-) -> Result<MinibatchUpdate> {
-    let device = m.policy.device();
-    let mine = dist.shard(chunk);
-    let tokens = |rows: &[usize]| {
-        rows.iter()
-            .map(|&i| t.roll.responses[i].len())
-            .sum::<usize>()
-    };
-    let mut loss: Option<candle_core::Tensor> = None;
-    // this rank's weighted: loss, policy loss, value loss, clip_frac, value clip_frac, approx_kl, entropy
-    let mut local = [0.0f64; 7];
-    if !mine.is_empty() {
-        let w = tokens(mine) as f64 / tokens(chunk).max(1) as f64;
-        let m_pr: Vec<&[u32]> = mine.iter().map(|&i| t.prompts[i]).collect();
-        let m_resp: Vec<&[u32]> = mine
-            .iter()
-            .map(|&i| t.roll.responses[i].as_slice())
-            .collect();
-        let msb = seq_batch(&m_pr, &m_resp, pad, device)?;
-        let r = msb.response_width;
-        let pick = |x: &[Vec<f64>]| -> Vec<Vec<f64>> {
-            mine.iter()
-                .map(|&i| {
-                    let mut v = x[i].clone();
-                    v.resize(r, 0.0);
-                    v
-                })
-                .collect()
-        };
-        let old_lp_t = tensor(&pick(t.old_lp), device)?;
-        let adv_t = tensor(&pick(t.advantages), device)?;
-        let ret_t = tensor(&pick(t.returns), device)?;
-        let val_t = tensor(&pick(t.old_values), device)?;
-        let (new_lp, logits) = logprobs(m.policy, &msb, temperature)?;
-        let pl = policy_loss(&new_lp, &old_lp_t, &adv_t, &msb.mask, cfg.cliprange)?;
-        let vpred = values(m.critic, &msb)?;
-        let (vl, vclip) = value_loss(&vpred, &val_t, &ret_t, &msb.mask, cfg.cliprange_value)?;
-        let entropy = masked_mean(&candor_model::ops::entropy(&logits)?, &msb.mask)?;
-        let mut l = (&pl.loss + (&vl * cfg.vf_coef)?)?;
-        if cfg.entropy_coef != 0.0 {
-            l = (l - (&entropy * cfg.entropy_coef)?)?;
-        }
-        let l = (l * w)?;
-        local = [
-            scalar(&l)?,
-            scalar(&pl.loss)?,
-            scalar(&vl)?,
-            pl.clip_frac,
-            vclip,
-            pl.approx_kl,
-            scalar(&entropy)?,
-        ];
-        for x in &mut local[1..] {
-            *x *= w;
-        }
-        loss = Some(l);
-    }
-    let ptx_mine = dist.shard(ptx.rows);
-    if !ptx_mine.is_empty() {
-        let all: usize = ptx.rows.iter().map(|&i| ptx.examples[i].n_targets()).sum();
-        let ex: Vec<&LmExample> = ptx_mine.iter().map(|&i| &ptx.examples[i]).collect();
-        let (sum, _) = lm_loss(m.policy, &lm_batch(&ex, pad, device)?)?;
-        let l = (sum * (cfg.ptx_coef / all.max(1) as f64))?;
-        local[0] += scalar(&l)?;
-        loss = Some(match loss {
-            Some(x) => (x + l)?,
-            None => l,
-        });
-    }
-    let mut policy_grads = m.policy_opt.zero_grads();
-    let mut critic_grads = m.critic_opt.zero_grads();
-    if let Some(loss) = loss {
-        let store = loss.backward()?;
-        m.policy_opt.accumulate(&store, &mut policy_grads)?;
-        m.critic_opt.accumulate(&store, &mut critic_grads)?;
-    }
-    dist.all_reduce_grads(&mut policy_grads, m.policy_opt)?;
-    dist.all_reduce_grads(&mut critic_grads, m.critic_opt)?;
-    let g = dist.all_reduce_f64(&local)?;
-    let stats = MeanStats::from_array([g[1], g[2], g[3], g[4], g[5], g[6], 0.0]);
-    Ok(MinibatchUpdate {
-        policy_grads,
-        critic_grads,
-        loss: g[0],
-        stats,
-    })
-}
-
 fn validate(cfg: &PpoConfig, origin: &str) -> Result<()> {
     let bad = |key: &str, msg: &str| Err(err(format!("{origin}: {key}: {msg}")));
     if cfg.train.grad_accum != 1 {
@@ -704,62 +528,6 @@ fn validate(cfg: &PpoConfig, origin: &str) -> Result<()> {
     Ok(())
 }
 
-#[derive(Default)]
-struct UpdateStats {
-    n: usize,
-    sums: [f64; 7],
-    early_stopped: bool,
-}
-
-/// The statistics of one minibatch update, or their means over an iteration's updates.
-#[derive(Debug, PartialEq)]
-struct MeanStats {
-    policy_loss: f64,
-    value_loss: f64,
-    clip_frac: f64,
-    value_clip_frac: f64,
-    approx_kl: f64,
-    entropy: f64,
-    grad_norm: f64,
-}
-
-impl MeanStats {
-    fn from_array(m: [f64; 7]) -> Self {
-        MeanStats {
-            policy_loss: m[0],
-            value_loss: m[1],
-            clip_frac: m[2],
-            value_clip_frac: m[3],
-            approx_kl: m[4],
-            entropy: m[5],
-            grad_norm: m[6],
-        }
-    }
-    fn to_array(&self) -> [f64; 7] {
-        [
-            self.policy_loss,
-            self.value_loss,
-            self.clip_frac,
-            self.value_clip_frac,
-            self.approx_kl,
-            self.entropy,
-            self.grad_norm,
-        ]
-    }
-}
-
-impl UpdateStats {
-    fn add(&mut self, stats: &MeanStats) {
-        for (s, v) in self.sums.iter_mut().zip(stats.to_array()) {
-            *s += v;
-        }
-        self.n += 1;
-    }
-    fn mean(&self) -> MeanStats {
-        MeanStats::from_array(self.sums.map(|s| s / self.n.max(1) as f64))
-    }
-}
-
 const SAMPLES_FILE: &str = "samples.jsonl";
 
 fn write_samples(dir: &Path, samples: &MetricsLog) -> Result<()> {
@@ -773,10 +541,12 @@ fn read_samples(dir: &Path) -> Result<MetricsLog> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::update::{minibatch_grads, Models, PtxBatch};
     use candle_core::Device;
     use candor_model::io::build_trainable;
     use candor_model::ModelConfig;
     use candor_train::config::TrainConfig;
+    use candor_train::dist::Dist;
     use candor_train::dist::LocalGroup;
 
     /// Per-token advantages and returns of each row.
@@ -884,8 +654,16 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let mut stats = vec![u.loss];
-        stats.extend(&u.stats.to_array()[..6]);
+        let s = u.stats;
+        let stats = vec![
+            u.loss,
+            s.policy_loss,
+            s.value_loss,
+            s.clip_frac,
+            s.value_clip_frac,
+            s.approx_kl,
+            s.entropy,
+        ];
         (grads, stats)
     }
 

@@ -17,9 +17,11 @@ use candor_model::ModelConfig;
 use candor_train::batch::LmExample;
 use candor_train::ckpt::{final_metrics, resume_or_fresh, StageModel, Start};
 use candor_train::config::TrainConfig;
+use candor_train::err;
 use candor_train::lm::{train_lm, LmTraining};
 use candor_train::optim::{named_vars, AdamW};
 use candor_train::progress::Progress;
+use candor_train::train_loop::begin;
 use serde::{Deserialize, Serialize};
 
 pub type Error = candor_train::Error;
@@ -156,10 +158,6 @@ impl ModelShape {
 
 pub use candor_train::ckpt::RunOptions;
 
-fn err(msg: String) -> Error {
-    Error::Msg(msg)
-}
-
 /// Run pretraining; returns the output checkpoint's metadata.
 pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let origin = &opts.origin;
@@ -176,13 +174,8 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     }
     opts.check_batch("train.batch_size", cfg.train.batch_size)?;
     let effective = candor_core::config::effective(cfg);
-    let start = opts.plan_start(&effective)?;
+    let start = begin(opts, "pretrain", &effective)?;
     if let Start::Done(meta) = start {
-        eprintln!(
-            "[pretrain] {} is already complete (step {})",
-            opts.out.display(),
-            meta.step
-        );
         return Ok(meta);
     }
     let resuming = matches!(start, Start::Resume(_));
@@ -212,9 +205,9 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
         (Some(init), true) => vec![parent_ref("init", init)?],
         _ => parents,
     };
-    let eos = tokenizer.eos_id().ok_or_else(|| {
-        err("tokenizer has no end-of-text token (<|endoftext|> or eos_token)".into())
-    })?;
+    let eos = tokenizer
+        .eos_id()
+        .ok_or_else(|| err("tokenizer has no end-of-text token (<|endoftext|> or eos_token)"))?;
 
     // 2. model
     let mut init_rng = Rng::derive(cfg.seed, "init");

@@ -14,7 +14,6 @@ pub mod loss;
 pub mod score;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use candle_core::Tensor;
 use candor_core::checkpoint::{parent_ref, CandorMeta, Head};
@@ -25,15 +24,15 @@ use candor_data::chat::ChatTemplate;
 use candor_data::Tokenizer;
 use candor_model::io::{load_trainable, read_config};
 use candor_model::Model;
-use candor_train::batch::{split_heldout, Sampler};
+use candor_train::batch::split_heldout;
 use candor_train::ckpt::{final_metrics, resume_or_fresh, StageModel, Start};
 use candor_train::config::TrainConfig;
-use candor_train::dist::{sharded_grads, StepGrads};
-use candor_train::optim::{check_finite, clip_grad_norm, named_vars, AdamW};
+use candor_train::err;
+use candor_train::optim::{named_vars, AdamW};
 use candor_train::precision::compute_model;
-use candor_train::progress::{human, Progress};
+use candor_train::progress::Progress;
 use candor_train::sample::last_token_scores;
-use candor_train::schedule::lr_at;
+use candor_train::train_loop::{begin, train_loop, Loop};
 use serde::{Deserialize, Serialize};
 
 use crate::loss::{pair_stats, preference_loss};
@@ -112,10 +111,6 @@ impl Default for RewardConfig {
     }
 }
 
-fn err(msg: String) -> Error {
-    Error::Msg(msg)
-}
-
 /// Held-out pairwise metrics.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct EvalStats {
@@ -152,13 +147,8 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     }
     opts.check_batch("train.batch_size", cfg.train.batch_size)?;
     let effective = candor_core::config::effective(cfg);
-    let start = opts.plan_start(&effective)?;
+    let start = begin(opts, "reward", &effective)?;
     if let Start::Done(meta) = start {
-        eprintln!(
-            "[reward] {} is already complete (step {})",
-            opts.out.display(),
-            meta.step
-        );
         return Ok(meta);
     }
     let resuming = matches!(start, Start::Resume(_));
@@ -211,7 +201,6 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     meta.total_steps = cfg.train.steps as u64;
     let (mut state, mut metrics) =
         resume_or_fresh(&start, &opts.out, cfg.seed, &mut opt, &mut meta, device)?;
-    let mut sampler = Sampler::new(train_set.len(), cfg.seed, state.cursor.clone());
     let progress = Progress::for_rank(
         "reward",
         cfg.train.steps as u64,
@@ -258,62 +247,37 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     }
 
     // 4. the loop: a batch of prompts, all their responses scored, all their pairs compared
-    let dist = &opts.dist;
-    dist.sync_start(&named_vars(&varmap), state.step)?;
-    let elapsed_before = state.elapsed_sec;
-    let clock = Instant::now();
-    let mut window = (Instant::now(), 0u64);
-    for step in state.step as usize..cfg.train.steps {
-        let lr = lr_at(&cfg.train, step);
-        // in train.dtype, this rank's share of each batch of prompts (every prompt's pairs on
-        // one rank), the loss per pair of the whole batch, gradients summed over the ranks
-        let step_model = compute_model(&model, &varmap, cfg.train.dtype)?;
-        let pairs_of = |i: usize| train_set[i].pairs.len();
-        let StepGrads {
-            mut grads,
-            loss,
-            tokens,
-        } = sharded_grads(&opt, &mut sampler, &cfg.train, dist, pairs_of, |mine| {
-            let examples: Vec<&Encoded> = mine.iter().map(|&i| &train_set[i]).collect();
-            let (mean, better, _, tokens) = pair_forward(&step_model, &examples, pad)?;
-            Ok(((mean * better.dim(0)? as f64)?, tokens))
-        })?;
-        state.tokens += tokens as u64;
-        window.1 += tokens as u64;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.train.grad_clip)?;
-        check_finite(loss, grad_norm, step as u64 + 1, &opts.out)?;
-        opt.step(&grads, lr)?;
-        state.step = step as u64 + 1;
-        state.cursor = sampler.cursor.clone();
-        state.elapsed_sec = elapsed_before + clock.elapsed().as_secs_f64();
-        let tok_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-        progress.set(
-            state.step,
-            format!("loss {loss:.3} | {} tok/s", human(tok_s)),
-        );
-        if cfg.train.log_due(state.step) {
-            metrics.push(record!(state.step; "loss" => loss, "lr" => lr, "grad_norm" => grad_norm, "tokens_per_sec" => tok_s));
-            window = (Instant::now(), 0);
-        }
-        if !dist.is_main() {
-            continue; // rank 0 alone evaluates and writes
-        }
-        if cfg.train.eval_due(state.step) {
-            if let Some(e) = log_eval(state.step, &mut metrics)? {
-                progress.log(&format!(
-                    "step {} | loss {loss:.4} | eval_accuracy {:.3} | eval_margin {:.3} ({} pairs)",
-                    state.step, e.eval_accuracy, e.eval_margin, e.pairs
-                ));
-            }
-        }
-        if cfg.train.save_due(state.step) {
-            meta.complete = false;
-            saved.save(&opts.out, &state, &metrics, &opt, &mut meta)?;
-        }
-    }
+    //    (in train.dtype, this rank's share of each batch, every prompt's pairs on one rank;
+    //    the loss per pair of the whole batch, gradients summed over the ranks)
+    let loss = |model: &Model, mine: &[usize]| -> Result<(Tensor, usize)> {
+        let examples: Vec<&Encoded> = mine.iter().map(|&i| &train_set[i]).collect();
+        let (mean, better, _, tokens) = pair_forward(model, &examples, pad)?;
+        Ok(((mean * better.dim(0)? as f64)?, tokens))
+    };
+    let eval = |step: u64, metrics: &mut MetricsLog| -> Result<Option<String>> {
+        Ok(log_eval(step, metrics)?.map(|e| {
+            format!(
+                "eval_accuracy {:.3} | eval_margin {:.3} ({} pairs)",
+                e.eval_accuracy, e.eval_margin, e.pairs
+            )
+        }))
+    };
+    let training = Loop {
+        model: &model,
+        saved: StageModel { ..saved },
+        train: &cfg.train,
+        seed: cfg.seed,
+        out: &opts.out,
+        progress: &progress,
+        dist: &opts.dist,
+        examples: train_set.len(),
+        terms: &|i| train_set[i].pairs.len(),
+        loss: &loss,
+        eval: &eval,
+    };
+    train_loop(&training, &mut opt, &mut state, &mut metrics, &mut meta)?;
 
     // 5. reward statistics over the training responses (final model), the final checkpoint
-    meta.step = state.step;
     opts.save_on_main(|| {
         let seqs: Vec<&[u32]> = train_all
             .iter()

@@ -21,9 +21,11 @@ use candor_model::io::{load_trainable, read_config};
 use candor_train::batch::{pack_examples, split_heldout, LmExample};
 use candor_train::ckpt::{final_metrics, resume_or_fresh, StageModel, Start};
 use candor_train::config::TrainConfig;
+use candor_train::err;
 use candor_train::lm::{train_lm, LmTraining};
 use candor_train::optim::{named_vars, AdamW};
 use candor_train::progress::Progress;
+use candor_train::train_loop::begin;
 use serde::{Deserialize, Serialize};
 
 pub use candor_train::ckpt::RunOptions;
@@ -94,10 +96,6 @@ impl Default for SftData {
     }
 }
 
-fn err(msg: String) -> Error {
-    Error::Msg(msg)
-}
-
 /// A tokenised conversation as a training example: its assistant tokens are the targets.
 fn to_example(e: SftExample) -> LmExample {
     LmExample {
@@ -126,13 +124,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     }
     opts.check_batch("train.batch_size", cfg.train.batch_size)?;
     let effective = candor_core::config::effective(cfg);
-    let start = opts.plan_start(&effective)?;
+    let start = begin(opts, "sft", &effective)?;
     if let Start::Done(meta) = start {
-        eprintln!(
-            "[sft] {} is already complete (step {})",
-            opts.out.display(),
-            meta.step
-        );
         return Ok(meta);
     }
     let resuming = matches!(start, Start::Resume(_));

@@ -13,3 +13,8 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A one-line error message (`file: key: what was expected`), for a stage's checks.
+pub fn err(msg: impl Into<String>) -> Error {
+    Error::Msg(msg.into())
+}

@@ -7,7 +7,10 @@
 //! - [`schedule::lr_at`]: linear warm-up, cosine decay.
 //! - [`batch`]: epoch-shuffled sampling with a resumable cursor; padded LM batches; packing.
 //! - [`loss`]: masked next-token cross-entropy.
-//! - [`lm`]: the next-token loop pretraining and SFT share ([`lm::train_lm`]: get batch,
+//! - [`train_loop`]: the loop of every stage whose step is a batch in, a loss out
+//!   ([`train_loop::train_loop`]: get batch, the stage's loss closure, backward, clip, step,
+//!   log, eval, checkpoint) and [`train_loop::begin`], every stage's preamble.
+//! - [`lm`]: the next-token loss pretraining and SFT hand that loop ([`lm::train_lm`]: get batch,
 //!   forward, backward, clip, step, log, eval, checkpoint), its steps' gradients, held-out loss.
 //! - [`ckpt`]: writing a stage's checkpoint directory and its resume state.
 //! - [`run::RunOptions`]: how a stage is run (output, device, resume, its rank).
@@ -43,5 +46,6 @@ pub mod schedule;
 pub mod score;
 pub mod seq;
 pub mod step;
+pub mod train_loop;
 
-pub use error::{Error, Result};
+pub use error::{err, Error, Result};

@@ -1,14 +1,11 @@
-//! The next-token training loop that pretraining and SFT share — they differ only in
-//! their examples (SFT's targets are the assistant's tokens) — and its pieces: the
-//! gradients of one optimiser step over its micro-batches, and the loss on held-out
-//! examples. The loop runs in `train.dtype` (bf16: over casts of the f32 master weights,
-//! [`crate::precision`]) and on every rank of a data-parallel run ([`crate::dist`]): each
-//! rank takes its shard of every global batch, the gradients are summed over the ranks,
-//! and rank 0 alone evaluates and writes checkpoints.
+//! Next-token training, which pretraining and SFT share — they differ only in their
+//! examples (SFT's targets are the assistant's tokens): the loss closure and evaluation
+//! they hand to the stages' common loop ([`crate::train_loop`]), the gradients of one
+//! optimiser step over its micro-batches, and the loss on held-out examples.
 
 use std::path::Path;
-use std::time::Instant;
 
+use candle_core::Tensor;
 use candor_core::checkpoint::CandorMeta;
 use candor_core::metrics::MetricsLog;
 use candor_core::record;
@@ -20,11 +17,11 @@ use crate::config::TrainConfig;
 use crate::dist::Dist;
 use crate::error::Result;
 use crate::loss::lm_loss;
-use crate::optim::{check_finite, clip_grad_norm, named_vars, AdamW};
+use crate::optim::AdamW;
 use crate::precision::compute_model;
-use crate::progress::{human, Progress};
-use crate::schedule::lr_at;
+use crate::progress::Progress;
 use crate::step::{sharded_grads, StepGrads};
+use crate::train_loop::{train_loop, Loop};
 
 /// What a next-token stage trains, on what, and where it writes.
 pub struct LmTraining<'a> {
@@ -69,10 +66,9 @@ impl LmTraining<'_> {
     }
 }
 
-/// The loop, from `state.step` to `train.steps`: get batch, forward, backward, clip, step,
-/// log (`loss`, `lr`, `grad_norm`, `tokens_per_sec` every `log_every`), eval (`eval_loss`,
-/// `eval_ppl` every `eval_every` and at the end), checkpoint (every `save_every`). The
-/// caller writes the final checkpoint.
+/// The next-token loop ([`train_loop`]): the loss of a batch is the masked next-token
+/// cross-entropy summed over its target tokens; evaluation logs `eval_loss` and `eval_ppl`.
+/// The caller writes the final checkpoint.
 pub fn train_lm(
     t: &LmTraining,
     opt: &mut AdamW,
@@ -80,57 +76,38 @@ pub fn train_lm(
     metrics: &mut MetricsLog,
     meta: &mut CandorMeta,
 ) -> Result<()> {
-    let (cfg, pad, dist) = (t.train, t.saved.tokenizer.pad_id(), t.dist);
-    dist.sync_start(&named_vars(t.saved.varmap), state.step)?;
-    let mut sampler = Sampler::new(t.train_set.len(), t.seed, state.cursor.clone());
-    let elapsed_before = state.elapsed_sec;
-    let clock = Instant::now();
-    let mut window = (Instant::now(), 0u64);
-    for step in state.step as usize..cfg.steps {
-        let lr = lr_at(cfg, step);
-        // forward/backward in train.dtype over this rank's shard, gradients summed over the ranks
-        let step_model = compute_model(t.model, t.saved.varmap, cfg.dtype)?;
-        let StepGrads {
-            mut grads,
-            loss,
-            tokens,
-        } = lm_grads(&step_model, opt, t.train_set, &mut sampler, cfg, pad, dist)?;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
-        check_finite(loss, grad_norm, step as u64 + 1, t.out)?;
-        opt.step(&grads, lr)?;
-        state.step = step as u64 + 1;
-        state.cursor = sampler.cursor.clone();
-        state.tokens += tokens as u64;
-        state.elapsed_sec = elapsed_before + clock.elapsed().as_secs_f64();
-        window.1 += tokens as u64;
-        let tok_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-        t.progress.set(
-            state.step,
-            format!("loss {loss:.3} | {} tok/s", human(tok_s)),
-        );
-        if cfg.log_due(state.step) {
-            metrics.push(record!(state.step; "loss" => loss, "lr" => lr, "grad_norm" => grad_norm, "tokens_per_sec" => tok_s));
-            window = (Instant::now(), 0);
+    let pad = t.saved.tokenizer.pad_id();
+    let loss = |model: &Model, mine: &[usize]| -> Result<(Tensor, usize)> {
+        let batch: Vec<&LmExample> = mine.iter().map(|&i| &t.train_set[i]).collect();
+        let batch = lm_batch(&batch, pad, model.device())?;
+        let (sum, _) = lm_loss(model, &batch)?;
+        Ok((sum, batch.n_targets))
+    };
+    let eval = |step: u64, metrics: &mut MetricsLog| -> Result<Option<String>> {
+        if t.heldout.is_empty() {
+            return Ok(None);
         }
-        if !dist.is_main() {
-            continue; // rank 0 alone evaluates and writes
-        }
-        if !t.heldout.is_empty() && cfg.eval_due(state.step) {
-            let eval = t.eval()?;
-            metrics.push(record!(state.step; "eval_loss" => eval, "eval_ppl" => eval.exp()));
-            t.progress.log(&format!(
-                "step {} | loss {loss:.4} | eval_loss {eval:.4} | eval_ppl {:.2}",
-                state.step,
-                eval.exp()
-            ));
-        }
-        if cfg.save_due(state.step) {
-            meta.complete = false;
-            t.saved.save(t.out, state, metrics, opt, meta)?;
-        }
-    }
-    meta.step = state.step; // also on the ranks that do not write
-    Ok(())
+        let eval = t.eval()?;
+        metrics.push(record!(step; "eval_loss" => eval, "eval_ppl" => eval.exp()));
+        Ok(Some(format!(
+            "eval_loss {eval:.4} | eval_ppl {:.2}",
+            eval.exp()
+        )))
+    };
+    let l = Loop {
+        model: t.model,
+        saved: StageModel { ..t.saved },
+        train: t.train,
+        seed: t.seed,
+        out: t.out,
+        progress: t.progress,
+        dist: t.dist,
+        examples: t.train_set.len(),
+        terms: &|i| t.train_set[i].n_targets(),
+        loss: &loss,
+        eval: &eval,
+    };
+    train_loop(&l, opt, state, metrics, meta)
 }
 
 /// Forward and backward over `train.grad_accum` micro-batches of `train.batch_size`
