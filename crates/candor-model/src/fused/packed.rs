@@ -2,7 +2,8 @@
 //! conventions), in the BLIS layout:
 //!
 //! ```text
-//! for each KC-deep slice of k:            pack op(B)[kc × n] into NR-wide panels (shared)
+//! for each NC-wide block of columns:
+//! for each KC-deep slice of k:            pack op(B)[kc × nc] into NR-wide panels (shared)
 //!   for each MC-tall block of rows (the parallel tasks, also split by columns when few):
 //!     pack op(A)[mc × kc] into MR-tall panels (per task)
 //!     for each NR panel, for each MR panel:  micro-kernel: MR × NR tile of C += A·B
@@ -24,6 +25,8 @@ use super::isa::Isa;
 
 /// Depth of one packed slice of k (A panel MR·KC and B panel NR·KC stay in L1/L2).
 const KC: usize = 256;
+/// Columns of C per packed block of B (KC·NC floats = 2 MiB: bounds the buffer).
+const NC: usize = 2048;
 /// Rows of C per task (a multiple of every MR; the packed A block MC·KC fits in L2).
 const MC_TILES: usize = 8;
 
@@ -357,7 +360,7 @@ impl OutPtr {
 /// # Safety
 /// `a`, `b` address matrices of `m × k` and `k × n` (after `ta`/`tb`) with row strides
 /// `lda`, `ldb`; `c` addresses `m × n` with row stride `ldc ≥ n`, writable, overlapping
-/// neither `a` nor `b`.
+/// neither `a` nor `b`. (`k = 0` leaves C as it is: the caller scales it.)
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     isa: Isa,
@@ -376,8 +379,55 @@ pub(crate) unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
 ) {
+    if m == 0 || n == 0 {
+        return;
+    }
     let kern = kernel(isa);
-    let (av, bv, cp) = (View::new(a, lda, ta), View::new(b, ldb, tb), OutPtr(c));
+    let (av, bv) = (View::new(a, lda, ta), View::new(b, ldb, tb));
+    let mut j0 = 0;
+    while j0 < n {
+        let nc = NC.min(n - j0);
+        // SAFETY: columns j0..j0+nc of op(B) and C are within the caller's matrices.
+        unsafe {
+            column_block(
+                &kern,
+                threads,
+                m,
+                nc,
+                k,
+                alpha,
+                av,
+                bv,
+                j0,
+                beta,
+                OutPtr(c.add(j0)),
+                ldc,
+            )
+        };
+        j0 += nc;
+    }
+}
+
+/// [`gemm`] on columns `j0..j0 + n` of op(B) and C (`c` points at C's column j0).
+///
+/// # Safety
+/// As [`gemm`], for that column block.
+#[allow(clippy::too_many_arguments)]
+unsafe fn column_block(
+    kern: &Kernel,
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    av: View,
+    bv: View,
+    j0: usize,
+    beta: f32,
+    cp: OutPtr,
+    ldc: usize,
+) {
+    let kern = *kern;
     let (mr, nr) = (kern.mr, kern.nr);
     let mc = mr * MC_TILES;
     let n_panels = n.div_ceil(nr);
@@ -396,8 +446,8 @@ pub(crate) unsafe fn gemm(
         // later slices add to what the earlier ones wrote
         let beta_s = if p0 == 0 { beta } else { 1.0 };
         with_buf(&PACK_B, n_panels * kc * nr, |bpack| {
-            // SAFETY: rows p0..p0+kc, columns 0..n of op(B) are in the caller's matrix.
-            unsafe { pack_b(bpack, bv, p0, kc, 0, n, nr) };
+            // SAFETY: rows p0..p0+kc, columns j0..j0+n of op(B) are in the caller's matrix.
+            unsafe { pack_b(bpack, bv, p0, kc, j0, n, nr) };
             let bpack: &[f32] = bpack;
             let task = |t: usize| {
                 let (ib, cpart) = (t / col_parts, t % col_parts);
@@ -411,8 +461,8 @@ pub(crate) unsafe fn gemm(
                     // SAFETY: rows i0..i0+rows, columns p0..p0+kc of op(A) are in the matrix.
                     unsafe { pack_a(apack, av, i0, rows, p0, kc, mr) };
                     for q in q0..q1 {
-                        let j0 = q * nr;
-                        let cols = nr.min(n - j0);
+                        let jq = q * nr;
+                        let cols = nr.min(n - jq);
                         let bp = &bpack[q * kc * nr..(q + 1) * kc * nr];
                         for (s, ap) in apack
                             .chunks_exact(kc * mr)
@@ -421,11 +471,11 @@ pub(crate) unsafe fn gemm(
                         {
                             let ii = i0 + s * mr;
                             let live = mr.min(m - ii);
-                            // SAFETY: the tile rows ii..ii+live, columns j0..j0+cols lie in
-                            // C and belong to this task alone (row block ib, panels q0..q1);
-                            // the packed panels hold kc·mr and kc·nr floats.
+                            // SAFETY: the tile rows ii..ii+live, columns jq..jq+cols (of this
+                            // column block) lie in C and belong to this task alone (row block
+                            // ib, panels q0..q1); the packed panels hold kc·mr and kc·nr floats.
                             unsafe {
-                                let ct = cp.get().add(ii * ldc + j0);
+                                let ct = cp.get().add(ii * ldc + jq);
                                 if live == mr && cols == nr {
                                     (kern.run)(
                                         kc,
