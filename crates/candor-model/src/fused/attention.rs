@@ -90,6 +90,10 @@ impl Dims {
 }
 
 /// Fill `s` (nq × kend) with scaled, biased scores of queries `qb..` of head `h`, batch `bi`.
+///
+/// # Safety
+/// `q` addresses the (B, T, H, D) queries and `k` the keys (batch stride `dm.kbs`, rows of
+/// KV·D) that `dm` describes; `qb + nq ≤ T`, `kend ≤ Tk`, and `s` holds nq × kend.
 #[allow(clippy::too_many_arguments)]
 unsafe fn scores(
     s: &mut [f32],
@@ -168,6 +172,8 @@ impl Fwd<'_> {
                 let nq = BQ.min(dm.t - qb);
                 let kend = dm.key_end(self.causal, qb, nq);
                 let s = &mut s[..nq * kend];
+                // SAFETY: q, k are the (B, T, H, D) / (B, Tk, KV, D) inputs `dm` describes
+                // (checked by `Attention::dims`); qb + nq ≤ T, kend ≤ Tk, s is nq × kend.
                 unsafe {
                     scores(
                         s,
@@ -199,6 +205,9 @@ impl Fwd<'_> {
                         *lp.0.add((bi * dm.h + h) * dm.t + qb + i) = (max as f64 + sum.ln()) as f32
                     };
                 }
+                // SAFETY: V rows 0..kend of kv head h / rep lie in v (batch stride kbs);
+                // the output rows qb..qb+nq of head h, batch bi (stride hd, d wide) belong
+                // to this task (bi, h) alone; s holds nq × kend.
                 unsafe {
                     let vp = self.v.as_ptr().add(bi * dm.kbs + (h / dm.rep()) * dm.d);
                     let o = op.0.add((bi * dm.t + qb) * hd + h * dm.d);

@@ -337,9 +337,11 @@ unsafe fn small_m_abt_avx2(
         *out = if beta == 0.0 { d } else { d + beta * *out };
     };
     for j in j0..j1 {
+        // SAFETY: row j < n of B (see the comment above `finish`).
         let bj = unsafe { b.add(j * ldb) };
         let mut i = 0;
         while i + 4 <= m {
+            // SAFETY: rows i..i+4 ≤ m of A, loads below k16 (see above `finish`).
             unsafe {
                 let (a0, a1, a2, a3) = (
                     a.add(i * lda),
@@ -381,6 +383,7 @@ unsafe fn small_m_abt_avx2(
             i += 4;
         }
         while i < m {
+            // SAFETY: row i < m of A, loads below k16 (see above `finish`).
             unsafe {
                 let a0 = a.add(i * lda);
                 let (mut s0, mut t0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -678,6 +681,7 @@ mod tests {
                                     ldc,
                                 );
                                 let mut serial = vec![init; m * ldc];
+                                // SAFETY: a, b, serial are sized for these shapes and strides.
                                 unsafe {
                                     sgemm_on(
                                         bk,
@@ -749,6 +753,7 @@ mod tests {
             let mut outs = vec![];
             for threads in [1, 2, 3, 8] {
                 let mut c = vec![0f32; m * n];
+                // SAFETY: a is m × k, b is n × k (transposed), c is m × n.
                 unsafe {
                     packed::gemm(
                         is,
