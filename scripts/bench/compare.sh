@@ -17,7 +17,13 @@
 # carries cpu_sec_per_step (its own CPU time per step), steadier than wall time under load.
 #
 # candor is the dev-profile binary the README's `cargo candor` runs (CANDOR_BIN overrides);
-# PyTorch is scripts/bench/torch_twin.py in the venv of scripts/setup_venv.sh (PY overrides).
+# PyTorch is scripts/bench/torch_twin.py in the venv of scripts/setup_venv.sh (PY overrides,
+# e.g. PY=/work/venv/bin/python).
+#
+# The machine's peak: before the runs, PyTorch's best fp32 matrix product at THREADS threads
+# (scripts/bench/matmul_peak.py; PEAK_GFLOPS=N skips it) and candor's own (`candor bench
+# --matmul`). Every result line carries the CPU model, its SIMD flags, the peak and candor's
+# matmul GFLOP/s; the table's "% peak" columns are over that measured peak.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PY:-$ROOT/.venv/bin/python}"
@@ -62,8 +68,31 @@ run() {
   else
     line=$("${prio[@]}" "$PY" "$ROOT/scripts/bench/torch_twin.py" --shape "$shape" --threads "$THREADS" --json "${flag[@]}")
   fi
-  "$PY" -c 'import json,sys; d=json.loads(sys.argv[1]); d["load_avg_1m"]=float(sys.argv[2]); print(json.dumps(d))' "$line" "$load"
+  "$PY" -c '
+import json, sys
+d = json.loads(sys.argv[1])
+d["load_avg_1m"] = float(sys.argv[2])
+d.update(json.loads(sys.argv[3]))
+print(json.dumps(d))' "$line" "$load" "$MACHINE"
 }
+
+# the machine: CPU model, SIMD flags, measured peak (PyTorch's) and candor's matmul speed
+cpu_model=$(sed -n 's/^model name[[:space:]]*: *//p' /proc/cpuinfo | head -1)
+cpu_simd=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16|amx_tile|amx_bf16|asimd|sve)$' | paste -sd' ' || true)
+if [ -z "${PEAK_GFLOPS:-}" ]; then
+  PEAK_GFLOPS=$("${prio[@]}" "$PY" "$ROOT/scripts/bench/matmul_peak.py" --threads "$THREADS" --json |
+    "$PY" -c 'import json,sys; print(json.load(sys.stdin)["peak_gflops"])')
+fi
+candor_mm=$(RAYON_NUM_THREADS="$THREADS" "${prio[@]}" "$CANDOR_BIN" bench --matmul --json)
+MACHINE=$("$PY" -c '
+import json, sys
+mm = json.loads(sys.argv[4])
+print(json.dumps({"cpu_model": sys.argv[1], "cpu_simd_flags": sys.argv[2].split(),
+                  "peak_gflops": float(sys.argv[3]), "candor_matmul_gflops": mm["best_gflops"],
+                  "candor_matmul_by_shape": mm["gflops"], "candor_isa": mm["isa"]}))' \
+  "$cpu_model" "$cpu_simd" "$PEAK_GFLOPS" "$candor_mm")
+echo "# machine: $MACHINE" >&2
+export PEAK_GFLOPS MACHINE
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs, threads $THREADS, $PASSES passes${prio:+, under ${prio[*]}}" >&2
 for shape in $SHAPES; do
@@ -83,8 +112,12 @@ import json, os, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def med(xs): return statistics.median(xs) if xs else float("nan")
 print(f"results: {sys.argv[1]}")
-peak = float(os.environ.get("PEAK_GFLOPS", "190")) * 1e9
-print(f"share of peak: achieved FLOP/s over {peak/1e9:.0f} GFLOP/s (PEAK_GFLOPS)")
+peak = float(os.environ["PEAK_GFLOPS"]) * 1e9
+m = json.loads(os.environ["MACHINE"])
+print(f"CPU: {m['cpu_model']}, SIMD: {' '.join(m['cpu_simd_flags'])}; candor's kernels: {m['candor_isa']}")
+print(f"peak: {peak/1e9:.0f} GFLOP/s (PyTorch's best fp32 matmul, same threads); "
+      f"candor's matmul {m['candor_matmul_gflops']:.0f} GFLOP/s = {100e9*m['candor_matmul_gflops']/peak:.0f}% of it")
+print("% peak columns: achieved FLOP/s of the whole step over that peak")
 print("| shape | mode | candor tok/s | PyTorch tok/s | ratio | candor peak RSS | PyTorch peak RSS | RSS ratio | candor % peak | PyTorch % peak | candor CPU s/step | max load (1 min) | max background |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 seen = []

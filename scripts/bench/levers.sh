@@ -27,8 +27,10 @@ for shape in "${shapes[@]}"; do
     one "composed ops, candle pool 2 threads" CANDOR_FUSED=0 CANDLE_NUM_THREADS=2 -- "${args[@]}"
     one "composed ops, candle pool 1" CANDOR_FUSED=0 -- "${args[@]}"
     one "fused kernels on gemm crate, pool 2" CANDOR_GEMM=gemm CANDLE_NUM_THREADS=2 -- "${args[@]}"
-    one "fused kernels on OpenBLAS, pool 2" CANDLE_NUM_THREADS=2 -- "${args[@]}"
-    one "fused on gemm crate, pool 1 (no OpenBLAS)" CANDOR_GEMM=gemm -- "${args[@]}"
-    one "all levers (fused, OpenBLAS, pool 1)" X=1 -- "${args[@]}"
+    one "fused kernels, packed GEMM, pool 2" CANDLE_NUM_THREADS=2 -- "${args[@]}"
+    one "fused on gemm crate, pool 1" CANDOR_GEMM=gemm -- "${args[@]}"
+    one "fused, packed GEMM capped at AVX2" CANDOR_ISA=avx2 -- "${args[@]}"
+    one "fused, packed GEMM, portable (scalar)" CANDOR_ISA=scalar -- "${args[@]}"
+    one "all levers (fused, packed GEMM, pool 1)" X=1 -- "${args[@]}"
   done
 done

@@ -21,6 +21,10 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Time candor's fp32 matrix products instead (GFLOP/s on the benchmark models' shapes,
+    /// with the threads of `RAYON_NUM_THREADS`), to compare with the machine's peak.
+    #[arg(long, conflicts_with = "sample")]
+    pub matmul: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -33,6 +37,9 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.matmul {
+        return matmul(args.json);
+    }
     let dev = device(&args.device)?;
     shape(&args.shape)?;
     let precision = Precision::parse(&args.dtype, "--dtype")?;
@@ -60,6 +67,48 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.flops_per_sec / 1e9,
             r.peak_rss_bytes as f64 / (1 << 20) as f64,
             r.threads
+        );
+    }
+    Ok(())
+}
+
+/// `candor bench --matmul`: GFLOP/s of each product shape and the best.
+fn matmul(json: bool) -> Result<()> {
+    use candor_model::fused::{gemm, isa};
+    let speeds = gemm::measure();
+    let best = speeds.iter().map(|s| s.gflops).fold(0.0, f64::max);
+    let threads = gemm::threads();
+    if json {
+        let shapes: serde_json::Map<String, serde_json::Value> = speeds
+            .iter()
+            .map(|s| {
+                (
+                    s.shape.to_string(),
+                    ((s.gflops * 10.0).round() / 10.0).into(),
+                )
+            })
+            .collect();
+        let out = serde_json::json!({
+            "impl": "candor",
+            "mode": "matmul",
+            "threads": threads,
+            "best_gflops": (best * 10.0).round() / 10.0,
+            "gflops": shapes,
+            "isa": isa::isa().name(),
+            "gemm": format!("{:?}", gemm::backend()),
+            "cpu_model": isa::cpu_model(),
+            "cpu_simd": isa::cpu_simd_flags(),
+        });
+        println!("{out}");
+    } else {
+        for s in &speeds {
+            println!("{:>22}  {:7.1} GFLOP/s", s.shape, s.gflops);
+        }
+        println!(
+            "best {best:.1} GFLOP/s ({:?} backend, {}, {threads} threads, {})",
+            gemm::backend(),
+            isa::isa().name(),
+            isa::cpu_model()
         );
     }
     Ok(())

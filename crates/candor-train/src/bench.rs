@@ -97,6 +97,27 @@ pub struct BenchResult {
     pub cpu_sec_per_step: f64,
     /// Share of the machine's CPU time other processes used while timing (as the twin's).
     pub background_cpu_frac: f64,
+    /// The CPU's model name (`/proc/cpuinfo`).
+    pub cpu_model: String,
+    /// The CPU's SIMD flags that candor's kernels care about.
+    pub cpu_simd: Vec<&'static str>,
+    /// The instruction set candor's CPU kernels run (`CANDOR_ISA` caps it).
+    pub isa: &'static str,
+    /// The matrix-product backend (`Packed`: candor's own; `Gemm`: the gemm crate).
+    pub gemm: String,
+}
+
+impl BenchResult {
+    /// The machine fields every result carries.
+    fn machine() -> (String, Vec<&'static str>, &'static str, String) {
+        use candor_model::fused::{gemm, isa};
+        (
+            isa::cpu_model(),
+            isa::cpu_simd_flags(),
+            isa::isa().name(),
+            format!("{:?}", gemm::backend()),
+        )
+    }
 }
 
 /// CPU time of this process so far (user + system, all threads), seconds.
@@ -240,6 +261,7 @@ pub fn bench_train(
     }
     let (cpu, background) = meter.map_or((0.0, 0.0), |m| m.stop());
     let med = median(times);
+    let (cpu_model, cpu_simd, isa, gemm) = BenchResult::machine();
     let params = cfg.param_count(Head::Lm);
     let tokens = (s.batch * s.ctx) as f64;
     let flops = 6.0 * params as f64 * tokens + 12.0 * (s.layers * s.hidden * s.ctx) as f64 * tokens;
@@ -257,6 +279,10 @@ pub fn bench_train(
         step_sec_median: med,
         cpu_sec_per_step: cpu / steps as f64,
         background_cpu_frac: background,
+        cpu_model,
+        cpu_simd,
+        isa,
+        gemm,
     })
 }
 
@@ -308,6 +334,7 @@ pub fn bench_sample(
     }
     let (cpu, background) = meter.map_or((0.0, 0.0), |m| m.stop());
     let med = median(times);
+    let (cpu_model, cpu_simd, isa, gemm) = BenchResult::machine();
     let params = cfg.param_count(Head::Lm);
     let new_tokens = (SAMPLE_BATCH * SAMPLE_NEW) as f64;
     // forward flops: 2·params per processed token + 4·layers·hidden·kv_len for attention
@@ -332,5 +359,9 @@ pub fn bench_sample(
         step_sec_median: med,
         cpu_sec_per_step: cpu / reps as f64,
         background_cpu_frac: background,
+        cpu_model,
+        cpu_simd,
+        isa,
+        gemm,
     })
 }

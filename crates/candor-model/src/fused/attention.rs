@@ -36,8 +36,8 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::gemm::sgemm_serial;
-use super::vmath::exp_inplace;
-use super::{f32_slice, tensor, uninit, with_f32, SendPtr};
+use super::vmath::{dot_f64, exp_inplace, sum_f64};
+use super::{cpu_f32, f32_slice, tensor, uninit, with_f32, SendPtr};
 
 /// Query rows per block.
 const BQ: usize = 32;
@@ -90,6 +90,10 @@ impl Dims {
 }
 
 /// Fill `s` (nq × kend) with scaled, biased scores of queries `qb..` of head `h`, batch `bi`.
+///
+/// # Safety
+/// `q` addresses the (B, T, H, D) queries and `k` the keys (batch stride `dm.kbs`, rows of
+/// KV·D) that `dm` describes; `qb + nq ≤ T`, `kend ≤ Tk`, and `s` holds nq × kend.
 #[allow(clippy::too_many_arguments)]
 unsafe fn scores(
     s: &mut [f32],
@@ -168,6 +172,8 @@ impl Fwd<'_> {
                 let nq = BQ.min(dm.t - qb);
                 let kend = dm.key_end(self.causal, qb, nq);
                 let s = &mut s[..nq * kend];
+                // SAFETY: q, k are the (B, T, H, D) / (B, Tk, KV, D) inputs `dm` describes
+                // (checked by `Attention::dims`); qb + nq ≤ T, kend ≤ Tk, s is nq × kend.
                 unsafe {
                     scores(
                         s,
@@ -189,12 +195,19 @@ impl Fwd<'_> {
                     let max = row[..lim].iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     row[..lim].iter_mut().for_each(|x| *x -= max);
                     exp_inplace(&mut row[..lim]);
-                    let sum: f32 = row[..lim].iter().sum();
-                    let inv = 1.0 / sum;
+                    let sum = sum_f64(&row[..lim]);
+                    let inv = (1.0 / sum) as f32;
                     row[..lim].iter_mut().for_each(|x| *x *= inv);
                     row[lim..].iter_mut().for_each(|x| *x = 0.0);
-                    unsafe { *lp.0.add((bi * dm.h + h) * dm.t + qb + i) = max + sum.ln() };
+                    // SAFETY: lse has B·H·T floats; (bi, h, qb + i) is this task's own row
+                    // (task = bi·H + h), written by no other task.
+                    unsafe {
+                        *lp.0.add((bi * dm.h + h) * dm.t + qb + i) = (max as f64 + sum.ln()) as f32
+                    };
                 }
+                // SAFETY: V rows 0..kend of kv head h / rep lie in v (batch stride kbs);
+                // the output rows qb..qb+nq of head h, batch bi (stride hd, d wide) belong
+                // to this task (bi, h) alone; s holds nq × kend.
                 unsafe {
                     let vp = self.v.as_ptr().add(bi * dm.kbs + (h / dm.rep()) * dm.d);
                     let o = op.0.add((bi * dm.t + qb) * hd + h * dm.d);
@@ -336,179 +349,238 @@ impl CustomOp3 for Attention {
         if lse.len() != dm.b * dm.h * dm.t {
             bail!("attention: backward without a forward's saved state (backward run twice?)");
         }
-        let mut dq = uninit(q.elem_count());
-        let mut dk = uninit(k.elem_count());
-        let mut dv = uninit(v.elem_count());
-        let (dqp, dkp, dvp) = (
-            SendPtr(dq.as_mut_ptr()),
-            SendPtr(dk.as_mut_ptr()),
-            SendPtr(dv.as_mut_ptr()),
-        );
-        let (causal, scale) = (self.causal, self.scale);
-        with_f32(q, "attention bwd", |q| {
-            with_f32(k, "attention bwd", |k| {
-                with_f32(v, "attention bwd", |v| {
-                    with_f32(o, "attention bwd", |o| {
-                        with_f32(&dout, "attention bwd", |g| {
-                            self.with_bias(|bias| {
-                                let task = |task: usize| {
-                                    let (dqp, dkp, dvp) = (dqp, dkp, dvp);
-                                    let (bi, kvh) = (task / dm.kv, task % dm.kv);
-                                    let (hd, kvd, d) = (dm.h * dm.d, dm.kv * dm.d, dm.d);
-                                    let mut dk_loc = vec![0f32; dm.tk * d];
-                                    let mut dv_loc = vec![0f32; dm.tk * d];
-                                    let mut p = vec![0f32; BQ.min(dm.t) * dm.tk];
-                                    let mut dp = vec![0f32; BQ.min(dm.t) * dm.tk];
-                                    let kp = unsafe { k.as_ptr().add(bi * dm.kbs + kvh * d) };
-                                    let vp = unsafe { v.as_ptr().add(bi * dm.kbs + kvh * d) };
-                                    for h in kvh * dm.rep()..(kvh + 1) * dm.rep() {
-                                        for qb in (0..dm.t).step_by(BQ) {
-                                            let nq = BQ.min(dm.t - qb);
-                                            let kend = dm.key_end(causal, qb, nq);
-                                            let (p, dp) =
-                                                (&mut p[..nq * kend], &mut dp[..nq * kend]);
-                                            let row0 = (bi * dm.t + qb) * hd + h * d;
-                                            unsafe {
-                                                scores(
-                                                    p,
-                                                    q.as_ptr(),
-                                                    k.as_ptr(),
-                                                    bias,
-                                                    &dm,
-                                                    scale,
-                                                    bi,
-                                                    h,
-                                                    qb,
-                                                    nq,
-                                                    kend,
-                                                );
-                                            }
-                                            for i in 0..nq {
-                                                let lim = row_limit(causal, &dm, qb + i, kend);
-                                                let l = lse[(bi * dm.h + h) * dm.t + qb + i];
-                                                let row = &mut p[i * kend..(i + 1) * kend];
-                                                row[..lim].iter_mut().for_each(|x| *x -= l);
-                                                exp_inplace(&mut row[..lim]);
-                                                row[lim..].iter_mut().for_each(|x| *x = 0.0);
-                                            }
-                                            unsafe {
-                                                let gp = g.as_ptr().add(row0);
-                                                // dV += Pᵀ·dO
-                                                sgemm_serial(
-                                                    true,
-                                                    false,
-                                                    kend,
-                                                    d,
-                                                    nq,
-                                                    1.0,
-                                                    p.as_ptr(),
-                                                    kend,
-                                                    gp,
-                                                    hd,
-                                                    1.0,
-                                                    dv_loc.as_mut_ptr(),
-                                                    d,
-                                                );
-                                                // dP = dO·Vᵀ
-                                                sgemm_serial(
-                                                    false,
-                                                    true,
-                                                    nq,
-                                                    kend,
-                                                    d,
-                                                    1.0,
-                                                    gp,
-                                                    hd,
-                                                    vp,
-                                                    kvd,
-                                                    0.0,
-                                                    dp.as_mut_ptr(),
-                                                    kend,
-                                                );
-                                            }
-                                            for i in 0..nq {
-                                                let off = row0 + i * hd;
-                                                let di: f32 = g[off..off + d]
-                                                    .iter()
-                                                    .zip(&o[off..off + d])
-                                                    .map(|(a, b)| a * b)
-                                                    .sum();
-                                                let (pr, dr) = (
-                                                    &p[i * kend..(i + 1) * kend],
-                                                    &mut dp[i * kend..(i + 1) * kend],
-                                                );
-                                                for (x, &pv) in dr.iter_mut().zip(pr) {
-                                                    *x = pv * (*x - di);
-                                                }
-                                            }
-                                            unsafe {
-                                                // dQ = dS·K·scale;  dK += dSᵀ·Q·scale
-                                                sgemm_serial(
-                                                    false,
-                                                    false,
-                                                    nq,
-                                                    d,
-                                                    kend,
-                                                    scale,
-                                                    dp.as_ptr(),
-                                                    kend,
-                                                    kp,
-                                                    kvd,
-                                                    0.0,
-                                                    dqp.0.add(row0),
-                                                    hd,
-                                                );
-                                                let qp = q.as_ptr().add(row0);
-                                                sgemm_serial(
-                                                    true,
-                                                    false,
-                                                    kend,
-                                                    d,
-                                                    nq,
-                                                    scale,
-                                                    dp.as_ptr(),
-                                                    kend,
-                                                    qp,
-                                                    hd,
-                                                    1.0,
-                                                    dk_loc.as_mut_ptr(),
-                                                    d,
-                                                );
-                                            }
-                                        }
-                                    }
-                                    for j in 0..dm.tk {
-                                        let off = bi * dm.kbs + j * kvd + kvh * d;
-                                        unsafe {
-                                            std::ptr::copy_nonoverlapping(
-                                                dk_loc[j * d..].as_ptr(),
-                                                dkp.0.add(off),
-                                                d,
-                                            );
-                                            std::ptr::copy_nonoverlapping(
-                                                dv_loc[j * d..].as_ptr(),
-                                                dvp.0.add(off),
-                                                d,
-                                            );
-                                        }
-                                    }
-                                };
-                                if dm.work() >= PAR_WORK {
-                                    (0..dm.b * dm.kv).into_par_iter().for_each(task);
-                                } else {
-                                    (0..dm.b * dm.kv).for_each(task);
-                                }
-                            })
-                        })
-                    })
-                })
-            })
-        })??????;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = o.storage_and_layout();
+        let (gs, gl) = dout.storage_and_layout();
+        let op = "attention bwd";
+        let (dq, dk, dv) = self.with_bias(|bias| -> Result<_> {
+            Ok(Bwd {
+                q: cpu_f32(&qs, ql, op)?,
+                k: cpu_f32(&ks, kl, op)?,
+                v: cpu_f32(&vs, vl, op)?,
+                o: cpu_f32(&os, ol, op)?,
+                g: cpu_f32(&gs, gl, op)?,
+                bias,
+                lse: &lse,
+                causal: self.causal,
+                scale: self.scale,
+                dm,
+            }
+            .run())
+        })??;
         Ok((
             Some(tensor(dq, q.shape())?),
             Some(tensor(dk, k.shape())?),
             Some(tensor(dv, v.shape())?),
         ))
+    }
+}
+
+/// The backward pass's inputs: the forward's, its output `o`, the output's gradient `g`,
+/// and the forward's log-sum-exp per query row.
+struct Bwd<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    g: &'a [f32],
+    bias: Option<&'a [f32]>,
+    lse: &'a [f32],
+    causal: bool,
+    scale: f32,
+    dm: Dims,
+}
+
+/// Where the backward writes dQ (B, T, H, D), dK and dV (B, Tk, KV, D).
+#[derive(Clone, Copy)]
+struct GradOut {
+    dq: SendPtr,
+    dk: SendPtr,
+    dv: SendPtr,
+}
+
+/// One (batch, kv head)'s scratch: its dK/dV accumulated over its query heads, and the
+/// probabilities and their gradient for one query block.
+struct Scratch {
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    p: Vec<f32>,
+    dp: Vec<f32>,
+}
+
+impl Bwd<'_> {
+    /// dQ, dK, dV: one task per (batch, kv head), each writing only its own rows/heads.
+    fn run(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let dm = self.dm;
+        let mut dq = uninit(dm.b * dm.t * dm.h * dm.d);
+        let mut dk = uninit(dm.b * dm.tk * dm.kv * dm.d);
+        let mut dv = uninit(dm.b * dm.tk * dm.kv * dm.d);
+        let out = GradOut {
+            dq: SendPtr(dq.as_mut_ptr()),
+            dk: SendPtr(dk.as_mut_ptr()),
+            dv: SendPtr(dv.as_mut_ptr()),
+        };
+        let task = |task: usize| self.kv_head(task / dm.kv, task % dm.kv, out);
+        if dm.work() >= PAR_WORK {
+            (0..dm.b * dm.kv).into_par_iter().for_each(task);
+        } else {
+            (0..dm.b * dm.kv).for_each(task);
+        }
+        (dq, dk, dv)
+    }
+
+    /// Batch row `bi`, kv head `kvh`: every query head reading it, every query block; then
+    /// its dK/dV rows written out.
+    fn kv_head(&self, bi: usize, kvh: usize, out: GradOut) {
+        let dm = self.dm;
+        let (kvd, d) = (dm.kv * dm.d, dm.d);
+        let mut sc = Scratch {
+            dk: vec![0f32; dm.tk * d],
+            dv: vec![0f32; dm.tk * d],
+            p: vec![0f32; BQ.min(dm.t) * dm.tk],
+            dp: vec![0f32; BQ.min(dm.t) * dm.tk],
+        };
+        for h in kvh * dm.rep()..(kvh + 1) * dm.rep() {
+            for qb in (0..dm.t).step_by(BQ) {
+                self.block(bi, kvh, h, qb, &mut sc, out);
+            }
+        }
+        for j in 0..dm.tk {
+            let off = bi * dm.kbs + j * kvd + kvh * d;
+            // SAFETY: element `off..off + d` is row j, kv head kvh of batch bi in dK and dV
+            // (B·Tk·KV·D floats each; kbs = Tk·KV·D here): only this task (bi, kvh) writes it,
+            // and the scratch rows are d floats.
+            unsafe {
+                std::ptr::copy_nonoverlapping(sc.dk[j * d..].as_ptr(), out.dk.0.add(off), d);
+                std::ptr::copy_nonoverlapping(sc.dv[j * d..].as_ptr(), out.dv.0.add(off), d);
+            }
+        }
+    }
+
+    /// Query head `h`, queries `qb..qb+BQ`: recompute P, then dV += Pᵀ·dO, dS, dQ, dK += dSᵀ·Q.
+    fn block(&self, bi: usize, kvh: usize, h: usize, qb: usize, sc: &mut Scratch, out: GradOut) {
+        let (dm, causal, scale) = (self.dm, self.causal, self.scale);
+        let (hd, kvd, d) = (dm.h * dm.d, dm.kv * dm.d, dm.d);
+        let nq = BQ.min(dm.t - qb);
+        let kend = dm.key_end(causal, qb, nq);
+        let (p, dp) = (&mut sc.p[..nq * kend], &mut sc.dp[..nq * kend]);
+        let row0 = (bi * dm.t + qb) * hd + h * d;
+        let kv0 = bi * dm.kbs + kvh * d;
+        // SAFETY: q and k hold (B, T, H, D) and (B, Tk, KV, D) as `dm` describes (checked
+        // by `Attention::dims`), p has room for nq × kend.
+        unsafe {
+            scores(
+                p,
+                self.q.as_ptr(),
+                self.k.as_ptr(),
+                self.bias,
+                &dm,
+                scale,
+                bi,
+                h,
+                qb,
+                nq,
+                kend,
+            );
+        }
+        for i in 0..nq {
+            let lim = row_limit(causal, &dm, qb + i, kend);
+            let l = self.lse[(bi * dm.h + h) * dm.t + qb + i];
+            let row = &mut p[i * kend..(i + 1) * kend];
+            row[..lim].iter_mut().for_each(|x| *x -= l);
+            exp_inplace(&mut row[..lim]);
+            row[lim..].iter_mut().for_each(|x| *x = 0.0);
+        }
+        let (gp, vp) = (self.g[row0..].as_ptr(), self.v[kv0..].as_ptr());
+        // SAFETY: dO rows qb..qb+nq of head h (stride hd, d wide) and V rows 0..kend of kv
+        // head kvh (stride kvd) lie in g and v; dv and dp have room for kend × d and
+        // nq × kend; no output overlaps an input.
+        unsafe {
+            // dV += Pᵀ·dO
+            sgemm_serial(
+                true,
+                false,
+                kend,
+                d,
+                nq,
+                1.0,
+                p.as_ptr(),
+                kend,
+                gp,
+                hd,
+                1.0,
+                sc.dv.as_mut_ptr(),
+                d,
+            );
+            // dP = dO·Vᵀ
+            sgemm_serial(
+                false,
+                true,
+                nq,
+                kend,
+                d,
+                1.0,
+                gp,
+                hd,
+                vp,
+                kvd,
+                0.0,
+                dp.as_mut_ptr(),
+                kend,
+            );
+        }
+        // dS = P ⊙ (dP − rowsum(dO ⊙ O))
+        for i in 0..nq {
+            let off = row0 + i * hd;
+            let di = dot_f64(&self.g[off..off + d], &self.o[off..off + d]) as f32;
+            let (pr, dr) = (
+                &p[i * kend..(i + 1) * kend],
+                &mut dp[i * kend..(i + 1) * kend],
+            );
+            for (x, &pv) in dr.iter_mut().zip(pr.iter()) {
+                *x = pv * (*x - di);
+            }
+        }
+        let (kp, qp) = (self.k[kv0..].as_ptr(), self.q[row0..].as_ptr());
+        // SAFETY: K rows 0..kend (stride kvd) and Q rows qb..qb+nq of head h (stride hd)
+        // lie in k and q; the dQ rows written (row0 + i·hd, d wide) belong to query head h
+        // of batch bi, which only this task (bi, kvh = h / rep) writes; dk has kend × d.
+        unsafe {
+            // dQ = dS·K·scale
+            sgemm_serial(
+                false,
+                false,
+                nq,
+                d,
+                kend,
+                scale,
+                dp.as_ptr(),
+                kend,
+                kp,
+                kvd,
+                0.0,
+                out.dq.0.add(row0),
+                hd,
+            );
+            // dK += dSᵀ·Q·scale
+            sgemm_serial(
+                true,
+                false,
+                kend,
+                d,
+                nq,
+                scale,
+                dp.as_ptr(),
+                kend,
+                qp,
+                hd,
+                1.0,
+                sc.dk.as_mut_ptr(),
+                d,
+            );
+        }
     }
 }
 

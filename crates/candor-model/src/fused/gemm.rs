@@ -1,59 +1,34 @@
 //! Row-major single-precision matrix products, `C = α·op(A)·op(B) + β·C`, with cblas'
 //! argument conventions (`lda`, `ldb`, `ldc` are row strides).
 //!
-//! Backends: OpenBLAS' `cblas_sgemm` when the build found the library (see `build.rs`),
-//! else the `gemm` crate (what candle uses). `CANDOR_GEMM=gemm` picks the `gemm` crate even
-//! with OpenBLAS linked. [`sgemm`] splits the product across the rayon threads itself, each
-//! part a single-threaded call, so the split (and the result) depends only on the shapes
-//! and the thread count, and no second thread pool competes with rayon's for the cores.
+//! Backends: candor's own packed GEMM ([`super::packed`]: cache-blocked, with AVX-512,
+//! AVX2+FMA or portable micro-kernels picked at run time by [`super::isa::isa`]), no system
+//! library needed; `CANDOR_GEMM=gemm` picks the `gemm` crate (candle's) instead, to compare.
+//! [`sgemm`] splits a product across the rayon threads itself, so no second thread pool
+//! competes with rayon's for the cores. Products of a few rows (sampling: one token per
+//! sequence) skip packing: each row of B is read once, as dot products or row updates.
 
 use std::sync::OnceLock;
 
-#[cfg(candor_openblas)]
-mod blas {
-    extern "C" {
-        #[allow(clippy::too_many_arguments)]
-        pub fn cblas_sgemm(
-            layout: i32,
-            transa: i32,
-            transb: i32,
-            m: i32,
-            n: i32,
-            k: i32,
-            alpha: f32,
-            a: *const f32,
-            lda: i32,
-            b: *const f32,
-            ldb: i32,
-            beta: f32,
-            c: *mut f32,
-            ldc: i32,
-        );
-        pub fn openblas_set_num_threads(n: i32);
-    }
-}
+use super::isa::{isa, Isa};
+use super::packed;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
+    /// candor's packed GEMM ([`super::packed`]).
+    Packed,
     /// The `gemm` crate.
     Gemm,
-    /// OpenBLAS through cblas.
-    OpenBlas,
 }
 
 /// The backend in use (fixed for the process).
 pub fn backend() -> Backend {
     static B: OnceLock<Backend> = OnceLock::new();
     *B.get_or_init(|| {
-        let forced_gemm = std::env::var("CANDOR_GEMM").is_ok_and(|v| v == "gemm");
-        if cfg!(candor_openblas) && !forced_gemm {
-            #[cfg(candor_openblas)]
-            unsafe {
-                blas::openblas_set_num_threads(1); // rayon does the splitting
-            }
-            Backend::OpenBlas
-        } else {
+        if std::env::var("CANDOR_GEMM").is_ok_and(|v| v == "gemm") {
             Backend::Gemm
+        } else {
+            Backend::Packed
         }
     })
 }
@@ -61,10 +36,70 @@ pub fn backend() -> Backend {
 /// One single-threaded product on raw pointers.
 ///
 /// # Safety
-/// `a`, `b`, `c` must address matrices of the given sizes and strides; `c` must not overlap
-/// `a` or `b`.
+/// `a`, `b`, `c` must address matrices of the given sizes and strides (`op(A)` m × k,
+/// `op(B)` k × n, C m × n with `ldc ≥ n`); `c` must be writable and overlap neither `a`
+/// nor `b`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm_serial(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: forwarded under the caller's contract, one thread.
+    unsafe {
+        sgemm_on(
+            backend(),
+            isa(),
+            1,
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            alpha,
+            a,
+            lda,
+            b,
+            ldb,
+            beta,
+            c,
+            ldc,
+        )
+    }
+}
+
+/// `C = β·C` (a product with k = 0).
+///
+/// # Safety
+/// `c` addresses m × n writable floats with row stride `ldc`.
+unsafe fn scale_c(m: usize, n: usize, beta: f32, c: *mut f32, ldc: usize) {
+    for i in 0..m {
+        // SAFETY: row i of C, n floats (caller's contract).
+        let ci = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
+        ci.iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { beta * *x });
+    }
+}
+
+/// A product on the given backend and ISA over `threads` rayon tasks (1 = this thread).
+///
+/// # Safety
+/// As [`sgemm_serial`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_on(
+    backend: Backend,
+    isa: Isa,
+    threads: usize,
     ta: bool,
     tb: bool,
     m: usize,
@@ -83,42 +118,78 @@ pub unsafe fn sgemm_serial(
         return;
     }
     if k == 0 {
-        for i in 0..m {
-            for j in 0..n {
-                let p = c.add(i * ldc + j);
-                *p = if beta == 0.0 { 0.0 } else { beta * *p };
+        // SAFETY: C is m × n at stride ldc (caller's contract).
+        unsafe { scale_c(m, n, beta, c, ldc) };
+        return;
+    }
+    // a few rows (one query attending over the KV cache): no packing
+    if !ta && m <= 4 && threads == 1 {
+        // SAFETY: same matrices, caller's contract.
+        unsafe {
+            if tb {
+                small_m_abt(isa, m, k, alpha, a, lda, b, ldb, beta, c, ldc, 0, n);
+            } else {
+                small_m_ab(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
             }
         }
         return;
     }
-    // a few rows (one query attending over the KV cache): no packing
-    if !ta && m <= 4 {
-        if tb {
-            small_m_abt(m, k, alpha, a, lda, b, ldb, beta, c, ldc, 0, n);
-        } else {
-            small_m_ab(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    match backend {
+        // SAFETY: caller's contract, forwarded.
+        Backend::Packed => unsafe {
+            packed::gemm(
+                isa, threads, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+            )
+        },
+        Backend::Gemm => {
+            // gemm crate: dst = α_g·dst + β_g·lhs·rhs, with column/row strides per operand
+            let (a_rs, a_cs) = if ta {
+                (1, lda as isize)
+            } else {
+                (lda as isize, 1)
+            };
+            let (b_rs, b_cs) = if tb {
+                (1, ldb as isize)
+            } else {
+                (ldb as isize, 1)
+            };
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: the strides describe the caller's matrices; C does not overlap A or B.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c,
+                    1,
+                    ldc as isize,
+                    beta != 0.0,
+                    a,
+                    a_cs,
+                    a_rs,
+                    b,
+                    b_cs,
+                    b_rs,
+                    beta,
+                    alpha,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
         }
-        return;
     }
-    sgemm_serial_on(
-        backend(),
-        ta,
-        tb,
-        m,
-        n,
-        k,
-        alpha,
-        a,
-        lda,
-        b,
-        ldb,
-        beta,
-        c,
-        ldc,
-    )
 }
 
 /// `C = α·A·B + β·C` for few rows of A: each row of C accumulates rows of B, in order.
+///
+/// # Safety
+/// As [`sgemm_serial`] with `ta = tb = false`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_m_ab(
     m: usize,
@@ -134,91 +205,24 @@ unsafe fn small_m_ab(
     ldc: usize,
 ) {
     for i in 0..m {
-        let ci = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+        // SAFETY: row i of C (n floats at stride ldc), caller's contract.
+        let ci = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
         if beta == 0.0 {
             ci.iter_mut().for_each(|x| *x = 0.0);
         } else if beta != 1.0 {
             ci.iter_mut().for_each(|x| *x *= beta);
         }
         for p in 0..k {
-            let w = alpha * *a.add(i * lda + p);
-            let bp = std::slice::from_raw_parts(b.add(p * ldb), n);
+            // SAFETY: A(i, p) and row p of B (n floats) lie in the caller's matrices.
+            let (w, bp) = unsafe {
+                (
+                    alpha * *a.add(i * lda + p),
+                    std::slice::from_raw_parts(b.add(p * ldb), n),
+                )
+            };
             for (x, &y) in ci.iter_mut().zip(bp) {
                 *x += w * y;
             }
-        }
-    }
-}
-
-/// [`sgemm_serial`] on a given backend.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_serial_on(
-    backend: Backend,
-    ta: bool,
-    tb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    match backend {
-        #[cfg(candor_openblas)]
-        Backend::OpenBlas => blas::cblas_sgemm(
-            101, // row major
-            if ta { 112 } else { 111 },
-            if tb { 112 } else { 111 },
-            m as i32,
-            n as i32,
-            k as i32,
-            alpha,
-            a,
-            lda as i32,
-            b,
-            ldb as i32,
-            beta,
-            c,
-            ldc as i32,
-        ),
-        _ => {
-            // gemm crate: dst = α_g·dst + β_g·lhs·rhs, with column/row strides per operand
-            let (a_rs, a_cs) = if ta {
-                (1, lda as isize)
-            } else {
-                (lda as isize, 1)
-            };
-            let (b_rs, b_cs) = if tb {
-                (1, ldb as isize)
-            } else {
-                (ldb as isize, 1)
-            };
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c,
-                1,
-                ldc as isize,
-                beta != 0.0,
-                a,
-                a_cs,
-                a_rs,
-                b,
-                b_cs,
-                b_rs,
-                beta,
-                alpha,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
         }
     }
 }
@@ -250,6 +254,9 @@ fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// `C[:, j0..j1] = α·A·Bᵀ + β·C` for few rows of A, column by column.
+///
+/// # Safety
+/// As [`sgemm_serial`] with `ta = false`, `tb = true`, and `j0 ≤ j1 ≤ n`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_m_abt_generic(
     m: usize,
@@ -266,18 +273,24 @@ unsafe fn small_m_abt_generic(
     j1: usize,
 ) {
     for j in j0..j1 {
-        let bj = std::slice::from_raw_parts(b.add(j * ldb), k);
-        for i in 0..m {
-            let ai = std::slice::from_raw_parts(a.add(i * lda), k);
-            let d = alpha * dot_lanes(ai, bj);
-            let p = c.add(i * ldc + j);
-            *p = if beta == 0.0 { d } else { d + beta * *p };
+        // SAFETY: row j of B and row i of A are k floats each; C(i, j) is in C.
+        unsafe {
+            let bj = std::slice::from_raw_parts(b.add(j * ldb), k);
+            for i in 0..m {
+                let ai = std::slice::from_raw_parts(a.add(i * lda), k);
+                let d = alpha * dot_lanes(ai, bj);
+                let p = c.add(i * ldc + j);
+                *p = if beta == 0.0 { d } else { d + beta * *p };
+            }
         }
     }
 }
 
 /// The same with AVX2/FMA: four rows of A against one row of B per pass, two 8-lane
 /// accumulators each, lanes summed in a fixed order.
+///
+/// # Safety
+/// As [`small_m_abt_generic`], and the CPU supports AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -297,16 +310,23 @@ unsafe fn small_m_abt_avx2(
 ) {
     use std::arch::x86_64::*;
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
+    fn hsum(v: __m256) -> f32 {
+        // SAFETY: register-only intrinsics; this helper is only inlined into the AVX2
+        // function above.
+        unsafe {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
     }
     let k16 = k / 16 * 16;
-    let finish = |acc: __m256, i: usize, bj: *const f32, j: usize| {
+    // SAFETY (all blocks below): row i of A and row j of B are k floats each (every load is
+    // at an offset < k16 ≤ k, or < k in the tails), and C(i, j) lies in C — the caller's
+    // contract; j ranges over j0..j1 ≤ n, i over 0..m.
+    let finish = |acc: __m256, i: usize, bj: *const f32, j: usize| unsafe {
         let ar = a.add(i * lda);
         let mut d = hsum(acc);
         for q in k16..k {
@@ -317,68 +337,81 @@ unsafe fn small_m_abt_avx2(
         *out = if beta == 0.0 { d } else { d + beta * *out };
     };
     for j in j0..j1 {
-        let bj = b.add(j * ldb);
+        // SAFETY: row j < n of B (see the comment above `finish`).
+        let bj = unsafe { b.add(j * ldb) };
         let mut i = 0;
         while i + 4 <= m {
-            let (a0, a1, a2, a3) = (
-                a.add(i * lda),
-                a.add((i + 1) * lda),
-                a.add((i + 2) * lda),
-                a.add((i + 3) * lda),
-            );
-            let (mut s0, mut s1, mut s2, mut s3) = (
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-            );
-            let (mut t0, mut t1, mut t2, mut t3) = (
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-            );
-            let mut p = 0;
-            while p < k16 {
-                let b0 = _mm256_loadu_ps(bj.add(p));
-                let b1 = _mm256_loadu_ps(bj.add(p + 8));
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), b0, s0);
-                t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), b1, t0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p)), b0, s1);
-                t1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p + 8)), b1, t1);
-                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p)), b0, s2);
-                t2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p + 8)), b1, t2);
-                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p)), b0, s3);
-                t3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p + 8)), b1, t3);
-                p += 16;
+            // SAFETY: rows i..i+4 ≤ m of A, loads below k16 (see above `finish`).
+            unsafe {
+                let (a0, a1, a2, a3) = (
+                    a.add(i * lda),
+                    a.add((i + 1) * lda),
+                    a.add((i + 2) * lda),
+                    a.add((i + 3) * lda),
+                );
+                let (mut s0, mut s1, mut s2, mut s3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                let (mut t0, mut t1, mut t2, mut t3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                let mut p = 0;
+                while p < k16 {
+                    let b0 = _mm256_loadu_ps(bj.add(p));
+                    let b1 = _mm256_loadu_ps(bj.add(p + 8));
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), b0, s0);
+                    t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), b1, t0);
+                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p)), b0, s1);
+                    t1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p + 8)), b1, t1);
+                    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p)), b0, s2);
+                    t2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p + 8)), b1, t2);
+                    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p)), b0, s3);
+                    t3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p + 8)), b1, t3);
+                    p += 16;
+                }
+                finish(_mm256_add_ps(s0, t0), i, bj, j);
+                finish(_mm256_add_ps(s1, t1), i + 1, bj, j);
+                finish(_mm256_add_ps(s2, t2), i + 2, bj, j);
+                finish(_mm256_add_ps(s3, t3), i + 3, bj, j);
             }
-            finish(_mm256_add_ps(s0, t0), i, bj, j);
-            finish(_mm256_add_ps(s1, t1), i + 1, bj, j);
-            finish(_mm256_add_ps(s2, t2), i + 2, bj, j);
-            finish(_mm256_add_ps(s3, t3), i + 3, bj, j);
             i += 4;
         }
         while i < m {
-            let a0 = a.add(i * lda);
-            let (mut s0, mut t0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut p = 0;
-            while p < k16 {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), _mm256_loadu_ps(bj.add(p)), s0);
-                t0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a0.add(p + 8)),
-                    _mm256_loadu_ps(bj.add(p + 8)),
-                    t0,
-                );
-                p += 16;
+            // SAFETY: row i < m of A, loads below k16 (see above `finish`).
+            unsafe {
+                let a0 = a.add(i * lda);
+                let (mut s0, mut t0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut p = 0;
+                while p < k16 {
+                    s0 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), _mm256_loadu_ps(bj.add(p)), s0);
+                    t0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(a0.add(p + 8)),
+                        _mm256_loadu_ps(bj.add(p + 8)),
+                        t0,
+                    );
+                    p += 16;
+                }
+                finish(_mm256_add_ps(s0, t0), i, bj, j);
             }
-            finish(_mm256_add_ps(s0, t0), i, bj, j);
             i += 1;
         }
     }
 }
 
+/// [`small_m_abt_generic`] on the best kernel `isa` allows.
+///
+/// # Safety
+/// As [`small_m_abt_generic`]; `isa` is supported by the CPU.
 #[allow(clippy::too_many_arguments)]
 unsafe fn small_m_abt(
+    isa: Isa,
     m: usize,
     k: usize,
     alpha: f32,
@@ -393,16 +426,59 @@ unsafe fn small_m_abt(
     j1: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        return small_m_abt_avx2(m, k, alpha, a, lda, b, ldb, beta, c, ldc, j0, j1);
+    if isa >= Isa::Avx2 {
+        // SAFETY: `isa ≥ Avx2` was chosen only if the CPU has AVX2 and FMA; the rest is
+        // the caller's contract.
+        return unsafe { small_m_abt_avx2(m, k, alpha, a, lda, b, ldb, beta, c, ldc, j0, j1) };
     }
-    small_m_abt_generic(m, k, alpha, a, lda, b, ldb, beta, c, ldc, j0, j1)
+    let _ = isa;
+    // SAFETY: the caller's contract.
+    unsafe { small_m_abt_generic(m, k, alpha, a, lda, b, ldb, beta, c, ldc, j0, j1) }
 }
 
-/// `C = α·op(A)·op(B) + β·C` over slices, split across the rayon threads: by rows of C
-/// when it has enough of them, else by columns.
+/// `C = α·op(A)·op(B) + β·C` over slices, split across the rayon threads.
+///
+/// Panics if a slice is too short for the sizes and strides given.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    sgemm_with(
+        backend(),
+        isa(),
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        lda,
+        b,
+        ldb,
+        beta,
+        c,
+        ldc,
+    )
+}
+
+/// [`sgemm`] on a given backend and ISA (the tests run every one the CPU supports).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_with(
+    backend: Backend,
+    isa: Isa,
     ta: bool,
     tb: bool,
     m: usize,
@@ -426,26 +502,34 @@ pub fn sgemm(
             (r - 1) * ld + cc
         }
     };
+    assert!(isa.supported(), "sgemm: {isa:?} not supported by this CPU");
     assert!(a.len() >= need(m, k, lda, ta), "sgemm: A too short");
     assert!(b.len() >= need(k, n, ldb, tb), "sgemm: B too short");
     assert!(c.len() >= need(m, n, ldc, false), "sgemm: C too short");
+    assert!(ldc >= n || m <= 1, "sgemm: ldc < n");
+    assert!(ta || lda >= k || m <= 1, "sgemm: lda < k");
+    assert!(!ta || lda >= m || k <= 1, "sgemm: lda < m");
+    assert!(tb || ldb >= n || k <= 1, "sgemm: ldb < n");
+    assert!(!tb || ldb >= k || n <= 1, "sgemm: ldb < k");
     let threads = rayon::current_num_threads().max(1);
-    let (a, b, cp) = (
+    let (ap, bp, cp) = (
         a.as_ptr() as usize,
         b.as_ptr() as usize,
         c.as_mut_ptr() as usize,
     );
-    if !ta && tb && m <= SMALL_M && k > 0 {
+    if !ta && tb && m <= SMALL_M && k > 0 && n > 0 {
         // split the columns (rows of B) across threads when there is enough work
         let parts = if m * n * k >= 4 * PAR_FLOPS {
             threads.min(n)
         } else {
             1
         };
+        // SAFETY: the asserts above bound A, B and C; part p writes only columns
+        // j0..j1 of C, disjoint from every other part's.
         let run = |p: usize| unsafe {
             let (j0, j1) = (p * n / parts, (p + 1) * n / parts);
             small_m_abt(
-                m, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc, j0, j1,
+                isa, m, k, alpha, ap as _, lda, bp as _, ldb, beta, cp as _, ldc, j0, j1,
             )
         };
         if parts == 1 {
@@ -455,115 +539,74 @@ pub fn sgemm(
         }
         return;
     }
-    if threads == 1 || m * n * k < PAR_FLOPS {
-        unsafe {
-            sgemm_serial(
-                ta, tb, m, n, k, alpha, a as _, lda, b as _, ldb, beta, cp as _, ldc,
-            )
-        };
-        return;
+    let threads = if m * n * k < PAR_FLOPS { 1 } else { threads };
+    // SAFETY: the asserts above bound A, B and C; C is a &mut slice, so it overlaps neither.
+    unsafe {
+        sgemm_on(
+            backend, isa, threads, ta, tb, m, n, k, alpha, ap as _, lda, bp as _, ldb, beta,
+            cp as _, ldc,
+        )
     }
-    if backend() == Backend::Gemm {
-        // the gemm crate splits one product across rayon's threads better than separate calls
-        let (a_rs, a_cs) = if ta {
-            (1, lda as isize)
-        } else {
-            (lda as isize, 1)
-        };
-        let (b_rs, b_cs) = if tb {
-            (1, ldb as isize)
-        } else {
-            (ldb as isize, 1)
-        };
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                cp as *mut f32,
-                1,
-                ldc as isize,
-                beta != 0.0,
-                a as *const f32,
-                a_cs,
-                a_rs,
-                b as *const f32,
-                b_cs,
-                b_rs,
-                beta,
-                alpha,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(threads),
-            )
-        };
-        return;
-    }
-    let by_rows = m >= 16 * threads || m >= n;
-    let len = if by_rows { m } else { n };
-    let parts = threads.min(len.max(1));
-    // part boundaries on multiples of 16 (whole register tiles) where possible
-    let bound = |p: usize| {
-        let x = p * len / parts;
-        if p == parts || len < 16 * parts {
-            x
-        } else {
-            x / 16 * 16
-        }
-    };
-    rayon::scope(|s| {
-        for p in 0..parts {
-            let (lo, hi) = (bound(p), bound(p + 1));
-            if lo == hi {
-                continue;
-            }
-            s.spawn(move |_| unsafe {
-                let (a, b, c) = (a as *const f32, b as *const f32, cp as *mut f32);
-                if by_rows {
-                    let a_off = if ta { lo } else { lo * lda };
-                    sgemm_serial(
-                        ta,
-                        tb,
-                        hi - lo,
-                        n,
-                        k,
-                        alpha,
-                        a.add(a_off),
-                        lda,
-                        b,
-                        ldb,
-                        beta,
-                        c.add(lo * ldc),
-                        ldc,
-                    );
-                } else {
-                    let b_off = if tb { lo * ldb } else { lo };
-                    sgemm_serial(
-                        ta,
-                        tb,
-                        m,
-                        hi - lo,
-                        k,
-                        alpha,
-                        a,
-                        lda,
-                        b.add(b_off),
-                        ldb,
-                        beta,
-                        c.add(lo),
-                        ldc,
-                    );
+}
+
+/// The threads [`sgemm`] splits a product over (rayon's pool: `RAYON_NUM_THREADS`).
+pub fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// One measured product shape: `(name, m, k, n, ta, tb)` and its best GFLOP/s.
+#[derive(Clone, Debug)]
+pub struct Speed {
+    pub shape: &'static str,
+    pub gflops: f64,
+}
+
+/// The shapes [`measure`] times: a square product and the linear layers of the benchmark
+/// models as training runs them (rows = batch·context = 2048; forward `x·Wᵀ`, backward
+/// `dy·W` and `dyᵀ·x`).
+pub const SPEED_SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
+    ("2048x2048x2048", 2048, 2048, 2048, false, false),
+    ("fwd 2048x384x1536", 2048, 384, 1536, false, true),
+    ("fwd 2048x384x4096", 2048, 384, 4096, false, true),
+    ("fwd 2048x256x8192", 2048, 256, 8192, false, true),
+    ("bwd-dx 2048x1024x384", 2048, 1024, 384, false, false),
+    ("bwd-dW 384x2048x1024", 384, 2048, 1024, true, false),
+    ("fwd 2048x128x384", 2048, 128, 384, false, true),
+];
+
+/// Best-of-several GFLOP/s of [`sgemm`] (the process's backend, ISA and rayon threads) on
+/// each of [`SPEED_SHAPES`] (`m×k×n`), after two warm-up products.
+pub fn measure() -> Vec<Speed> {
+    SPEED_SHAPES
+        .iter()
+        .map(|&(shape, m, k, n, ta, tb)| {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+            let mut c = vec![0f32; m * n];
+            let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+            let flops = 2.0 * (m * n * k) as f64;
+            let reps = ((40e9 / flops) as usize).clamp(3, 100);
+            let mut best = f64::INFINITY;
+            for r in 0..reps + 2 {
+                let t = std::time::Instant::now();
+                sgemm(ta, tb, m, n, k, 1.0, &a, lda, &b, ldb, 0.0, &mut c, n);
+                if r >= 2 {
+                    best = best.min(t.elapsed().as_secs_f64());
                 }
-            });
-        }
-    });
+            }
+            Speed {
+                shape,
+                gflops: flops / best / 1e9,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[allow(clippy::too_many_arguments)]
     fn naive(
         ta: bool,
         tb: bool,
@@ -574,8 +617,8 @@ mod tests {
         lda: usize,
         b: &[f32],
         ldb: usize,
-    ) -> Vec<f32> {
-        let mut c = vec![0f32; m * n];
+    ) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
                 let mut s = 0f64;
@@ -584,15 +627,18 @@ mod tests {
                     let y = if tb { b[j * ldb + p] } else { b[p * ldb + j] };
                     s += x as f64 * y as f64;
                 }
-                c[i * n + j] = s as f32;
+                c[i * n + j] = s;
             }
         }
         c
     }
 
+    /// Every backend × ISA the CPU supports × transpose case, on odd shapes and padded
+    /// strides (lda, ldb, ldc larger than the matrix), against an f64 product; C starts
+    /// with NaN where β = 0 (it must not be read) and with values where β ≠ 0.
     #[test]
-    fn all_transpose_cases_match_a_naive_product() {
-        for &(m, n, k) in &[
+    fn every_path_matches_a_naive_product() {
+        let shapes = [
             (3, 5, 7),
             (70, 33, 129),
             (300, 17, 40),
@@ -601,63 +647,135 @@ mod tests {
             (16, 40, 3),
             (1, 64, 145),
             (4, 9, 33),
-        ] {
+            (29, 65, 600),
+            (200, 130, 270),
+            (0, 5, 3),
+            (5, 0, 3),
+            (6, 7, 0),
+        ];
+        let mut backends = vec![Backend::Packed, Backend::Gemm];
+        backends.dedup();
+        let isas = crate::fused::isa::supported();
+        for &(m, n, k) in &shapes {
             for ta in [false, true] {
                 for tb in [false, true] {
-                    let a: Vec<f32> = (0..m * k)
+                    // row strides padded by 3 to catch stride mix-ups
+                    let lda = if ta { m } else { k } + 3;
+                    let ldb = if tb { k } else { n } + 3;
+                    let ldc = n + 2;
+                    let (ar, br) = (if ta { k } else { m }, if tb { n } else { k });
+                    let a: Vec<f32> = (0..ar * lda)
                         .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
                         .collect();
-                    let b: Vec<f32> = (0..k * n)
+                    let b: Vec<f32> = (0..br * ldb)
                         .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
                         .collect();
-                    let lda = if ta { m } else { k };
-                    let ldb = if tb { k } else { n };
                     let want = naive(ta, tb, m, n, k, &a, lda, &b, ldb);
-                    let mut c = vec![1f32; m * n];
-                    sgemm(ta, tb, m, n, k, 2.0, &a, lda, &b, ldb, 0.5, &mut c, n);
-                    for (g, w) in c.iter().zip(&want) {
-                        assert!(
-                            (g - (2.0 * w + 0.5)).abs() < 1e-3,
-                            "{m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}",
-                            2.0 * w + 0.5
-                        );
-                    }
-                    // both backends, whichever the process uses
-                    let backends: &[Backend] = if cfg!(candor_openblas) {
-                        &[Backend::Gemm, Backend::OpenBlas]
-                    } else {
-                        &[Backend::Gemm]
-                    };
-                    for &bk in backends {
-                        let mut c = vec![1f32; m * n];
-                        unsafe {
-                            sgemm_serial_on(
-                                bk,
-                                ta,
-                                tb,
-                                m,
-                                n,
-                                k,
-                                2.0,
-                                a.as_ptr(),
-                                lda,
-                                b.as_ptr(),
-                                ldb,
-                                0.5,
-                                c.as_mut_ptr(),
-                                n,
-                            )
-                        };
-                        for (g, w) in c.iter().zip(&want) {
-                            assert!(
-                                (g - (2.0 * w + 0.5)).abs() < 1e-3,
-                                "{bk:?} {m}x{n}x{k} ta={ta} tb={tb}: {g} vs {}",
-                                2.0 * w + 0.5
-                            );
+                    for &bk in &backends {
+                        for &is in &isas {
+                            for beta in [0.0f32, 0.5] {
+                                let init = if beta == 0.0 { f32::NAN } else { 1.0 };
+                                let mut c = vec![init; m * ldc];
+                                sgemm_with(
+                                    bk, is, ta, tb, m, n, k, 2.0, &a, lda, &b, ldb, beta, &mut c,
+                                    ldc,
+                                );
+                                let mut serial = vec![init; m * ldc];
+                                // SAFETY: a, b, serial are sized for these shapes and strides.
+                                unsafe {
+                                    sgemm_on(
+                                        bk,
+                                        is,
+                                        1,
+                                        ta,
+                                        tb,
+                                        m,
+                                        n,
+                                        k,
+                                        2.0,
+                                        a.as_ptr(),
+                                        lda,
+                                        b.as_ptr(),
+                                        ldb,
+                                        beta,
+                                        serial.as_mut_ptr(),
+                                        ldc,
+                                    )
+                                };
+                                for i in 0..m {
+                                    for j in 0..n {
+                                        let prior = if beta == 0.0 {
+                                            0.0
+                                        } else {
+                                            (beta * init) as f64
+                                        };
+                                        let w = 2.0 * want[i * n + j] + prior;
+                                        for (what, got) in [
+                                            ("parallel", c[i * ldc + j]),
+                                            ("serial", serial[i * ldc + j]),
+                                        ] {
+                                            assert!(
+                                                (got as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                                                "{bk:?}/{is:?} {what} {m}x{n}x{k} ta={ta} tb={tb} \
+                                                 beta={beta} ({i},{j}): {got} vs {w}"
+                                            );
+                                        }
+                                    }
+                                    // the padding columns of C are left alone
+                                    for j in n..ldc {
+                                        let (g, s) = (c[i * ldc + j], serial[i * ldc + j]);
+                                        assert!(
+                                            g.to_bits() == init.to_bits()
+                                                && s.to_bits() == init.to_bits(),
+                                            "{bk:?}/{is:?} wrote padding"
+                                        );
+                                    }
+                                }
+                            }
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// The packed GEMM's result does not depend on the thread count or the task split.
+    #[test]
+    fn packed_results_repeat_across_thread_counts() {
+        let (m, n, k) = (301, 257, 530);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.013)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 17 % 89) as f32 - 44.0) * 0.011)
+            .collect();
+        for is in crate::fused::isa::supported() {
+            let mut outs = vec![];
+            for threads in [1, 2, 3, 8] {
+                let mut c = vec![0f32; m * n];
+                // SAFETY: a is m × k, b is n × k (transposed), c is m × n.
+                unsafe {
+                    packed::gemm(
+                        is,
+                        threads,
+                        false,
+                        true,
+                        m,
+                        n,
+                        k,
+                        1.0,
+                        a.as_ptr(),
+                        k,
+                        b.as_ptr(),
+                        k,
+                        0.0,
+                        c.as_mut_ptr(),
+                        n,
+                    )
+                };
+                outs.push(c);
+            }
+            assert!(outs.windows(2).all(|w| w[0] == w[1]), "{is:?}");
         }
     }
 }

@@ -7,8 +7,10 @@
 //! The model uses a kernel when [`enabled`] says so (f32 on the CPU); everything else
 //! (f64 for finite differences, bf16, CUDA, Metal) takes the composed path.
 //!
-//! - [`gemm`]: the matrix-product backend (the `gemm` crate, or OpenBLAS when the build
-//!   found it), split across the rayon threads.
+//! - [`gemm`]: the matrix products, candor's own packed GEMM (`packed`: per-ISA
+//!   micro-kernels) split across the rayon threads, or the `gemm` crate (`CANDOR_GEMM=gemm`).
+//! - [`isa`]: which SIMD level the kernels use (AVX-512, AVX2+FMA, portable), chosen at run
+//!   time and capped by `CANDOR_ISA`.
 //! - [`linear`]: `x · Wᵀ` with its own backward (two more products).
 //! - [`rmsnorm`], [`rope`], [`swiglu`]: row-wise and element-wise kernels.
 //! - [`attention`]: causal attention over (B, T, H, D) queries blocked by query rows, with
@@ -23,7 +25,9 @@
 
 pub mod attention;
 pub mod gemm;
+pub mod isa;
 pub mod linear;
+mod packed;
 pub mod rmsnorm;
 pub mod rope;
 pub mod runtime;
@@ -69,6 +73,15 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&
     }
 }
 
+/// The contiguous f32 data of a tensor's storage (from `Tensor::storage_and_layout`, whose
+/// guard the caller holds while it reads).
+pub(crate) fn cpu_f32<'a>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_slice(c, l, op),
+        _ => bail!("{op}: CPU tensors only"),
+    }
+}
+
 /// Run `f` on the contiguous f32 data of a CPU tensor.
 pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (s, l) = t.storage_and_layout();
@@ -98,8 +111,18 @@ pub(crate) fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
 /// A raw pointer that rayon tasks may share when each writes a disjoint part.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: a SendPtr is only created for an output buffer that outlives the parallel section
+// using it, and every task writes a part no other task touches (each use site says which).
 unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: shared between tasks that write disjoint parts, nobody reads.
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so a closure captures the whole `SendPtr`, not its field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Run `f(part, rows)` over `n` rows split into one contiguous range per thread (fewer when
 /// the work is small), returning the results in part order. The split depends only on `n`,

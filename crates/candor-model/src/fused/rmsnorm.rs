@@ -12,15 +12,17 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::vmath::dot_f64;
 use super::{f32_slice, par_parts, tensor, uninit, with_f32, SendPtr, PAR_MIN};
 
 struct RmsNorm {
     eps: f32,
 }
 
+/// `1/√(mean(x²) + ε)`, the mean accumulated in f64.
 fn rstd(row: &[f32], eps: f32) -> f32 {
-    let ss: f32 = row.iter().map(|v| v * v).sum();
-    1.0 / (ss / row.len() as f32 + eps).sqrt()
+    let ss = dot_f64(row, row);
+    (1.0 / (ss / row.len() as f64 + eps as f64).sqrt()) as f32
 }
 
 impl CustomOp2 for RmsNorm {
@@ -70,12 +72,13 @@ impl CustomOp2 for RmsNorm {
                     let rows = x.len() / c;
                     // one contiguous block of rows per thread; each returns its partial dw
                     par_parts(rows, (PAR_MIN / c).max(1), |range| {
-                        let dxp = dxp;
                         let mut dw = vec![0f32; c];
                         for r in range {
                             let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+                            // SAFETY: dx has rows·c floats; row r belongs to this part's
+                            // range alone (par_parts gives disjoint ranges).
                             let dxr =
-                                unsafe { std::slice::from_raw_parts_mut(dxp.0.add(r * c), c) };
+                                unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r * c), c) };
                             let rs = rstd(xr, self.eps);
                             let mut dot = 0f32;
                             for i in 0..c {

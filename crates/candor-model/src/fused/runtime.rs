@@ -16,6 +16,8 @@ pub fn init() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // SAFETY: `mallopt` is glibc's documented setter of two integer allocator parameters,
+    // called with valid parameter numbers before other threads allocate.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
         extern "C" {

@@ -11,6 +11,12 @@ use super::{f32_slice, tensor, uninit, with_f32, PAR_MIN};
 
 struct SwiGlu;
 
+/// One chunk of the backward: ((dg, du) outputs, (g, u) inputs), dy.
+type ChunkPair<'a> = (
+    ((&'a mut [f32], &'a mut [f32]), (&'a [f32], &'a [f32])),
+    &'a [f32],
+);
+
 const CHUNK: usize = 4096;
 
 impl CustomOp2 for SwiGlu {
@@ -63,10 +69,7 @@ impl CustomOp2 for SwiGlu {
         with_f32(g, "swiglu bwd", |g| {
             with_f32(u, "swiglu bwd", |u| {
                 with_f32(&dy, "swiglu bwd", |d| {
-                    let f = |(((dgc, duc), (gc, uc)), dc): (
-                        ((&mut [f32], &mut [f32]), (&[f32], &[f32])),
-                        &[f32],
-                    )| {
+                    let f = |(((dgc, duc), (gc, uc)), dc): ChunkPair<'_>| {
                         // dgc ← exp(−g) first
                         dgc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
                         exp_inplace(dgc);

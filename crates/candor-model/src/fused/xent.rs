@@ -20,7 +20,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::sgemm;
-use super::vmath::exp_inplace;
+use super::vmath::{exp_inplace, sum_f64};
 use super::{f32_slice, tensor, uninit, PAR_MIN};
 
 /// Logits per chunk (floats): bounds the chunk's rows as V grows.
@@ -80,11 +80,13 @@ impl CustomOp2 for Xent {
                 let lt = lr[t];
                 lr.iter_mut().for_each(|x| *x -= max);
                 exp_inplace(lr);
-                let sum: f32 = lr.iter().sum();
-                let lse = max + sum.ln();
-                *out = -wi * (lt - lse);
+                // the sum and the log-sum-exp in f64: over a large vocabulary an f32 sum
+                // drifts by ~1e-4 (see vmath::sum_f64)
+                let sum = sum_f64(lr);
+                let lse = max as f64 + sum.ln();
+                *out = (-(wi as f64) * (lt as f64 - lse)) as f32;
                 if self.want_grad {
-                    let scale = wi / sum;
+                    let scale = (wi as f64 / sum) as f32;
                     lr.iter_mut().for_each(|x| *x *= scale);
                     lr[t] -= wi;
                 }
