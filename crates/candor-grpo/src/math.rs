@@ -9,6 +9,7 @@
 //! standard deviations are Bessel-corrected; the std guard is `+ 1e-4`.
 
 use candle_core::{DType, Tensor, D};
+use candor_train::rl::KlEstimator;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -242,16 +243,11 @@ pub struct GrpoLoss {
     pub clip_count: f64,
 }
 
-/// The per-token k3 estimator of KL(π ‖ π_ref) (Schulman 2020):
-/// exp(ref − lp) − (ref − lp) − 1, non-negative, unbiased under samples from π.
-pub fn k3_kl(logprobs: &Tensor, ref_logprobs: &Tensor) -> Result<Tensor> {
-    let d = (ref_logprobs - logprobs)?;
-    Ok(((d.exp()? - &d)? - 1.0)?)
-}
-
 /// The clipped surrogate of a batch of completions, as TRL's `GRPOTrainer._compute_loss`:
 /// ratio w (per token, or per sequence with GSPO), per-token loss
-/// −min(w·A, clip(w, 1 − ε, 1 + ε_high)·A) + β·k3, reduced as `loss_type` says.
+/// −min(w·A, clip(w, 1 − ε, 1 + ε_high)·A) + β·k3 (Schulman's k3 estimator of KL(π ‖ π_ref),
+/// e^(ref − lp) − (ref − lp) − 1, `candor_train::rl::KlEstimator::K3`), reduced as
+/// `loss_type` says.
 ///
 /// Shapes: `logprobs`, `old_logprobs`, `ref_logprobs`, `mask`: (B, T); `advantages`: (B,).
 /// `ref_logprobs` is read only when `beta ≠ 0`.
@@ -284,7 +280,7 @@ pub fn grpo_loss(
         let reference = ref_logprobs.ok_or_else(|| {
             candor_train::Error::Msg("grpo_loss: beta ≠ 0 needs the reference log-probs".into())
         })?;
-        let kl = k3_kl(logprobs, reference)?; // (B, T)
+        let kl = KlEstimator::K3.per_token(logprobs, reference)?; // (B, T), ≥ 0
         kl_sum = to_f64(&(kl.detach() * &mask)?.sum_all()?)?;
         per_token = per_token.broadcast_add(&(kl * s.beta)?)?;
     }
