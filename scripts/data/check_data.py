@@ -103,6 +103,22 @@ def main() -> None:
     if leaked:
         err(f"instructions-heldout prompts found in the SFT set: {leaked}")
 
+    # arithmetic: exact answers, held-out questions disjoint from the training ones
+    ar = DATA / "arithmetic"
+    at, asft, ah = rows(ar / "train.jsonl"), rows(ar / "sft.jsonl"), rows(ar / "heldout.jsonl")
+    check_keys(ar / "train.jsonl", at, [{"prompt", "reference"}])
+    check_keys(ar / "sft.jsonl", asft, [{"prompt", "response"}])
+    check_keys(ar / "heldout.jsonl", ah, [{"prompt", "reference"}])
+    for path, rs, key in [(ar / "train.jsonl", at, "reference"), (ar / "sft.jsonl", asft, "response"),
+                          (ar / "heldout.jsonl", ah, "reference")]:
+        for i, r in enumerate(rs, 1):
+            q = r.get("prompt", "").removeprefix("What is ").removesuffix("?").split(" ")
+            ok = len(q) == 3 and q[1] in "+-" and q[0].isdigit() and q[2].isdigit()
+            if not ok or str(int(q[0]) + int(q[2]) if q[1] == "+" else int(q[0]) - int(q[2])) != r.get(key):
+                err(f"{path}:{i}: not a one-digit question with its exact answer")
+    if {r.get("prompt") for r in ah} & {r.get("prompt") for r in at + asft} or len(at) + len(ah) != 155:
+        err("arithmetic: held-out questions overlap the training ones, or some are missing")
+
     # sentiment
     lex = text(DATA / "sentiment" / "vader_lexicon.txt").split("\n")[:-1]
     for i, line in enumerate(lex, 1):
@@ -131,7 +147,7 @@ def main() -> None:
         print("error:", e, file=sys.stderr)
     print(f"data/: {total} bytes; fortunes {len(fortunes)}, sft {len(sft)} ({multi} multi-turn), "
           f"sentiment prompts {len(st)}+{len(sh)}, instruction held-out {len(ih)}, "
-          f"lexicon {len(lex)}, vader reference {len(ref)}")
+          f"lexicon {len(lex)}, vader reference {len(ref)}, arithmetic {len(at)}+{len(ah)}")
     sys.exit(1 if errors else 0)
 
 

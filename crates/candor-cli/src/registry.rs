@@ -404,6 +404,45 @@ pub static STAGES: &[StageKind] = &[
         },
     },
     StageKind {
+        name: "grpo",
+        about: "RL with group baselines (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++) on judges and/or a reward model",
+        config_file: true,
+        makes_model: true,
+        output_file: None,
+        seeded: true,
+        roles: &[role("policy", true, "policy"), role("reward", false, "reward")],
+        file_keys: &[
+            file("data.prompts", true, true),
+            file("data.heldout_prompts", true, true),
+        ],
+        effective: effective::<candor_grpo::GrpoConfig>,
+        check: None,
+        locate: None,
+        run: |config, opts| train(config, opts, candor_grpo::run),
+        summary: |meta| {
+            format!(
+                "step {}, reward_mean {}, kl {}, judge_score {} from {}",
+                meta.step,
+                metric(meta, "reward_mean"),
+                metric(meta, "kl"),
+                metric(meta, "judge_score"),
+                metric(meta, "judge_score_initial")
+            )
+        },
+        report: Report {
+            x: "step",
+            charts: &[
+                ("reward", "reward", &["reward_mean", "reward_raw_mean"]),
+                ("judge", "held-out judge score (math: exact-match accuracy)", &["judge_score"]),
+                ("kl", "KL to the reference (k3)", &["kl"]),
+                ("entropy", "entropy", &["entropy"]),
+                ("length", "completion length (tokens)", &["response_len"]),
+                ("zero-spread", "share of groups with zero reward spread", &["zero_spread"]),
+            ],
+            extra: None,
+        },
+    },
+    StageKind {
         name: "eval",
         about: "held-out metrics of a model on a data file (`candor eval`)",
         config_file: false,
@@ -590,7 +629,7 @@ mod tests {
         }
         assert_eq!(
             names(),
-            "model, import, tokenizer, pretrain, sft, sample, rank, reward, ppo, eval"
+            "model, import, tokenizer, pretrain, sft, sample, rank, reward, ppo, grpo, eval"
         );
     }
 }

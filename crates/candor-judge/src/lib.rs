@@ -8,11 +8,17 @@
 //! Adding a judge: one file with a type that implements [`Judge`], and one line in
 //! [`JUDGES`].
 
+mod length;
+mod math;
 pub mod rank;
 mod reference;
+mod regex;
 mod sentiment;
 
+pub use length::LengthJudge;
+pub use math::MathJudge;
 pub use reference::ReferenceJudge;
+pub use regex::RegexJudge;
 pub use sentiment::SentimentJudge;
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +103,21 @@ pub const JUDGES: &[JudgeEntry] = &[
         about: "agreement with the line's `reference` answer: 1 for an exact match after normalisation, else 0.9 x token F1",
         build: |arg| no_arg("reference", arg).map(|_| Box::new(ReferenceJudge) as Box<dyn Judge>),
     },
+    JudgeEntry {
+        name: "math",
+        about: "1 when the response's final number (or last \\boxed{} answer) equals the line's `reference` numerically, else 0",
+        build: |arg| no_arg("math", arg).map(|_| Box::new(MathJudge) as Box<dyn Judge>),
+    },
+    JudgeEntry {
+        name: "regex",
+        about: "`regex:PATTERN`: 1 when the response matches PATTERN (a required format), else 0",
+        build: |arg| RegexJudge::new(arg).map(|j| Box::new(j) as Box<dyn Judge>),
+    },
+    JudgeEntry {
+        name: "length",
+        about: "`length:MIN-MAX`: 1 when the response has MIN..=MAX characters (trimmed), else 0",
+        build: |arg| LengthJudge::new(arg).map(|j| Box::new(j) as Box<dyn Judge>),
+    },
 ];
 
 /// Build a judge from its spec: `NAME`, or `NAME:ARG` for judges that take an argument
@@ -145,10 +166,19 @@ mod tests {
 
     #[test]
     fn registry_builds_every_judge_under_its_name() {
+        let example_arg = |name| match name {
+            "regex" => "regex:^\\d+$",
+            "length" => "length:1-10",
+            other => other,
+        };
         for entry in JUDGES {
-            assert_eq!(judge_by_name(entry.name).unwrap().name(), entry.name);
+            let spec = example_arg(entry.name);
+            assert_eq!(judge_by_name(spec).unwrap().name(), entry.name);
         }
-        assert_eq!(known_judges(), vec!["sentiment", "reference"]);
+        assert_eq!(
+            known_judges(),
+            vec!["sentiment", "reference", "math", "regex", "length"]
+        );
     }
 
     #[test]
@@ -176,7 +206,7 @@ mod tests {
         let e = judge_by_name("vibes").err().unwrap().to_string();
         assert_eq!(
             e,
-            "unknown judge `vibes`; known judges: sentiment, reference"
+            "unknown judge `vibes`; known judges: sentiment, reference, math, regex, length"
         );
     }
 }

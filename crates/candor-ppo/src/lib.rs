@@ -44,7 +44,7 @@ use candor_train::progress::Progress;
 use candor_train::rl::{masked_mean_rows, masked_whiten, KlController};
 use candor_train::rollout::{load_prompts, sample_responses, Prompt};
 use candor_train::schedule::lr_at;
-use candor_train::score::{judge, judge_scores, Scorer};
+use candor_train::score::{check_judge_fields, judge, judge_scores, Scorer};
 use candor_train::seq::{logprobs, rows, sequence_scores, values};
 use candor_train::train_loop::begin;
 
@@ -126,8 +126,14 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         max_new_key,
         ctx,
     )?;
+    // every prompt line carries the fields the judges read (named by file and line)
+    let score_judges: Vec<_> = scorer.judge.iter().map(|j| j.as_ref()).collect();
+    check_judge_fields(&cfg.data.prompts, &score_judges)?;
     let heldout = match &cfg.data.heldout_prompts {
         Some(p) => {
+            if let Some(j) = &eval_judge {
+                check_judge_fields(p, &[j.as_ref()])?;
+            }
             let mut h = load_prompts(p, &tok, &template, max_new, max_new_key, ctx)?;
             h.truncate(cfg.eval.max_prompts.max(1));
             h

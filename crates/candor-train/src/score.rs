@@ -215,6 +215,29 @@ impl Scorer {
     }
 }
 
+/// Every line of the prompt file `path` carries the fields `judges` read
+/// ([`candor_judge::Judge::needs`]), checked before anything is sampled; else an error
+/// naming the file, the line, the judge and the field.
+pub fn check_judge_fields(path: &Path, judges: &[&dyn candor_judge::Judge]) -> Result<()> {
+    if judges.iter().all(|j| j.needs().is_empty()) {
+        return Ok(());
+    }
+    for (line, p) in candor_data::prompts::read_prompts(path)? {
+        for j in judges {
+            for field in j.needs() {
+                if p.fields.get(*field).is_none_or(|v| v.is_null()) {
+                    return Err(Error::Msg(format!(
+                        "{}:{line}: judge `{}` reads the field `{field}`, which this prompt line lacks",
+                        path.display(),
+                        j.name()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +282,32 @@ mod tests {
         assert!((s.raw[0] - 1.0).abs() < 1e-12 && (s.raw[1] - 0.6).abs() < 1e-12);
         assert!((s.combined[0] - 1.5).abs() < 1e-12, "{:?}", s.combined);
         assert!((s.combined[1] - 0.2).abs() < 1e-12, "{:?}", s.combined);
+    }
+
+    /// A prompt line without a field a judge needs is named by file and line; a null counts
+    /// as missing; judges that need nothing pass any file.
+    #[test]
+    fn a_prompt_line_lacking_a_judged_field_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        std::fs::write(
+            &path,
+            "{\"prompt\": \"a\", \"reference\": \"1\"}\n{\"prompt\": \"b\", \"reference\": null}\n",
+        )
+        .unwrap();
+        let math = judge("math").unwrap();
+        let e = check_judge_fields(&path, &[math.as_ref()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:2: judge `math` reads the field `reference`, which this prompt line lacks",
+                path.display()
+            )
+        );
+        let sentiment = judge("sentiment").unwrap();
+        check_judge_fields(&path, &[sentiment.as_ref()]).unwrap();
     }
 }

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Write data/arithmetic/: a verifiable task a tiny model can learn on 2 CPU cores.
+
+Every sum a + b and every difference a − b (b <= a) of one-digit numbers: 100 + 55 = 155
+questions "What is a + b?" with exact answers. A fixed seed splits them into 124 training
+questions and 31 held-out ones; the held-out set is disjoint from both training files.
+
+  train.jsonl    {"prompt", "reference"}   prompts GRPO/PPO pose, the `math` judge's answers
+  sft.jsonl      {"prompt", "response"}    the same questions answered: teaches the format
+                                           (the bare number, then end of turn)
+  heldout.jsonl  {"prompt", "reference"}   held-out exact-match accuracy
+
+Deterministic: running it again rewrites the files byte for byte. Needs python3 only.
+Usage: python3 scripts/data/make_arithmetic.py
+"""
+
+import json
+import random
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[2] / "data" / "arithmetic"
+SEED = 15
+HELDOUT = 31
+
+
+def questions():
+    qs = []
+    for a in range(10):
+        for b in range(10):
+            qs.append((f"What is {a} + {b}?", a + b))
+    for a in range(10):
+        for b in range(a + 1):
+            qs.append((f"What is {a} - {b}?", a - b))
+    return qs
+
+
+def write(name, rows):
+    with open(OUT / name, "w", encoding="utf-8", newline="\n") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def main():
+    qs = questions()
+    random.Random(SEED).shuffle(qs)
+    heldout, train = qs[:HELDOUT], qs[HELDOUT:]
+    OUT.mkdir(parents=True, exist_ok=True)
+    write("train.jsonl", [{"prompt": q, "reference": str(a)} for q, a in train])
+    write("sft.jsonl", [{"prompt": q, "response": str(a)} for q, a in train])
+    write("heldout.jsonl", [{"prompt": q, "reference": str(a)} for q, a in heldout])
+    print(f"{OUT}: {len(train)} training questions (train.jsonl, sft.jsonl), {len(heldout)} held out")
+
+
+if __name__ == "__main__":
+    main()
