@@ -14,43 +14,43 @@
 //! 5. several PPO epochs over minibatches: clipped policy loss + clipped value loss
 //!    (− entropy bonus, + PPO-ptx), early stop on approximate KL;
 //! 6. update β, log, evaluate, checkpoint.
+//!
+//! Steps 2–3 are [`rollout`]'s `roll_out`, step 4 `advantages.rs`, step 5 `update.rs`
+//! (`ppo_epochs`, its statistics named in `UpdateStats`); loading the roles (before the
+//! loop) and step 6 are in [`run`]. What other RL stages share (response log-probs, the
+//! clipped ratio loss, KL, the reward score) is in `candor_train::{seq, rl, rollout, score}`.
 
+mod advantages;
 pub mod config;
+mod evaluate;
 pub mod math;
+mod roles;
 pub mod rollout;
 mod update;
 
-use std::path::Path;
 use std::time::Instant;
 
 use candor_core::checkpoint::{parent_ref, CandorMeta, Head};
 use candor_core::metrics::MetricsLog;
 use candor_core::record;
 use candor_core::rng::Rng;
-use candor_data::chat::{stop_tokens, ChatTemplate};
-use candor_data::text::{pack_corpus, read_corpus, tokenize_documents};
-use candor_data::Tokenizer;
-use candor_model::io::{load_trainable, read_config};
 use candor_model::Model;
-use candor_train::batch::{Cursor, LmExample, Sampler};
-use candor_train::ckpt::{
-    read_trainer, restore_optimizer, save_checkpoint, write_model_dir, Snapshot, Start,
-    TrainerState,
-};
+use candor_train::batch::{Cursor, Sampler};
+use candor_train::ckpt::{read_trainer, restore_optimizer, Start, TrainerState};
 use candor_train::err;
 use candor_train::optim::{named_vars, AdamW};
-use candor_train::precision::{inference_model, load_frozen};
+use candor_train::precision::inference_model;
 use candor_train::progress::Progress;
-use candor_train::rl::{masked_mean_rows, masked_whiten, KlController};
-use candor_train::rollout::{load_prompts, sample_responses, Prompt};
+use candor_train::rl::{masked_mean_rows, KlController};
+use candor_train::rollout::Prompt;
 use candor_train::schedule::lr_at;
-use candor_train::score::{check_judge_fields, judge, judge_scores, Scorer};
-use candor_train::seq::{logprobs, rows, sequence_scores, values};
 use candor_train::train_loop::begin;
 
+use advantages::{advantages, Advantages};
 pub use config::*;
-use math::{gae, per_token_rewards};
-use rollout::Rollout;
+use evaluate::{read_samples, Evaluation, Saver};
+use roles::Roles;
+use rollout::{roll_out, RolloutModels, RolloutSampling};
 use update::{ppo_epochs, Epochs, Learners, Targets};
 
 pub type Error = candor_train::Error;
@@ -92,80 +92,25 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let resuming = matches!(start, Start::Resume(_));
     let (device, dist, dtype) = (&opts.device, &opts.dist, cfg.train.dtype);
 
-    // the four roles (the frozen ones in train.dtype)
-    let tok = Tokenizer::from_dir(&policy_dir)?;
-    let template = ChatTemplate::for_tokenizer(&tok);
-    let stop = stop_tokens(&tok);
-    let pad = tok.pad_id();
-    let policy_config = read_config(&policy_dir)?;
-    if policy_config.head() != Head::Lm {
-        return Err(err(format!(
-            "{}: the policy must be an lm checkpoint, this one has a score head",
-            policy_dir.display()
-        )));
-    }
-    let scorer = Scorer::load(
-        &cfg.score,
-        cfg.reward.as_deref(),
-        (&tok, &policy_dir),
-        dtype,
-        opts,
-        "ppo",
-    )?;
-    let eval_judge_name = cfg.eval.judge.clone().or(cfg.score.judge.clone());
-    let eval_judge = eval_judge_name.as_deref().map(judge).transpose()?;
-
-    let ctx = policy_config.max_position_embeddings;
-    let max_new = cfg.rollout.max_new_tokens;
-    let max_new_key = "rollout.max_new_tokens";
-    let prompts = load_prompts(
-        &cfg.data.prompts,
-        &tok,
-        &template,
-        max_new,
-        max_new_key,
-        ctx,
-    )?;
-    // every prompt line carries the fields the judges read (named by file and line)
-    let score_judges: Vec<_> = scorer.judge.iter().map(|j| j.as_ref()).collect();
-    check_judge_fields(&cfg.data.prompts, &score_judges)?;
-    let heldout = match &cfg.data.heldout_prompts {
-        Some(p) => {
-            if let Some(j) = &eval_judge {
-                check_judge_fields(p, &[j.as_ref()])?;
-            }
-            let mut h = load_prompts(p, &tok, &template, max_new, max_new_key, ctx)?;
-            h.truncate(cfg.eval.max_prompts.max(1));
-            h
-        }
-        None => vec![],
-    };
-    let ptx: Vec<LmExample> = if cfg.ppo.ptx_coef > 0.0 {
-        let docs = read_corpus(&cfg.data.ptx_files)?;
-        let stream = tokenize_documents(&tok, &docs, tok.eos_id().unwrap_or(pad))?;
-        pack_corpus(&stream, ctx.min(256), 0.0)?
-            .train
-            .into_iter()
-            .map(LmExample::dense)
-            .collect()
-    } else {
-        vec![]
-    };
-
-    let reference = load_frozen(&policy_dir, dtype, device)?;
-    let mut init_rng = Rng::derive(cfg.seed, "critic-init");
-    let (policy_src, critic_src) = if resuming {
-        (opts.out.clone(), opts.out.join("critic"))
-    } else {
-        let critic_src = match (cfg.critic.init, &cfg.reward) {
-            (CriticInit::Reward, Some(r)) => r.clone(),
-            _ => policy_dir.clone(),
-        };
-        (policy_dir.clone(), critic_src)
-    };
-    let (policy, policy_vars) = load_trainable(&policy_src, Head::Lm, &mut init_rng, device)?;
-    let (critic, critic_vars) = load_trainable(&critic_src, Head::Score, &mut init_rng, device)?;
-    let critic_config = read_config(&critic_src)?;
+    // the four roles (the frozen ones in train.dtype), the prompts, the ptx examples
+    let Roles {
+        tok,
+        stop,
+        pad,
+        policy_config,
+        scorer,
+        eval_judge,
+        prompts,
+        heldout,
+        ptx,
+        reference,
+        critic_src,
+        policy,
+        policy_vars,
+        critic,
+        critic_vars,
+        critic_config,
+    } = Roles::load(cfg, opts, &policy_dir, resuming)?;
     let mut policy_opt = AdamW::new(named_vars(&policy_vars), &cfg.train)?;
     let mut critic_opt = AdamW::new(named_vars(&critic_vars), &cfg.train)?;
     let critic_lr_scale = cfg.critic.lr.map_or(1.0, |lr| lr / cfg.train.lr);
@@ -228,38 +173,16 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         }
     ));
 
-    let evaluate = |policy: &Model,
-                    step: u64,
-                    metrics: &mut MetricsLog,
-                    samples_log: &mut MetricsLog|
-     -> Result<Option<f64>> {
-        if heldout.is_empty() {
-            return Ok(None);
-        }
-        let mut rng = Rng::derive(cfg.seed, "eval");
-        let ps: Vec<&Prompt> = heldout.iter().collect();
-        let out = sample_responses(policy, &tok, &ps, &cfg.rollout.sampling(), &stop, &mut rng)?;
-        let texts = &out.texts;
-        let mut rec = record!(step;);
-        let mut judged = None;
-        if let Some(j) = &eval_judge {
-            let js = judge_scores(j.as_ref(), &ps, texts)?;
-            let mean = js.iter().sum::<f64>() / js.len() as f64;
-            rec.insert("judge_score".into(), serde_json::json!(mean));
-            judged = Some(mean);
-        }
-        if let Some(rm) = &scorer.reward_model {
-            let r = sequence_scores(rm, &out.seq_batch(&ps, pad, device)?)?;
-            rec.insert(
-                "eval_reward".into(),
-                serde_json::json!(r.iter().sum::<f64>() / r.len() as f64),
-            );
-        }
-        metrics.push(rec);
-        for (p, t) in ps.iter().zip(texts).take(cfg.eval.samples_logged) {
-            samples_log.push(record!(step; "prompt" => p.text, "response" => t));
-        }
-        Ok(judged)
+    let evaluation = Evaluation {
+        cfg,
+        heldout: &heldout,
+        tok: &tok,
+        stop: &stop,
+        judge: eval_judge.as_deref(),
+        reward_model: scorer.reward_model.as_ref(),
+    };
+    let evaluate = |policy: &Model, step, metrics: &mut _, samples_log: &mut _| {
+        evaluation.run(policy, step, metrics, samples_log)
     };
     if state.step == 0 && dist.is_main() {
         if let Some(j) = evaluate(
@@ -274,28 +197,21 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             ));
         }
     }
+    let saver = Saver {
+        out: &opts.out,
+        policy_config: &policy_config,
+        policy_vars: &policy_vars,
+        critic_config: &critic_config,
+        critic_vars: &critic_vars,
+        tok: &tok,
+    };
     let save = |state: &TrainerState,
                 metrics: &MetricsLog,
                 samples: &MetricsLog,
                 p_opt: &AdamW,
                 c_opt: &AdamW,
-                meta: &mut CandorMeta|
-     -> Result<()> {
-        let snap = Snapshot {
-            config: &policy_config,
-            head: Head::Lm,
-            varmap: &policy_vars,
-            tokenizer: &tok,
-            metrics,
-            state,
-            optimizers: &[("policy", p_opt), ("critic", c_opt)],
-        };
-        save_checkpoint(&opts.out, &snap, meta, |dir| {
-            let cdir = dir.join("critic");
-            std::fs::create_dir_all(&cdir).map_err(|e| err(format!("{}: {e}", cdir.display())))?;
-            write_model_dir(&cdir, &critic_config, Head::Score, &critic_vars, &tok)?;
-            write_samples(dir, samples)
-        })
+                meta: &mut CandorMeta| {
+        saver.save(state, metrics, samples, (p_opt, c_opt), meta)
     };
 
     let sampling = cfg.rollout.sampling();
@@ -315,67 +231,35 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         let idx = prompt_sampler.next(cfg.rollout.prompts_per_iteration);
         let batch_prompts: Vec<&Prompt> = idx.iter().map(|&i| &prompts[i]).collect();
         let mine = dist.shard(&batch_prompts);
-        // 2. responses, sampled with the KV cache (in train.dtype); rank 0 draws from the
-        //    run's generator, the others from streams derived from it and their rank
-        let t0 = Instant::now();
-        let policy_now = inference_model(&policy, &policy_vars, dtype)?;
-        let critic_now = inference_model(&critic, &critic_vars, dtype)?;
-        let mut rank_rng = Rng::derive(
-            state.rng.clone().next_u64(),
-            &format!("rollout-rank-{}", dist.rank()),
-        );
-        let rng = if dist.is_main() {
-            &mut state.rng
-        } else {
-            &mut rank_rng
+        // 2.-3. responses sampled with the KV cache, scored, with the log-probs of policy and
+        //    reference and the critic's values; then the whole batch on every rank
+        let models = RolloutModels {
+            policy: &policy,
+            policy_vars: &policy_vars,
+            critic: &critic,
+            critic_vars: &critic_vars,
+            reference: &reference,
+            dtype,
+            scorer: &scorer,
         };
-        let samples = sample_responses(&policy_now, &tok, mine, &sampling, &stop, rng)?;
-        state.rng = dist.broadcast_value(&state.rng)?; // it shuffles the minibatches below
-        let time_generate = t0.elapsed().as_secs_f64();
-        // 3. scores, log-probs of policy and reference, values; then the whole batch on every rank
-        let t1 = Instant::now();
-        let sb = samples.seq_batch(mine, pad, device)?;
-        let scores = scorer.score(&sb, mine, &samples.texts, &samples.stopped)?;
-        let old_lp = rows(&logprobs(&policy_now, &sb, temperature)?.0.detach())?;
-        let ref_lp = rows(&logprobs(&reference, &sb, temperature)?.0)?;
-        let old_values = rows(&values(&critic_now, &sb)?.detach())?;
-        drop((policy_now, critic_now));
-        let mut local = Rollout::default();
-        for i in 0..samples.tokens.len() {
-            local.push(
-                &samples.tokens[i],
-                samples.stopped[i],
-                scores.combined[i],
-                scores.raw[i],
-                &old_lp[i],
-                &ref_lp[i],
-                &old_values[i],
-            );
-        }
-        let roll = local.gather(dist)?;
+        let how = RolloutSampling {
+            tok: &tok,
+            params: &sampling,
+            stop: &stop,
+            temperature,
+        };
+        let (roll, times) = roll_out(&models, &how, mine, &mut state.rng, dist)?;
+        let time_generate = times.generate;
         // 4. per-token rewards, GAE, whitening, over the whole batch
-        let mask_rows = roll.mask_rows();
-        let (old_lp, old_values) = (roll.padded(&roll.old_logprobs), roll.padded(&roll.values));
-        let (rewards, kl) = per_token_rewards(
-            &roll.combined,
-            &old_lp,
-            &roll.padded(&roll.ref_logprobs),
-            &mask_rows,
-            kl_ctl.value,
-        );
-        let (advantages, returns) = gae(
-            &rewards,
-            &old_values,
-            &mask_rows,
-            cfg.ppo.gamma,
-            cfg.ppo.lam,
-        );
-        let advantages = if cfg.ppo.whiten_advantages {
-            masked_whiten(&advantages, &mask_rows, true)
-        } else {
-            advantages
-        };
-        let time_score = t1.elapsed().as_secs_f64();
+        let Advantages {
+            mask_rows,
+            old_lp,
+            old_values,
+            kl,
+            advantages,
+            returns,
+        } = advantages(&roll, kl_ctl.value, &cfg.ppo);
+        let time_score = times.score_start.elapsed().as_secs_f64();
 
         // 5. PPO epochs over minibatches (each rank computes its share of every minibatch)
         let t2 = Instant::now();
@@ -534,33 +418,22 @@ fn validate(cfg: &PpoConfig, origin: &str) -> Result<()> {
     Ok(())
 }
 
-const SAMPLES_FILE: &str = "samples.jsonl";
-
-fn write_samples(dir: &Path, samples: &MetricsLog) -> Result<()> {
-    Ok(samples.write_file(&dir.join(SAMPLES_FILE))?)
-}
-
-fn read_samples(dir: &Path) -> Result<MetricsLog> {
-    Ok(MetricsLog::read_file(&dir.join(SAMPLES_FILE), None)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::Rollout;
     use crate::update::{minibatch_grads, Models, PtxBatch};
     use candle_core::Device;
     use candor_model::io::build_trainable;
     use candor_model::ModelConfig;
+    use candor_train::batch::LmExample;
     use candor_train::config::TrainConfig;
     use candor_train::dist::Dist;
     use candor_train::dist::LocalGroup;
 
-    /// Per-token advantages and returns of each row.
-    type AdvantagesReturns = [Vec<Vec<f64>>; 2];
-
     /// A rollout of 5 rows with responses of different lengths (one empty-ish, 1 token) and
     /// random per-token targets, and 4 pretraining examples for PPO-ptx.
-    fn rollout() -> (Vec<Vec<u32>>, Rollout, AdvantagesReturns, Vec<LmExample>) {
+    fn rollout() -> (Vec<Vec<u32>>, Rollout, [Vec<Vec<f64>>; 2], Vec<LmExample>) {
         let mut rng = Rng::new(21);
         let mut roll = Rollout::default();
         let mut prompts = vec![];

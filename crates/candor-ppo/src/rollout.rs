@@ -1,9 +1,113 @@
-//! One rollout batch of PPO: responses, scores, and per token the log-probs of policy and
-//! reference and the critic's values; gathered over the ranks of a data-parallel run.
+//! Steps 2 and 3 of a PPO iteration: responses sampled from the policy with the KV cache,
+//! scored, and per token the log-probs of policy and reference and the critic's values;
+//! gathered over the ranks of a data-parallel run.
 
+use std::time::Instant;
+
+use candle_nn::VarMap;
+use candor_core::rng::Rng;
+use candor_data::Tokenizer;
+use candor_model::generate::SamplingParams;
+use candor_model::Model;
 use candor_train::dist::Dist;
+use candor_train::precision::{inference_model, Precision};
+use candor_train::rollout::{sample_responses, Prompt};
+use candor_train::score::Scorer;
+use candor_train::seq::{logprobs, rows, values};
 
 use crate::Result;
+
+/// The models a rollout reads: policy and critic as trained so far (f32 master weights,
+/// sampled in `dtype`), the frozen reference, the scorer.
+pub(crate) struct RolloutModels<'a> {
+    pub policy: &'a Model,
+    pub policy_vars: &'a VarMap,
+    pub critic: &'a Model,
+    pub critic_vars: &'a VarMap,
+    pub reference: &'a Model,
+    pub dtype: Precision,
+    pub scorer: &'a Scorer,
+}
+
+/// How responses are sampled; log-probs are computed at the sampling `temperature`.
+pub(crate) struct RolloutSampling<'a> {
+    pub tok: &'a Tokenizer,
+    pub params: &'a SamplingParams,
+    pub stop: &'a [u32],
+    pub temperature: f64,
+}
+
+/// When a rollout's phases took place.
+pub(crate) struct RolloutTimes {
+    /// Seconds spent sampling.
+    pub generate: f64,
+    /// When scoring began.
+    pub score_start: Instant,
+}
+
+/// This rank's share of the prompts (`mine`) rolled out, then every rank's rows gathered.
+/// Rank 0 samples from the run's generator `rng`, the others from streams derived from it
+/// and their rank; `rng` is then rank 0's on every rank (it shuffles the minibatches).
+pub(crate) fn roll_out(
+    m: &RolloutModels,
+    how: &RolloutSampling,
+    mine: &[&Prompt],
+    rng: &mut Rng,
+    dist: &Dist,
+) -> Result<(Rollout, RolloutTimes)> {
+    let t0 = Instant::now();
+    let policy_now = inference_model(m.policy, m.policy_vars, m.dtype)?;
+    let critic_now = inference_model(m.critic, m.critic_vars, m.dtype)?;
+    let mut rank_rng = Rng::derive(
+        rng.clone().next_u64(),
+        &format!("rollout-rank-{}", dist.rank()),
+    );
+    let sampling_rng = if dist.is_main() {
+        &mut *rng
+    } else {
+        &mut rank_rng
+    };
+    let samples = sample_responses(
+        &policy_now,
+        how.tok,
+        mine,
+        how.params,
+        how.stop,
+        sampling_rng,
+    )?;
+    *rng = dist.broadcast_value(&*rng)?;
+    let generate = t0.elapsed().as_secs_f64();
+    let score_start = Instant::now();
+    let device = m.policy.device();
+    let sb = samples.seq_batch(mine, how.tok.pad_id(), device)?;
+    let scores = m
+        .scorer
+        .score(&sb, mine, &samples.texts, &samples.stopped)?;
+    let old_lp = rows(&logprobs(&policy_now, &sb, how.temperature)?.0.detach())?;
+    let ref_lp = rows(&logprobs(m.reference, &sb, how.temperature)?.0)?;
+    let old_values = rows(&values(&critic_now, &sb)?.detach())?;
+    drop((policy_now, critic_now));
+    let mut local = Rollout::default();
+    for i in 0..samples.tokens.len() {
+        local.push(
+            &samples.tokens[i],
+            samples.stopped[i],
+            scores.combined[i],
+            scores.raw[i],
+            &old_lp[i],
+            &ref_lp[i],
+            &old_values[i],
+        );
+    }
+    let roll = local.gather(dist)?;
+    Ok((
+        roll,
+        RolloutTimes {
+            generate,
+            score_start,
+        },
+    ))
+}
 
 /// One rollout batch: responses, their scores, and per response token the log-probs of
 /// policy and reference and the critic's values (real tokens only, no padding).

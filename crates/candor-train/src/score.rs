@@ -12,9 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::ckpt::RunOptions;
 use crate::precision::{load_frozen, Precision};
+
 use crate::rollout::Prompt;
 use crate::seq::{sequence_scores, SeqBatch};
 use crate::{Error, Result};
+/// The judges' trait, for stages that hold one.
+pub use candor_judge::Judge;
 
 /// How a response's scalar score is made (the `score` section of an RL stage's config).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,150 @@
+//! Step 0 of PPO: the four roles — the policy and the critic (trainable, from the SFT and
+//! reward checkpoints, or from our own partial run when resuming), the frozen reference
+//! (in `train.dtype`), the reward (model and/or judge) — with the tokenizer, the prompts
+//! posed with the chat template and PPO-ptx's pretraining examples.
+
+use std::path::{Path, PathBuf};
+
+use candle_nn::VarMap;
+use candor_core::checkpoint::Head;
+use candor_core::rng::Rng;
+use candor_data::chat::{stop_tokens, ChatTemplate};
+use candor_data::text::{pack_corpus, read_corpus, tokenize_documents};
+use candor_data::Tokenizer;
+use candor_model::io::{load_trainable, read_config};
+use candor_model::{Model, ModelConfig};
+use candor_train::batch::LmExample;
+use candor_train::ckpt::RunOptions;
+use candor_train::err;
+use candor_train::precision::load_frozen;
+use candor_train::rollout::{load_prompts, Prompt};
+use candor_train::score::{check_judge_fields, judge, Judge, Scorer};
+
+use crate::{CriticInit, PpoConfig, Result};
+
+/// Everything a PPO run reads besides its own progress.
+pub(crate) struct Roles {
+    pub tok: Tokenizer,
+    /// The chat template's end-of-turn tokens: where sampling stops.
+    pub stop: Vec<u32>,
+    pub pad: u32,
+    pub policy_config: ModelConfig,
+    pub scorer: Scorer,
+    /// Scores held-out responses (`eval.judge`, else `score.judge`).
+    pub eval_judge: Option<Box<dyn Judge>>,
+    pub prompts: Vec<Prompt>,
+    pub heldout: Vec<Prompt>,
+    pub ptx: Vec<LmExample>,
+    pub reference: Model,
+    /// Where the critic was loaded from.
+    pub critic_src: PathBuf,
+    pub policy: Model,
+    pub policy_vars: VarMap,
+    pub critic: Model,
+    pub critic_vars: VarMap,
+    pub critic_config: ModelConfig,
+}
+
+impl Roles {
+    /// Load the roles of `cfg` (paths resolved) for a run into `opts.out`.
+    pub fn load(
+        cfg: &PpoConfig,
+        opts: &RunOptions,
+        policy_dir: &Path,
+        resuming: bool,
+    ) -> Result<Roles> {
+        let (device, dtype) = (&opts.device, cfg.train.dtype);
+        let tok = Tokenizer::from_dir(policy_dir)?;
+        let template = ChatTemplate::for_tokenizer(&tok);
+        let stop = stop_tokens(&tok);
+        let pad = tok.pad_id();
+        let policy_config = read_config(policy_dir)?;
+        if policy_config.head() != Head::Lm {
+            return Err(err(format!(
+                "{}: the policy must be an lm checkpoint, this one has a score head",
+                policy_dir.display()
+            )));
+        }
+        let scorer = Scorer::load(
+            &cfg.score,
+            cfg.reward.as_deref(),
+            (&tok, policy_dir),
+            dtype,
+            opts,
+            "ppo",
+        )?;
+        let eval_judge_name = cfg.eval.judge.clone().or(cfg.score.judge.clone());
+        let eval_judge = eval_judge_name.as_deref().map(judge).transpose()?;
+
+        let ctx = policy_config.max_position_embeddings;
+        let max_new = cfg.rollout.max_new_tokens;
+        let max_new_key = "rollout.max_new_tokens";
+        let prompts = load_prompts(
+            &cfg.data.prompts,
+            &tok,
+            &template,
+            max_new,
+            max_new_key,
+            ctx,
+        )?;
+        // every prompt line carries the fields the judges read (named by file and line)
+        let score_judges: Vec<_> = scorer.judge.iter().map(|j| j.as_ref()).collect();
+        check_judge_fields(&cfg.data.prompts, &score_judges)?;
+        let heldout = match &cfg.data.heldout_prompts {
+            Some(p) => {
+                if let Some(j) = &eval_judge {
+                    check_judge_fields(p, &[j.as_ref()])?;
+                }
+                let mut h = load_prompts(p, &tok, &template, max_new, max_new_key, ctx)?;
+                h.truncate(cfg.eval.max_prompts.max(1));
+                h
+            }
+            None => vec![],
+        };
+        let ptx: Vec<LmExample> = if cfg.ppo.ptx_coef > 0.0 {
+            let docs = read_corpus(&cfg.data.ptx_files)?;
+            let stream = tokenize_documents(&tok, &docs, tok.eos_id().unwrap_or(pad))?;
+            pack_corpus(&stream, ctx.min(256), 0.0)?
+                .train
+                .into_iter()
+                .map(LmExample::dense)
+                .collect()
+        } else {
+            vec![]
+        };
+
+        let reference = load_frozen(policy_dir, dtype, device)?;
+        let mut init_rng = Rng::derive(cfg.seed, "critic-init");
+        let (policy_src, critic_src) = if resuming {
+            (opts.out.clone(), opts.out.join("critic"))
+        } else {
+            let critic_src = match (cfg.critic.init, &cfg.reward) {
+                (CriticInit::Reward, Some(r)) => r.clone(),
+                _ => policy_dir.to_path_buf(),
+            };
+            (policy_dir.to_path_buf(), critic_src)
+        };
+        let (policy, policy_vars) = load_trainable(&policy_src, Head::Lm, &mut init_rng, device)?;
+        let (critic, critic_vars) =
+            load_trainable(&critic_src, Head::Score, &mut init_rng, device)?;
+        let critic_config = read_config(&critic_src)?;
+        Ok(Roles {
+            tok,
+            stop,
+            pad,
+            policy_config,
+            scorer,
+            eval_judge,
+            prompts,
+            heldout,
+            ptx,
+            reference,
+            critic_src,
+            policy,
+            policy_vars,
+            critic,
+            critic_vars,
+            critic_config,
+        })
+    }
+}
