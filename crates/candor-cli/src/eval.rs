@@ -2,7 +2,7 @@
 //! object on stdout and nothing else.
 //!
 //! What is measured depends on the checkpoint's head and the kind of data, told apart by
-//! the fields of the first JSONL line ([`DataKind::of`]):
+//! the fields of the first JSONL line ([`DataFormat::of`]):
 //!
 //! | head    | data                                              | metrics                                  |
 //! |---------|---------------------------------------------------|------------------------------------------|
@@ -55,7 +55,7 @@ pub type Metrics = Map<String, Value>;
 
 /// The kinds of data `candor eval` reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DataKind {
+pub enum DataFormat {
     /// Plain text, or JSONL with `text`.
     Text,
     /// `prompt` + `response`, or `messages`.
@@ -64,11 +64,11 @@ pub enum DataKind {
     Preference,
 }
 
-impl DataKind {
+impl DataFormat {
     /// A file not named `.jsonl` is text; a JSONL file is told by its first line's fields.
-    pub fn of(path: &Path) -> Result<DataKind> {
+    pub fn of(path: &Path) -> Result<DataFormat> {
         if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
-            return Ok(DataKind::Text);
+            return Ok(DataFormat::Text);
         }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
@@ -79,11 +79,11 @@ impl DataKind {
             .map_err(|e| anyhow::anyhow!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
         let has = |k: &str| v.get(k).is_some();
         Ok(if has("chosen") || has("rejected") || has("responses") {
-            DataKind::Preference
+            DataFormat::Preference
         } else if has("messages") || has("response") {
-            DataKind::Sft
+            DataFormat::Sft
         } else if has("text") {
-            DataKind::Text
+            DataFormat::Text
         } else {
             bail!(
                 "{}:{}: cannot tell what data this is: expected `text` (text), `prompt` and `response` or `messages` (SFT), or `chosen`/`rejected` or `responses` (preferences)",
@@ -125,12 +125,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
 pub fn evaluate(model: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
     candor_core::checkpoint::require_model_dir(model)?;
     let head = read_config(model)?.head();
-    match (head, DataKind::of(data)?) {
-        (Head::Lm, DataKind::Text) => text_metrics(model, data, dev, batch_size),
-        (Head::Lm, DataKind::Sft) => sft_metrics(model, data, dev, batch_size),
+    match (head, DataFormat::of(data)?) {
+        (Head::Lm, DataFormat::Text) => text_metrics(model, data, dev, batch_size),
+        (Head::Lm, DataFormat::Sft) => sft_metrics(model, data, dev, batch_size),
         // the reward-model branch: pairwise accuracy and margin on ranked responses
-        (Head::Score, DataKind::Preference) => reward_metrics(model, data, dev, batch_size),
-        (Head::Lm, DataKind::Preference) => bail!(
+        (Head::Score, DataFormat::Preference) => reward_metrics(model, data, dev, batch_size),
+        (Head::Lm, DataFormat::Preference) => bail!(
             "{}: preference data measures a reward model, but {} is a language model (lm head)",
             data.display(),
             model.display()

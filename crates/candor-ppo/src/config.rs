@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candor_model::generate::SamplingParams;
 use candor_train::config::TrainConfig;
+pub use candor_train::score::ScoreConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -108,37 +109,6 @@ impl RolloutConfig {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ScoreConfig {
-    /// Weight of the reward model's (normalised) score.
-    pub reward_model_weight: f64,
-    /// A rule judge (`candor_judge`), e.g. `sentiment`; its score is added with `judge_weight`.
-    pub judge: Option<String>,
-    pub judge_weight: f64,
-    /// Normalise reward-model scores with the mean/std the reward stage stored in its
-    /// candor.json (`reward_mean`, `reward_std`).
-    pub normalize: bool,
-    /// Clip the combined score to ±clip (0 = off).
-    pub clip: f64,
-    /// Added to the score of responses that hit `max_new_tokens` without a stop token
-    /// (TRL's `missing_eos_penalty`; 0 = off).
-    pub missing_eos_penalty: f64,
-}
-
-impl Default for ScoreConfig {
-    fn default() -> Self {
-        ScoreConfig {
-            reward_model_weight: 1.0,
-            judge: None,
-            judge_weight: 0.0,
-            normalize: true,
-            clip: 0.0,
-            missing_eos_penalty: 0.0,
         }
     }
 }

@@ -10,7 +10,6 @@
 //! whose `candor.json` records `reward_mean` and `reward_std` over the training responses,
 //! for PPO to normalise rewards with.
 
-pub mod data;
 pub mod loss;
 pub mod score;
 
@@ -37,8 +36,8 @@ use candor_train::sample::last_token_scores;
 use candor_train::schedule::lr_at;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{encode_comparisons, load_comparisons, pair_layout, Encoded};
 use crate::loss::{pair_stats, preference_loss};
+use candor_data::preference::{encode_comparisons, load_comparisons, pair_layout, Encoded};
 
 pub use candor_train::ckpt::RunOptions;
 pub type Error = candor_train::Error;
