@@ -70,12 +70,6 @@ pub fn ipo_loss(d: &Tensor, beta: f64) -> Result<Tensor> {
     Ok(d.affine(1.0, -1.0 / (2.0 * beta))?.sqr()?)
 }
 
-/// RPO's NLL term: −Σ log π(y_w) / Σ |y_w| over the batch's pairs (a token mean, as TRL's
-/// `sft` loss type), scalar.
-pub fn nll_term(chosen: &Tensor, len_chosen: &Tensor) -> Result<Tensor> {
-    Ok((chosen.sum_all()?.neg()? / len_chosen.sum_all()?)?)
-}
-
 /// The loss of every pair and the implicit rewards, for `cfg.loss_type`.
 pub fn pair_loss(cfg: &DpoAlgo, x: &PairLogps) -> Result<PairLoss> {
     let beta = cfg.beta;
@@ -113,14 +107,31 @@ pub fn pair_loss(cfg: &DpoAlgo, x: &PairLogps) -> Result<PairLoss> {
     })
 }
 
+/// This rank's share of a batch's training loss: Σ_mine loss(pair) / P + sft_coef ·
+/// (−Σ_mine log π(y_w)) / Σ|y_w|, where P and Σ|y_w| count the pairs and better-response
+/// tokens of the whole batch (all ranks). Summed over the ranks it is [`batch_loss`].
+pub fn sharded_loss(
+    cfg: &DpoAlgo,
+    pairs: &PairLoss,
+    x: &PairLogps,
+    batch_pairs: usize,
+    batch_chosen_tokens: f64,
+) -> Result<Tensor> {
+    let mut loss = (pairs.per_pair.sum_all()? / batch_pairs.max(1) as f64)?;
+    if cfg.sft_coef != 0.0 {
+        let nll = (x.chosen.sum_all()?.neg()? * (cfg.sft_coef / batch_chosen_tokens.max(1.0)))?;
+        loss = (loss + nll)?;
+    }
+    Ok(loss)
+}
+
 /// The training loss of a batch of pairs: the mean per-pair loss, plus `sft_coef` times the
-/// NLL term; and the per-pair terms for the metrics.
+/// NLL term (RPO's, a token mean as TRL's `sft` loss type); and the per-pair terms for the
+/// metrics.
 pub fn batch_loss(cfg: &DpoAlgo, x: &PairLogps) -> Result<(Tensor, PairLoss)> {
     let pairs = pair_loss(cfg, x)?;
-    let mut loss = pairs.per_pair.mean_all()?;
-    if cfg.sft_coef != 0.0 {
-        loss = (loss + (nll_term(x.chosen, x.len_chosen)? * cfg.sft_coef)?)?;
-    }
+    let tokens = x.len_chosen.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let loss = sharded_loss(cfg, &pairs, x, pairs.per_pair.dim(0)?, tokens)?;
     Ok((loss, pairs))
 }
 
