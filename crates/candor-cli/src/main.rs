@@ -43,6 +43,8 @@ enum Command {
     Sft(stage::SftArgs),
     /// RLHF: optimise the policy against the reward model with PPO.
     Ppo(stage::PpoArgs),
+    /// Direct preference optimisation of the policy on ranked responses (DPO, IPO, SimPO, ...).
+    Dpo(stage::DpoArgs),
     /// Sample K distinct candidate responses per prompt, for ranking.
     Sample(sample::SampleArgs),
     /// Rank candidate responses: typed in the terminal, or by a rule judge (--judge).
@@ -110,6 +112,11 @@ fn run(cli: Cli) -> Result<()> {
             "ppo",
             &args.common,
             &[("policy", &args.policy), ("reward", &args.reward)],
+        ),
+        Command::Dpo(args) => stage::command(
+            "dpo",
+            &args.common,
+            &[("init", &args.init), ("reference", &args.reference)],
         ),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Bench(args) => bench::run(args),

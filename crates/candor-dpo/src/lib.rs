@@ -154,7 +154,14 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     }
     let eval_prompts = match &cfg.eval.prompts {
         Some(p) => {
-            let mut h = load_prompts(p, &tok, &template, cfg.eval.max_new_tokens, "eval.max_new_tokens", ctx)?;
+            let mut h = load_prompts(
+                p,
+                &tok,
+                &template,
+                cfg.eval.max_new_tokens,
+                "eval.max_new_tokens",
+                ctx,
+            )?;
             h.truncate(cfg.eval.max_prompts.max(1));
             h
         }
@@ -186,7 +193,11 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             let samples = MetricsLog::read_file(&opts.out.join(SAMPLES_FILE), Some(s.step))?;
             (s, m, samples)
         }
-        _ => (TrainerState::new(cfg.seed), MetricsLog::default(), MetricsLog::default()),
+        _ => (
+            TrainerState::new(cfg.seed),
+            MetricsLog::default(),
+            MetricsLog::default(),
+        ),
     };
 
     // 2. the reference's log-probs, once (or from the partial run), then the reference is gone
@@ -206,14 +217,28 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                 let reference = load_frozen(&reference_dir, dtype, device)?;
                 let r = ReferenceLogps {
                     digest: digest.clone(),
-                    train: response_logps_all(&reference, &train.prompts, cfg.train.batch_size, pad)?,
-                    heldout: response_logps_all(&reference, &heldout.prompts, cfg.train.batch_size, pad)?,
+                    train: response_logps_all(
+                        &reference,
+                        &train.prompts,
+                        cfg.train.batch_size,
+                        pad,
+                    )?,
+                    heldout: response_logps_all(
+                        &reference,
+                        &heldout.prompts,
+                        cfg.train.batch_size,
+                        pad,
+                    )?,
                 };
                 drop(reference);
                 if dist.is_main() {
                     eprintln!(
                         "[dpo] reference log-probs of {} responses in {:.1}s",
-                        r.train.iter().chain(&r.heldout).map(Vec::len).sum::<usize>(),
+                        r.train
+                            .iter()
+                            .chain(&r.heldout)
+                            .map(Vec::len)
+                            .sum::<usize>(),
                         t0.elapsed().as_secs_f64()
                     );
                 }
@@ -251,23 +276,48 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
 
     // evaluation: the held-out pairs' loss, accuracy and margin; the judge on held-out prompts
     let stop = stop_tokens(&tok);
-    let evaluate = |policy: &Model, step: u64, metrics: &mut MetricsLog, samples: &mut MetricsLog| -> Result<String> {
+    let evaluate = |policy: &Model,
+                    step: u64,
+                    metrics: &mut MetricsLog,
+                    samples: &mut MetricsLog|
+     -> Result<String> {
         let mut rec = record!(step;);
         let mut line = vec![];
         if !heldout.prompts.is_empty() {
-            let e = evaluate_pairs(&cfg.dpo, policy, &heldout.prompts, reference.as_ref().map(|r| r.heldout.as_slice()), cfg.train.batch_size, pad)?;
+            let e = evaluate_pairs(
+                &cfg.dpo,
+                policy,
+                &heldout.prompts,
+                reference.as_ref().map(|r| r.heldout.as_slice()),
+                cfg.train.batch_size,
+                pad,
+            )?;
             rec.insert("eval_loss".into(), e.loss.into());
             rec.insert("eval_accuracy".into(), e.stats.accuracy.into());
             rec.insert("eval_margin".into(), e.stats.margin.into());
-            line.push(format!("eval_loss {:.4} | eval_accuracy {:.3} | eval_margin {:.3}", e.loss, e.stats.accuracy, e.stats.margin));
+            line.push(format!(
+                "eval_loss {:.4} | eval_accuracy {:.3} | eval_margin {:.3}",
+                e.loss, e.stats.accuracy, e.stats.margin
+            ));
         }
         if !eval_prompts.is_empty() {
-            let kl_reference = if needs_reference || cfg.reference.is_none() { &reference_dir } else { &init };
+            let kl_reference = if needs_reference || cfg.reference.is_none() {
+                &reference_dir
+            } else {
+                &init
+            };
             let reference = load_frozen(kl_reference, dtype, device)?;
             let ps: Vec<&Prompt> = eval_prompts.iter().collect();
             let mut rng = Rng::derive(cfg.seed, "eval");
             let e = candor_train::rollout::evaluate_policy(
-                policy, Some(&reference), eval_judge.as_deref(), &tok, &ps, &cfg.eval.sampling(), &stop, &mut rng,
+                policy,
+                Some(&reference),
+                eval_judge.as_deref(),
+                &tok,
+                &ps,
+                &cfg.eval.sampling(),
+                &stop,
+                &mut rng,
             )?;
             if let Some(j) = e.judge_score {
                 rec.insert("judge_score".into(), j.into());
@@ -278,7 +328,11 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                 line.push(format!("kl {kl:.4}"));
             }
             rec.insert("response_len".into(), e.response_len.into());
-            for (p, t) in ps.iter().zip(&e.texts).take(cfg.eval.samples_logged) {
+            for (p, t) in ps
+                .iter()
+                .zip(&e.responses.texts)
+                .take(cfg.eval.samples_logged)
+            {
                 samples.push(record!(step; "prompt" => p.text, "response" => t));
             }
         }
@@ -287,7 +341,12 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         }
         Ok(line.join(" | "))
     };
-    let save = |state: &TrainerState, metrics: &MetricsLog, samples: &MetricsLog, opt: &AdamW, meta: &mut CandorMeta| -> Result<()> {
+    let save = |state: &TrainerState,
+                metrics: &MetricsLog,
+                samples: &MetricsLog,
+                opt: &AdamW,
+                meta: &mut CandorMeta|
+     -> Result<()> {
         let snap = Snapshot {
             config: &model_config,
             head: Head::Lm,
@@ -307,7 +366,12 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         })
     };
     if state.step == 0 && dist.is_main() {
-        let line = evaluate(&*inference_model(&policy, &varmap, dtype)?, 0, &mut metrics, &mut samples_log)?;
+        let line = evaluate(
+            &*inference_model(&policy, &varmap, dtype)?,
+            0,
+            &mut metrics,
+            &mut samples_log,
+        )?;
         if !line.is_empty() {
             progress.log(&format!("before DPO: {line}"));
         }
@@ -344,7 +408,13 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             let x = f.logps();
             let pairs = pair_loss(&cfg.dpo, &x)?;
             // this rank's share of the whole batch's loss, over the accumulation steps
-            let share = sharded_loss(&cfg.dpo, &pairs, &x, global_pairs, global_chosen_tokens as f64)?;
+            let share = sharded_loss(
+                &cfg.dpo,
+                &pairs,
+                &x,
+                global_pairs,
+                global_chosen_tokens as f64,
+            )?;
             let share = (share / cfg.train.grad_accum as f64)?;
             local.loss += share.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             local.tokens += examples.iter().map(|e| e.tokens()).sum::<usize>() as f64;
@@ -365,7 +435,13 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         let s = sums.stats();
         progress.set(
             state.step,
-            format!("loss {:.4} | acc {:.2} | margin {:+.3} | {} tok/s", sums.loss, s.accuracy, s.margin, human(tok_s)),
+            format!(
+                "loss {:.4} | acc {:.2} | margin {:+.3} | {} tok/s",
+                sums.loss,
+                s.accuracy,
+                s.margin,
+                human(tok_s)
+            ),
         );
         if cfg.train.log_due(state.step) {
             metrics.push(record!(state.step;
@@ -379,9 +455,17 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             continue; // rank 0 alone evaluates and writes
         }
         if cfg.train.eval_due(state.step) {
-            let line = evaluate(&*inference_model(&policy, &varmap, dtype)?, state.step, &mut metrics, &mut samples_log)?;
+            let line = evaluate(
+                &*inference_model(&policy, &varmap, dtype)?,
+                state.step,
+                &mut metrics,
+                &mut samples_log,
+            )?;
             if !line.is_empty() {
-                progress.log(&format!("step {} | loss {:.4} | {line}", state.step, sums.loss));
+                progress.log(&format!(
+                    "step {} | loss {:.4} | {line}",
+                    state.step, sums.loss
+                ));
             }
         }
         if cfg.train.save_due(state.step) {
@@ -395,7 +479,8 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     meta.complete = true;
     meta.metrics = final_metrics(&metrics);
     if let Some(first) = metrics.first("judge_score") {
-        meta.metrics.insert("judge_score_initial".into(), serde_json::json!(first));
+        meta.metrics
+            .insert("judge_score_initial".into(), serde_json::json!(first));
     }
     opts.save_on_main(|| save(&state, &metrics, &samples_log, &opt, &mut meta))?;
     progress.finish();
@@ -469,14 +554,22 @@ fn read_reference_logps(dir: &Path) -> Result<Option<ReferenceLogps>> {
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(None);
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| err(format!("{}: not valid reference log-probs: {e}", path.display())))
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        err(format!(
+            "{}: not valid reference log-probs: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Σ log π(response) of every response of `prompts` (by prompt, by response), `batch_size`
 /// prompts per forward pass; no gradient.
-pub fn response_logps_all(model: &Model, prompts: &[PromptPairs], batch_size: usize, pad: u32) -> Result<Vec<Vec<f64>>> {
+pub fn response_logps_all(
+    model: &Model,
+    prompts: &[PromptPairs],
+    batch_size: usize,
+    pad: u32,
+) -> Result<Vec<Vec<f64>>> {
     let mut out = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(batch_size.max(1)) {
         let examples: Vec<&PromptPairs> = chunk.iter().collect();
@@ -517,11 +610,17 @@ impl PairForward {
 
 /// Score each response of `examples` once with `model` and lay out every pair; `reference`
 /// holds the reference's sums by prompt, by response.
-fn policy_pairs(model: &Model, examples: &[&PromptPairs], reference: Option<&[&[f64]]>, pad: u32) -> Result<PairForward> {
+fn policy_pairs(
+    model: &Model,
+    examples: &[&PromptPairs],
+    reference: Option<&[&[f64]]>,
+    pad: u32,
+) -> Result<PairForward> {
     let device = model.device();
     let layout = pair_layout(examples);
     let sums = response_logps(model, &groups(examples), pad)?; // (N,)
-    let pick = |i: &[u32]| -> Result<Tensor> { Ok(sums.index_select(&Tensor::new(i, device)?, 0)?) };
+    let pick =
+        |i: &[u32]| -> Result<Tensor> { Ok(sums.index_select(&Tensor::new(i, device)?, 0)?) };
     let lens: Vec<f32> = examples
         .iter()
         .flat_map(|e| e.responses.iter().map(|r| r.len() as f32))
@@ -533,7 +632,10 @@ fn policy_pairs(model: &Model, examples: &[&PromptPairs], reference: Option<&[&[
     let reference = match reference {
         None => None,
         Some(rows) => {
-            let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().map(|&x| x as f32)).collect();
+            let flat: Vec<f32> = rows
+                .iter()
+                .flat_map(|r| r.iter().map(|&x| x as f32))
+                .collect();
             Some((take(&flat, &layout.better)?, take(&flat, &layout.worse)?))
         }
     };
@@ -561,7 +663,16 @@ struct StepSums {
 
 impl StepSums {
     fn to_vec(&self) -> Vec<f64> {
-        vec![self.loss, self.tokens, self.pairs, self.correct, self.reward_chosen, self.reward_rejected, self.logps_chosen, self.logps_rejected]
+        vec![
+            self.loss,
+            self.tokens,
+            self.pairs,
+            self.correct,
+            self.reward_chosen,
+            self.reward_rejected,
+            self.logps_chosen,
+            self.logps_rejected,
+        ]
     }
 
     fn from_vec(v: &[f64]) -> Self {
@@ -579,8 +690,15 @@ impl StepSums {
 
     /// Add a micro-batch's pairs: their rewards and the log-probs the loss reads (sums, or
     /// length-averaged for SimPO, as TRL logs them).
-    fn add_pairs(&mut self, pairs: &loss::PairLoss, x: &PairLogps, loss_type: LossType) -> Result<()> {
-        let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    fn add_pairs(
+        &mut self,
+        pairs: &loss::PairLoss,
+        x: &PairLogps,
+        loss_type: LossType,
+    ) -> Result<()> {
+        let v = |t: &Tensor| -> Result<Vec<f64>> {
+            Ok(t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?)
+        };
         let (rc, rr) = (v(&pairs.chosen_rewards)?, v(&pairs.rejected_rewards)?);
         let (mut lc, mut lr) = (v(x.chosen)?, v(x.rejected)?);
         if loss_type == LossType::Simpo {
@@ -621,9 +739,17 @@ pub struct PairEval {
 /// The configured loss (with the NLL term) over all held-out pairs, and how often the
 /// better response has the higher implicit reward; in f64 on the CPU from the policy's
 /// sequence log-probs, `batch_size` prompts per forward pass.
-pub fn evaluate_pairs(cfg: &DpoAlgo, policy: &Model, heldout: &[PromptPairs], reference: Option<&[Vec<f64>]>, batch_size: usize, pad: u32) -> Result<PairEval> {
+pub fn evaluate_pairs(
+    cfg: &DpoAlgo,
+    policy: &Model,
+    heldout: &[PromptPairs],
+    reference: Option<&[Vec<f64>]>,
+    batch_size: usize,
+    pad: u32,
+) -> Result<PairEval> {
     let policy_sums = response_logps_all(policy, heldout, batch_size, pad)?;
-    let (mut c, mut r, mut rc, mut rr, mut lc, mut lr) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut c, mut r, mut rc, mut rr, mut lc, mut lr) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for (i, p) in heldout.iter().enumerate() {
         for &(b, w) in &p.pairs {
             c.push(policy_sums[i][b]);
@@ -647,7 +773,10 @@ pub fn evaluate_pairs(cfg: &DpoAlgo, policy: &Model, heldout: &[PromptPairs], re
         len_rejected: &lr,
     };
     let (loss, pairs) = loss::batch_loss(cfg, &x)?;
-    let stats = PairStats::of(&pairs.chosen_rewards.to_vec1()?, &pairs.rejected_rewards.to_vec1()?);
+    let stats = PairStats::of(
+        &pairs.chosen_rewards.to_vec1()?,
+        &pairs.rejected_rewards.to_vec1()?,
+    );
     Ok(PairEval {
         loss: loss.to_scalar::<f64>()?,
         stats,

@@ -130,7 +130,11 @@ pub fn sharded_loss(
 /// metrics.
 pub fn batch_loss(cfg: &DpoAlgo, x: &PairLogps) -> Result<(Tensor, PairLoss)> {
     let pairs = pair_loss(cfg, x)?;
-    let tokens = x.len_chosen.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let tokens = x
+        .len_chosen
+        .to_dtype(candle_core::DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
     let loss = sharded_loss(cfg, &pairs, x, pairs.per_pair.dim(0)?, tokens)?;
     Ok((loss, pairs))
 }
