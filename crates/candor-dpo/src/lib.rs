@@ -104,9 +104,11 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     })?;
     // checkpoint directories, or hf:ORG/NAME in the local Hugging Face cache
     let init = candor_model::resolve_model_dir(init)?;
+    // SimPO reads no reference: `reference` is not even looked at, and the held-out KL is
+    // measured against `init`
     let reference_dir = match &cfg.reference {
-        Some(r) => candor_model::resolve_model_dir(r)?,
-        None => init.clone(),
+        Some(r) if cfg.dpo.loss_type.needs_reference() => candor_model::resolve_model_dir(r)?,
+        _ => init.clone(),
     };
     opts.check_batch("train.batch_size", cfg.train.batch_size)?;
     let effective = candor_core::config::effective(cfg);
@@ -301,12 +303,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             ));
         }
         if !eval_prompts.is_empty() {
-            let kl_reference = if needs_reference || cfg.reference.is_none() {
-                &reference_dir
-            } else {
-                &init
-            };
-            let reference = load_frozen(kl_reference, dtype, device)?;
+            let reference = load_frozen(&reference_dir, dtype, device)?;
             let ps: Vec<&Prompt> = eval_prompts.iter().collect();
             let mut rng = Rng::derive(cfg.seed, "eval");
             let e = candor_train::rollout::evaluate_policy(
