@@ -141,7 +141,7 @@ fn dpo_raises_the_heldout_judge_score_and_orders_heldout_pairs() {
     for f in [
         "model.safetensors",
         "samples.jsonl",
-        "trainer/reference_logps.json",
+        "trainer/reference_logps.safetensors",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
@@ -194,7 +194,7 @@ fn kill_and_resume_gives_the_same_final_weights() {
     for f in [
         "model.safetensors",
         "trainer/optimizer.safetensors",
-        "trainer/reference_logps.json",
+        "trainer/reference_logps.safetensors",
     ] {
         assert!(
             std::fs::read(straight.join(f)).unwrap() == std::fs::read(partial.join(f)).unwrap(),
@@ -240,7 +240,7 @@ fn every_loss_type_trains_and_simpo_loads_no_reference() {
             let stderr = String::from_utf8_lossy(&o.stderr);
             assert!(o.status.success(), "{stderr}");
             assert!(stderr.contains("no reference"), "{stderr}");
-            assert!(!out.join("trainer/reference_logps.json").exists());
+            assert!(!out.join("trainer/reference_logps.safetensors").exists());
         } else {
             let e = fails(&mut c);
             assert!(e.contains("no-such-reference"), "{e}");

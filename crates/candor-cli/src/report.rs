@@ -374,7 +374,9 @@ pub fn side_by_side(md: &mut String, ppo_dir: &Path) -> Result<()> {
 /// the training time of the stage that made the model, then their responses to the same
 /// prompts side by side: e.g. SFT, PPO and DPO of configs/recipes/tiny-compare.yaml.
 fn policies_compared(md: &mut String, root: &Path) -> Result<()> {
-    let mut evals: Vec<(String, Value, Vec<(String, String)>)> = vec![];
+    /// An eval stage's directory name, metrics and (prompt, response) samples.
+    type Measured = (String, Value, Vec<(String, String)>);
+    let mut evals: Vec<Measured> = vec![];
     let Ok(entries) = std::fs::read_dir(root) else {
         return Ok(());
     };

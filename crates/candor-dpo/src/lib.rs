@@ -9,7 +9,7 @@
 //!    prompt, all K·(K−1)/2 pairs of each ranking, each prompt and response tokenised once
 //!    ([`data`]); a held-out split of prompts;
 //! 2. the reference's log-probs of every response, computed once in `train.dtype` and kept
-//!    in the run's trainer state (`trainer/reference_logps.json`, so `--resume` reads them),
+//!    in the run's trainer state (`trainer/reference_logps.safetensors`, so `--resume` reads them),
 //!    the reference freed before the first step (SimPO loads none);
 //! 3. the loop: a batch of prompts, each of their responses scored once by the policy,
 //!    every pair's loss, backward, clip, AdamW step; log, evaluate (held-out pairs; the
@@ -58,7 +58,7 @@ fn err(msg: String) -> Error {
 }
 
 /// Where the reference's log-probs live in a checkpoint (beside the optimiser state).
-pub const REFERENCE_LOGPS_FILE: &str = "reference_logps.json";
+pub const REFERENCE_LOGPS_FILE: &str = "reference_logps.safetensors";
 const SAMPLES_FILE: &str = "samples.jsonl";
 
 /// The reference's log-probs of every training and held-out response, and what they were
@@ -208,7 +208,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         None
     } else {
         let saved = resuming
-            .then(|| read_reference_logps(&opts.out))
+            .then(|| read_reference_logps(&opts.out, &train.prompts, &heldout.prompts))
             .transpose()?
             .flatten()
             .filter(|r| r.digest == digest);
@@ -355,9 +355,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         };
         save_checkpoint(&opts.out, &snap, meta, |dir| {
             if let Some(r) = &reference {
-                let path = dir.join(TRAINER_DIR).join(REFERENCE_LOGPS_FILE);
-                std::fs::write(&path, serde_json::to_string(r).expect("serialises"))
-                    .map_err(|e| err(format!("{}: {e}", path.display())))?;
+                write_reference_logps(&dir.join(TRAINER_DIR).join(REFERENCE_LOGPS_FILE), r)?;
             }
             Ok(samples.write_file(&dir.join(SAMPLES_FILE))?)
         })
@@ -546,17 +544,72 @@ fn data_digest(train: &[PromptPairs], heldout: &[PromptPairs]) -> String {
     format!("{:x}", h.finalize())
 }
 
-fn read_reference_logps(dir: &Path) -> Result<Option<ReferenceLogps>> {
-    let path = dir.join(TRAINER_DIR).join(REFERENCE_LOGPS_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(None);
+/// The reference log-probs as f64 tensors (bit-exact on reading back; JSON text is not):
+/// `train` and `heldout` flat in prompt order, `digest` as its bytes.
+fn write_reference_logps(path: &Path, r: &ReferenceLogps) -> Result<()> {
+    let flat = |rows: &[Vec<f64>]| -> Result<Tensor> {
+        let v: Vec<f64> = rows.iter().flatten().copied().collect();
+        Ok(Tensor::new(v, &Device::Cpu)?)
     };
-    serde_json::from_str(&text).map(Some).map_err(|e| {
+    let tensors = std::collections::HashMap::from([
+        ("train".to_string(), flat(&r.train)?),
+        ("heldout".to_string(), flat(&r.heldout)?),
+        (
+            "digest".to_string(),
+            Tensor::new(r.digest.as_bytes(), &Device::Cpu)?,
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, path)
+        .map_err(|e| err(format!("{}: {e}", path.display())))
+}
+
+/// The reference log-probs a partial run saved, shaped like `train` and `heldout`; `None`
+/// when there are none or they do not fit this data.
+fn read_reference_logps(
+    dir: &Path,
+    train: &[PromptPairs],
+    heldout: &[PromptPairs],
+) -> Result<Option<ReferenceLogps>> {
+    let path = dir.join(TRAINER_DIR).join(REFERENCE_LOGPS_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bad = |e: &dyn std::fmt::Display| {
         err(format!(
             "{}: not valid reference log-probs: {e}",
             path.display()
         ))
-    })
+    };
+    let t = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| bad(&e))?;
+    let get = |k: &str| t.get(k).ok_or_else(|| bad(&format!("no tensor `{k}`")));
+    let digest = String::from_utf8(get("digest")?.to_vec1::<u8>()?).map_err(|e| bad(&e))?;
+    let split = |flat: Vec<f64>, set: &[PromptPairs]| -> Option<Vec<Vec<f64>>> {
+        let counts: Vec<usize> = set.iter().map(|p| p.responses.len()).collect();
+        if counts.iter().sum::<usize>() != flat.len() {
+            return None;
+        }
+        let mut at = 0;
+        Some(
+            counts
+                .iter()
+                .map(|&n| {
+                    at += n;
+                    flat[at - n..at].to_vec()
+                })
+                .collect(),
+        )
+    };
+    let (Some(train), Some(heldout)) = (
+        split(get("train")?.to_vec1::<f64>()?, train),
+        split(get("heldout")?.to_vec1::<f64>()?, heldout),
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(ReferenceLogps {
+        digest,
+        train,
+        heldout,
+    }))
 }
 
 /// Σ log π(response) of every response of `prompts` (by prompt, by response), `batch_size`
