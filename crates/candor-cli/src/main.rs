@@ -45,6 +45,8 @@ enum Command {
     Ppo(stage::PpoArgs),
     /// RL with group baselines (GRPO, Dr. GRPO, DAPO, GSPO, RLOO): judges and/or a reward model.
     Grpo(stage::PpoArgs),
+    /// Direct preference optimisation of the policy on ranked responses (DPO, IPO, SimPO, ...).
+    Dpo(stage::DpoArgs),
     /// Sample K distinct candidate responses per prompt, for ranking.
     Sample(sample::SampleArgs),
     /// Rank candidate responses: typed in the terminal, or by a rule judge (--judge).
@@ -117,6 +119,11 @@ fn run(cli: Cli) -> Result<()> {
             "grpo",
             &args.common,
             &[("policy", &args.policy), ("reward", &args.reward)],
+        ),
+        Command::Dpo(args) => stage::command(
+            "dpo",
+            &args.common,
+            &[("init", &args.init), ("reference", &args.reference)],
         ),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Bench(args) => bench::run(args),

@@ -443,20 +443,76 @@ pub static STAGES: &[StageKind] = &[
         },
     },
     StageKind {
+        name: "dpo",
+        about: "direct preference optimisation of a policy on ranked responses (DPO, IPO, hinge, SimPO)",
+        config_file: true,
+        makes_model: true,
+        output_file: None,
+        seeded: true,
+        roles: &[
+            role("init", true, "init"),
+            role("reference", false, "reference"),
+            data_role("data", "data.files", "rank", true),
+            data_role("heldout", "data.heldout", "rank", false),
+        ],
+        file_keys: &[
+            file("data.files", true, true),
+            file("data.heldout", true, true),
+            file("eval.prompts", false, true),
+        ],
+        effective: effective::<candor_dpo::DpoConfig>,
+        check: Some(|config, origin| {
+            if let Some(j) = typed::<candor_dpo::DpoConfig>(config, origin)?.eval.judge {
+                candor_judge::judge_by_name(&j).map_err(|e| anyhow!("{origin}: eval.judge: {e}"))?;
+            }
+            Ok(())
+        }),
+        locate: None,
+        run: |config, opts| train(config, opts, candor_dpo::run),
+        summary: |meta| {
+            format!(
+                "step {}, eval_accuracy {}, eval_margin {}, judge_score {} from {}, kl {}",
+                meta.step,
+                metric(meta, "eval_accuracy"),
+                metric(meta, "eval_margin"),
+                metric(meta, "judge_score"),
+                metric(meta, "judge_score_initial"),
+                metric(meta, "kl")
+            )
+        },
+        report: Report {
+            x: "step",
+            charts: &[
+                ("loss", "loss", &["loss", "eval_loss"]),
+                ("accuracy", "held-out pairwise accuracy", &["eval_accuracy"]),
+                ("rewards", "implicit rewards β·log π/π_ref", &["reward_chosen", "reward_rejected"]),
+                ("judge", "held-out judge score", &["judge_score"]),
+                ("kl", "KL to the reference on held-out prompts", &["kl"]),
+            ],
+            extra: Some(crate::report::side_by_side),
+        },
+    },
+    StageKind {
         name: "eval",
         about: "held-out metrics of a model on a data file (`candor eval`)",
         config_file: false,
         makes_model: false,
         output_file: Some("eval.json"),
-        seeded: false,
-        roles: &[role("model", true, "model")],
+        seeded: true,
+        roles: &[role("model", true, "model"), role("reference", false, "reference")],
         file_keys: &[file("data", false, false)],
         effective: effective::<EvalStage>,
-        check: None,
+        check: Some(|config, origin| {
+            if let Some(j) = typed::<EvalStage>(config, origin)?.judge {
+                candor_judge::judge_by_name(&j).map_err(|e| anyhow!("{origin}: judge: {e}"))?;
+            }
+            Ok(())
+        }),
         locate: None,
         run: |config, opts| {
             let e: EvalStage = typed(config, &opts.origin)?;
-            crate::eval::eval_to_dir(&e.model, &e.data, &opts.out, &opts.device, 16)?;
+            let policy = e.policy();
+            crate::eval::eval_to_dir(&e.model, &e.data, &opts.out, &opts.device, 16, &policy)?;
             Ok(None)
         },
         summary: no_summary,
@@ -556,6 +612,39 @@ pub struct RankStage {
 pub struct EvalStage {
     pub model: PathBuf,
     pub data: PathBuf,
+    /// For a policy on a prompt file (`candor eval`'s options of the same names): the judge,
+    /// the reference of the KL, and the sampling.
+    #[serde(default)]
+    pub judge: Option<String>,
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
+    #[serde(default = "d_new")]
+    pub max_new_tokens: usize,
+    #[serde(default = "d_temp")]
+    pub temperature: f64,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "d_top_p")]
+    pub top_p: f64,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub max_prompts: usize,
+}
+
+impl EvalStage {
+    fn policy(&self) -> crate::eval::PolicyEvalArgs {
+        crate::eval::PolicyEvalArgs {
+            judge: self.judge.clone(),
+            reference: self.reference.clone(),
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            max_prompts: self.max_prompts,
+        }
+    }
 }
 
 /// The `--device` spelling of a device, for commands that take one.
@@ -629,7 +718,7 @@ mod tests {
         }
         assert_eq!(
             names(),
-            "model, import, tokenizer, pretrain, sft, sample, rank, reward, ppo, grpo, eval"
+            "model, import, tokenizer, pretrain, sft, sample, rank, reward, ppo, grpo, dpo, eval"
         );
     }
 }

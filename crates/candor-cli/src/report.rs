@@ -269,6 +269,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
             extra(&mut md, &s.dir)?;
         }
     }
+    policies_compared(&mut md, root)?;
     let path = root.join("report.md");
     std::fs::write(&path, md).with_context(|| path.display().to_string())?;
     println!("report: {}", path.display());
@@ -324,18 +325,23 @@ pub fn side_by_side(md: &mut String, ppo_dir: &Path) -> Result<()> {
             })
         });
     let judge = judge.and_then(|j| candor_judge::judge_by_name(&j).ok());
+    // the stage that logged the samples: PPO (iterations) or DPO (steps)
+    let (name, unit) = match meta.as_ref().map(|m| m.stage.as_str()) {
+        Some("ppo") | None => ("PPO".to_string(), "iteration"),
+        Some(other) => (other.to_uppercase(), "step"),
+    };
     writeln!(
         md,
-        "### SFT vs PPO on held-out prompts (iteration 0 vs {last_step})\n"
+        "### SFT vs {name} on held-out prompts ({unit} 0 vs {last_step})\n"
     )?;
     let judged = judge.is_some();
     if judged {
         writeln!(
             md,
-            "| prompt | SFT policy | judge | PPO policy | judge |\n|---|---|---:|---|---:|"
+            "| prompt | SFT policy | judge | {name} policy | judge |\n|---|---|---:|---|---:|"
         )?;
     } else {
-        writeln!(md, "| prompt | SFT policy | PPO policy |\n|---|---|---|")?;
+        writeln!(md, "| prompt | SFT policy | {name} policy |\n|---|---|---|")?;
     }
     let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
     for (p, (a, b)) in by_prompt {
@@ -358,6 +364,105 @@ pub fn side_by_side(md: &mut String, ppo_dir: &Path) -> Result<()> {
             }
             None => writeln!(md, "| {} | {} | {} |", cell(&p), cell(&a), cell(&b))?,
         }
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+/// The policies `eval` stages measured on the same prompt file (`candor eval` of an `lm`
+/// model on prompts: judge score, KL to the reference, response length), one row each with
+/// the training time of the stage that made the model, then their responses to the same
+/// prompts side by side: e.g. SFT, PPO and DPO of configs/recipes/tiny-compare.yaml.
+fn policies_compared(md: &mut String, root: &Path) -> Result<()> {
+    /// An eval stage's directory name, metrics and (prompt, response) samples.
+    type Measured = (String, Value, Vec<(String, String)>);
+    let mut evals: Vec<Measured> = vec![];
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    for dir in dirs {
+        let Ok(text) = std::fs::read_to_string(dir.join("eval.json")) else {
+            continue;
+        };
+        let Ok(m) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        if m.get("judge_score").is_none() && m.get("kl").is_none() {
+            continue;
+        }
+        let samples = MetricsLog::read_file(&dir.join("samples.jsonl"), None)?
+            .records
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.get("prompt")?.as_str()?.to_string(),
+                    r.get("response")?.as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        evals.push((name, m, samples));
+    }
+    if evals.is_empty() {
+        return Ok(());
+    }
+    // the model each eval stage measured, and the time its training took (the recipe's record)
+    let trained_secs = |eval_name: &str| -> Option<f64> {
+        let rec =
+            std::fs::read_to_string(root.join(".recipe").join(format!("{eval_name}.json"))).ok()?;
+        let rec: Value = serde_json::from_str(&rec).ok()?;
+        let model = rec
+            .pointer("/config/model")
+            .and_then(Value::as_str)?
+            .to_string();
+        let meta = CandorMeta::read(Path::new(&model)).ok()??;
+        Some(meta.elapsed_sec)
+    };
+    writeln!(md, "## Policies compared on held-out prompts\n")?;
+    writeln!(
+        md,
+        "| eval stage | judge_score | kl (to the reference) | response_len | training time (s) |\n|---|---:|---:|---:|---:|"
+    )?;
+    let num = |m: &Value, k: &str| m.get(k).map(fmt).unwrap_or_else(|| "-".into());
+    for (name, m, _) in &evals {
+        writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} |",
+            num(m, "judge_score"),
+            num(m, "kl"),
+            num(m, "response_len"),
+            trained_secs(name).map_or("-".into(), |t| format!("{t:.1}"))
+        )?;
+    }
+    writeln!(md)?;
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+    let shown = 5;
+    writeln!(
+        md,
+        "| prompt | {} |",
+        evals
+            .iter()
+            .map(|e| e.0.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    )?;
+    writeln!(md, "|---|{}", "---|".repeat(evals.len()))?;
+    for (i, (prompt, _)) in evals[0].2.iter().enumerate().take(shown) {
+        let row: Vec<String> = evals
+            .iter()
+            .map(|e| {
+                e.2.get(i)
+                    .filter(|(p, _)| p == prompt)
+                    .map_or(String::new(), |(_, r)| cell(r))
+            })
+            .collect();
+        writeln!(md, "| {} | {} |", cell(prompt), row.join(" | "))?;
     }
     writeln!(md)?;
     Ok(())

@@ -1,4 +1,4 @@
-//! Training stage commands (`candor pretrain|sft|reward|ppo`): load the config, apply the
+//! Training stage commands (`candor pretrain|sft|reward|ppo|dpo`): load the config, apply the
 //! command's overrides, look the stage up in the registry, run it.
 
 use std::path::PathBuf;
@@ -45,6 +45,20 @@ pub struct PpoArgs {
     /// The reward model checkpoint (a score head).
     #[arg(long)]
     pub reward: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    pub common: CommonStage,
+    /// The checkpoint the policy starts from (usually the SFT model), or hf:ORG/NAME in the
+    /// Hugging Face cache; sets `init` in the config.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// The frozen reference of the implicit reward (default: the --init checkpoint); sets
+    /// `reference` in the config.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
 }
 
 /// Where and how a stage runs: `--out` (default `runs/<stage>`), `--device`, `--resume`,
