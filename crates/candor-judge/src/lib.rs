@@ -6,14 +6,35 @@
 //! (`3 1=2 4`, best first, `=` for ties) and the order judge scores give.
 //!
 //! Adding a judge: one file with a type that implements [`Judge`], and one line in
-//! [`JUDGES`].
+//! [`JUDGES`]. Users bring their own without Rust: `command:PROGRAM [ARGS…]` runs a program
+//! that answers JSON lines ([`command`]), `http://HOST:PORT/PATH` asks a server speaking
+//! OpenRLHF's remote reward protocol ([`remote`]); docs/judges.md has both protocols.
 
+pub mod command;
 pub mod rank;
 mod reference;
+pub mod remote;
 mod sentiment;
+mod weighted;
 
+pub use command::CommandJudge;
 pub use reference::ReferenceJudge;
+pub use remote::RemoteJudge;
 pub use sentiment::SentimentJudge;
+pub use weighted::{parse_weighted, WeightedJudges};
+
+use std::time::Duration;
+
+/// How long a program or server judge may take over one request before it is an error:
+/// `CANDOR_JUDGE_TIMEOUT` seconds, 60 when unset.
+pub fn request_timeout() -> Duration {
+    std::env::var("CANDOR_JUDGE_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0 && s.is_finite())
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(60))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -97,6 +118,21 @@ pub const JUDGES: &[JudgeEntry] = &[
         about: "agreement with the line's `reference` answer: 1 for an exact match after normalisation, else 0.9 x token F1",
         build: |arg| no_arg("reference", arg).map(|_| Box::new(ReferenceJudge) as Box<dyn Judge>),
     },
+    JudgeEntry {
+        name: "command",
+        about: "a program you write: command:PROGRAM [ARGS…] gets one JSON request a line on stdin and answers {\"score\": x} a line (docs/judges.md)",
+        build: |arg| CommandJudge::start(arg).map(|j| Box::new(j) as Box<dyn Judge>),
+    },
+    JudgeEntry {
+        name: "http",
+        about: "a reward server: http://HOST:PORT/PATH, OpenRLHF's remote reward protocol (docs/judges.md)",
+        build: |arg| RemoteJudge::new(&format!("http:{}", arg.unwrap_or(""))).map(|j| Box::new(j) as Box<dyn Judge>),
+    },
+    JudgeEntry {
+        name: "https",
+        about: "a reward server over TLS: https://HOST/PATH, as http",
+        build: |arg| RemoteJudge::new(&format!("https:{}", arg.unwrap_or(""))).map(|j| Box::new(j) as Box<dyn Judge>),
+    },
 ];
 
 /// Build a judge from its spec: `NAME`, or `NAME:ARG` for judges that take an argument
@@ -145,10 +181,21 @@ mod tests {
 
     #[test]
     fn registry_builds_every_judge_under_its_name() {
-        for entry in JUDGES {
-            assert_eq!(judge_by_name(entry.name).unwrap().name(), entry.name);
+        for entry in JUDGES.iter().filter(|j| j.name != "command") {
+            let spec = match entry.name {
+                "http" | "https" => format!("{}://127.0.0.1:1/score", entry.name),
+                name => name.to_string(),
+            };
+            assert_eq!(judge_by_name(&spec).unwrap().name(), spec);
         }
-        assert_eq!(known_judges(), vec!["sentiment", "reference"]);
+        assert_eq!(
+            known_judges(),
+            vec!["sentiment", "reference", "command", "http", "https"]
+        );
+        let e = judge_by_name("command:").err().unwrap().to_string();
+        assert!(e.contains("needs a program"), "{e}");
+        let e = judge_by_name("http://").err().unwrap().to_string();
+        assert!(e.contains("expected http://HOST:PORT/PATH"), "{e}");
     }
 
     #[test]
@@ -176,7 +223,7 @@ mod tests {
         let e = judge_by_name("vibes").err().unwrap().to_string();
         assert_eq!(
             e,
-            "unknown judge `vibes`; known judges: sentiment, reference"
+            "unknown judge `vibes`; known judges: sentiment, reference, command, http, https"
         );
     }
 }
