@@ -431,7 +431,7 @@ mod tests {
         assert_eq!(c[1].0, 3);
         let tok = tokenizer();
         let t = ChatTemplate::new(DEFAULT_TEMPLATE, "", EOT);
-        let set = load_sft(&[path.clone()], &tok, &t, 64, false).unwrap();
+        let set = load_sft(std::slice::from_ref(&path), &tok, &t, 64, false).unwrap();
         assert_eq!((set.examples.len(), set.skipped), (2, 0));
         assert_eq!(
             (set.examples[1].1.as_path(), set.examples[1].2),
@@ -502,7 +502,7 @@ mod tests {
             format!(r#"{{"prompt": "sort these numbers {numbers}", "response": "{numbers}"}}"#);
         let (_d, path) = write(&[ok, &long]);
         let t = ChatTemplate::new(DEFAULT_TEMPLATE, "", EOT);
-        let e = load_sft(&[path.clone()], &tokenizer(), &t, 40, false)
+        let e = load_sft(std::slice::from_ref(&path), &tokenizer(), &t, 40, false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -510,7 +510,7 @@ mod tests {
                 && e.contains("longer than the context (40 tokens)"),
             "{e}"
         );
-        let set = load_sft(&[path.clone()], &tokenizer(), &t, 40, true).unwrap();
+        let set = load_sft(std::slice::from_ref(&path), &tokenizer(), &t, 40, true).unwrap();
         assert_eq!(
             (set.examples.len(), set.skipped, set.examples[0].2),
             (1, 1, 1)

@@ -244,7 +244,9 @@ mod tests {
             .to_string()
             .contains("c.jsonl:2: not a JSON object"));
         std::fs::write(&p, "").unwrap();
-        let e = read_corpus(&[p.clone()]).unwrap_err().to_string();
+        let e = read_corpus(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("corpus is empty"), "{e}");
         let e = read_corpus(&[dir.path().join("nope.txt")])
             .unwrap_err()

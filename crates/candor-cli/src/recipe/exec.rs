@@ -154,7 +154,9 @@ pub fn check_config(p: &Planned, out: &Path) -> Result<()> {
         };
         for f in paths {
             let f = Path::new(f);
-            let there = if *dirs { f.exists() } else { f.is_file() };
+            // hf:ORG/NAME datasets are resolved in the cache when the stage reads them
+            let there =
+                candor_data::dataset::is_hf_spec(f) || if *dirs { f.exists() } else { f.is_file() };
             if !there && !(*made_in_run && f.starts_with(out)) {
                 bail!("{}: {key}: {} does not exist", p.origin, f.display());
             }
@@ -515,7 +517,7 @@ fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<
             crate::rank::run(crate::rank::RankArgs {
                 input: r.input,
                 out: out.join("ranked.jsonl"),
-                judge: r.judge,
+                judge: r.judge.into_iter().collect(),
             })?;
         }
         Kind::Eval => {
