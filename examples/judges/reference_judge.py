@@ -34,8 +34,13 @@ def score(response, reference):
 
 
 def main():
+    # --missing X: score a line without `reference` X (default: stop, as the built-in does)
+    missing = float(sys.argv[sys.argv.index("--missing") + 1]) if "--missing" in sys.argv else None
     for line in sys.stdin:  # one request a line, answered in order
         request = json.loads(line)
+        if "reference" not in request and missing is not None:
+            print(json.dumps({"score": missing}), flush=True)
+            continue
         if "reference" not in request:
             print(f"no `reference` in the line for {request['prompt']!r}", file=sys.stderr)
             sys.exit(2)  # candor reports the exit, naming the prompt

@@ -20,6 +20,7 @@ from reference_judge import score  # noqa: E402
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: one connection serves a whole run
+    disable_nagle_algorithm = True  # headers and body go as two writes; don't hold the second
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

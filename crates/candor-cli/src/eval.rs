@@ -2,7 +2,7 @@
 //! object on stdout and nothing else.
 //!
 //! What is measured depends on the checkpoint's head and the kind of data, told apart by
-//! the fields of the first JSONL line ([`DataKind::of`]):
+//! the fields of the first JSONL line ([`DataFormat::of`]):
 //!
 //! | head    | data                                              | metrics                                  |
 //! |---------|---------------------------------------------------|------------------------------------------|
@@ -55,7 +55,7 @@ pub type Metrics = Map<String, Value>;
 
 /// The kinds of data `candor eval` reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DataKind {
+pub enum DataFormat {
     /// Plain text, or JSONL with `text`.
     Text,
     /// `prompt` + `response`, or `messages`.
@@ -64,17 +64,17 @@ pub enum DataKind {
     Preference,
 }
 
-impl DataKind {
+impl DataFormat {
     /// Plain text (`.txt`, `.md`, anything not a dataset file) is text; a dataset file
     /// (JSONL, JSON, Parquet, compressed, `hf:`) is told by its first record's fields.
-    pub fn of(path: &Path) -> Result<DataKind> {
+    pub fn of(path: &Path) -> Result<DataFormat> {
         let name = path.to_string_lossy();
         if !candor_data::dataset::is_hf_spec(path)
             && !candor_data::dataset::DATA_EXTENSIONS
                 .iter()
                 .any(|e| name.ends_with(e))
         {
-            return Ok(DataKind::Text);
+            return Ok(DataFormat::Text);
         }
         let records = candor_data::dataset::read_records(path, &Default::default())?;
         let Some(first) = records.first() else {
@@ -83,11 +83,11 @@ impl DataKind {
         let has = |k: &str| first.fields.contains_key(k);
         Ok(
             if has("chosen") || has("rejected") || has("responses") || has("label") {
-                DataKind::Preference
+                DataFormat::Preference
             } else if has("messages") || has("response") || has("completion") {
-                DataKind::Sft
+                DataFormat::Sft
             } else if has("text") {
-                DataKind::Text
+                DataFormat::Text
             } else {
                 return Err(first
                     .err("cannot tell what data this is: expected `text` (text), `prompt` and `response`, `prompt` and `completion` or `messages` (SFT), or `chosen`/`rejected`, `responses` or `completion` and `label` (preferences)")
@@ -128,12 +128,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
 pub fn evaluate(model: &Path, data: &Path, dev: &Device, batch_size: usize) -> Result<Metrics> {
     candor_core::checkpoint::require_model_dir(model)?;
     let head = read_config(model)?.head();
-    match (head, DataKind::of(data)?) {
-        (Head::Lm, DataKind::Text) => text_metrics(model, data, dev, batch_size),
-        (Head::Lm, DataKind::Sft) => sft_metrics(model, data, dev, batch_size),
+    match (head, DataFormat::of(data)?) {
+        (Head::Lm, DataFormat::Text) => text_metrics(model, data, dev, batch_size),
+        (Head::Lm, DataFormat::Sft) => sft_metrics(model, data, dev, batch_size),
         // the reward-model branch: pairwise accuracy and margin on ranked responses
-        (Head::Score, DataKind::Preference) => reward_metrics(model, data, dev, batch_size),
-        (Head::Lm, DataKind::Preference) => bail!(
+        (Head::Score, DataFormat::Preference) => reward_metrics(model, data, dev, batch_size),
+        (Head::Lm, DataFormat::Preference) => bail!(
             "{}: preference data measures a reward model, but {} is a language model (lm head)",
             data.display(),
             model.display()

@@ -7,14 +7,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candor_core::rng::Rng;
-use candor_data::chat::{stop_tokens, ChatTemplate};
-use candor_data::jsonl::read_jsonl;
+use candor_data::chat::{encode_prompts, stop_tokens, ChatTemplate};
+use candor_data::prompts::read_prompts;
 use candor_data::Tokenizer;
 use candor_model::generate::{generate, SamplingParams};
 use candor_train::precision::{load_frozen, Precision};
-use candor_train::sample::{encode_prompts, response_text};
+use candor_train::sample::response_text;
 use clap::Args;
-use serde::Deserialize;
 
 use crate::device;
 
@@ -53,21 +52,17 @@ pub struct GenerateArgs {
     pub dtype: String,
 }
 
-#[derive(Deserialize)]
-struct PromptLine {
-    prompt: String,
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
     let dev = device(&args.device)?;
     let mut prompts: Vec<String> = args.prompt.clone();
     let from_file = args.prompts.is_some();
     if let Some(path) = &args.prompts {
-        prompts.extend(
-            read_jsonl::<PromptLine>(path)?
-                .into_iter()
-                .map(|(_, p)| p.prompt),
-        );
+        for (n, p) in read_prompts(path)? {
+            let text = p
+                .single_turn()
+                .map_err(|m| anyhow::anyhow!("{}:{n}: {m}", path.display()))?;
+            prompts.push(text.to_string());
+        }
     }
     if prompts.is_empty() {
         bail!("give --prompt TEXT or --prompts FILE.jsonl");

@@ -11,11 +11,10 @@ mod eval;
 mod generate;
 mod import;
 mod launch;
-mod ppo;
 mod rank;
 mod recipe;
+mod registry;
 mod report;
-mod reward;
 mod sample;
 mod score;
 mod stage;
@@ -43,13 +42,13 @@ enum Command {
     /// Supervised instruction tuning: loss on the assistant's tokens only.
     Sft(stage::SftArgs),
     /// RLHF: optimise the policy against the reward model with PPO.
-    Ppo(ppo::PpoArgs),
+    Ppo(stage::PpoArgs),
     /// Sample K distinct candidate responses per prompt, for ranking.
     Sample(sample::SampleArgs),
     /// Rank candidate responses: typed in the terminal, or by a rule judge (--judge).
     Rank(rank::RankArgs),
     /// Train a reward model from ranked responses.
-    Reward(reward::RewardArgs),
+    Reward(stage::RewardArgs),
     /// Print a reward model's rewards for prompt/response lines.
     Score(score::ScoreArgs),
     /// Sample continuations from a checkpoint (KV cache); --chat answers as an assistant.
@@ -99,15 +98,19 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => recipe::run(args),
         Command::Report(args) => report::run(args),
-        Command::Pretrain(args) => stage::pretrain(args),
-        Command::Sft(args) => stage::sft(args),
+        Command::Pretrain(args) => stage::command("pretrain", &args.common, &[]),
+        Command::Sft(args) => stage::command("sft", &args.common, &[("init", &args.init)]),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Rank(args) => rank::run(args),
-        Command::Reward(args) => reward::run(args),
+        Command::Reward(args) => stage::command("reward", &args.common, &[("init", &args.init)]),
         Command::Score(args) => score::run(args),
-        Command::Ppo(args) => ppo::run(args),
+        Command::Ppo(args) => stage::command(
+            "ppo",
+            &args.common,
+            &[("policy", &args.policy), ("reward", &args.reward)],
+        ),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Bench(args) => bench::run(args),
         Command::Import(args) => import::run(args),
@@ -155,11 +158,6 @@ fn one_line(e: &anyhow::Error) -> String {
         parts.push(s);
     }
     parts.join(": ").replace('\n', " ")
-}
-
-/// Load a stage config with overrides (shared by every stage command).
-pub fn load_config<T: serde::de::DeserializeOwned>(args: &CommonStage) -> Result<T> {
-    Ok(candor_core::config::load(&args.config, &args.set)?)
 }
 
 pub fn device(spec: &str) -> Result<candle_core::Device> {

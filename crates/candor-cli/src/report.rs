@@ -172,6 +172,14 @@ const TABLE_KEYS: [&str; 16] = [
     "params",
 ];
 
+/// `text` with its first letter in upper case.
+fn capitalised(text: &str) -> String {
+    let mut c = text.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
 pub fn run(args: ReportArgs) -> Result<()> {
     let root = &args.run_dir;
     if !root.is_dir() {
@@ -212,6 +220,9 @@ pub fn run(args: ReportArgs) -> Result<()> {
     writeln!(md, "\nTotal training time {total:.1} s.\n")?;
     for s in &stages {
         writeln!(md, "## {} ({})\n", s.id, s.meta.stage)?;
+        if let Some(kind) = crate::registry::find(&s.meta.stage) {
+            writeln!(md, "{}.\n", capitalised(kind.about))?;
+        }
         if !s.meta.parents.is_empty() {
             let parents: Vec<String> = s
                 .meta
@@ -237,40 +248,25 @@ pub fn run(args: ReportArgs) -> Result<()> {
         writeln!(md)?;
         let slug = s.id.replace(['/', '.'], "_");
         let mut figures = vec![];
-        let kind = s.meta.stage.as_str();
-        let charts: Vec<(&str, &str, Vec<&str>)> = match kind {
-            "pretrain" | "sft" => vec![("loss", "loss", vec!["loss", "eval_loss"])],
-            "reward" => vec![
-                ("loss", "loss", vec!["loss", "eval_loss"]),
-                (
-                    "accuracy",
-                    "held-out pairwise accuracy",
-                    vec!["eval_accuracy"],
-                ),
-            ],
-            "ppo" => vec![
-                ("reward", "reward", vec!["reward_mean", "reward_raw_mean"]),
-                ("kl", "KL to the reference", vec!["kl"]),
-                ("judge", "held-out judge score", vec!["judge_score"]),
-            ],
-            _ => vec![],
+        // what the registry draws for this kind (nothing for a kind it does not know)
+        let Some(kind) = crate::registry::find(&s.meta.stage) else {
+            continue;
         };
-        for (name, title, keys) in charts {
+        for (name, title, keys) in kind.report.charts {
             let lines: Vec<(String, Vec<(f64, f64)>)> = keys
                 .iter()
                 .map(|k| (k.to_string(), series(&s.metrics, k)))
                 .collect();
             let file = plots.join(format!("{slug}-{name}.svg"));
-            let x = if kind == "ppo" { "iteration" } else { "step" };
-            if plot(&file, &format!("{} — {title}", s.id), x, &lines)? {
+            if plot(&file, &format!("{} — {title}", s.id), kind.report.x, &lines)? {
                 figures.push(format!("![{title}](plots/{slug}-{name}.svg)"));
             }
         }
         for f in figures {
             writeln!(md, "{f}\n")?;
         }
-        if kind == "ppo" {
-            side_by_side(&mut md, &s.dir)?;
+        if let Some(extra) = kind.report.extra {
+            extra(&mut md, &s.dir)?;
         }
     }
     let path = root.join("report.md");
@@ -281,7 +277,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
 
 /// The held-out responses PPO logged before training (the SFT policy) and at its last
 /// evaluation (the PPO policy), for the same prompts and sampling seed.
-fn side_by_side(md: &mut String, ppo_dir: &Path) -> Result<()> {
+pub fn side_by_side(md: &mut String, ppo_dir: &Path) -> Result<()> {
     let samples = MetricsLog::read_file(&ppo_dir.join("samples.jsonl"), None)?;
     if samples.records.is_empty() {
         return Ok(());

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candor_core::checkpoint::Head;
 use candor_core::rng::Rng;
-use candor_data::chat::ChatTemplate;
-use candor_data::preference::{read_prompts, Candidates};
+use candor_data::chat::{encode_prompts, ChatTemplate};
+use candor_data::preference::Candidates;
+use candor_data::prompts::read_prompts;
 use candor_data::Tokenizer;
 use candor_model::generate::SamplingParams;
 use candor_train::progress::Progress;
-use candor_train::sample::{encode_prompts, sample_candidates, CandidateParams};
+use candor_train::sample::{sample_candidates, CandidateParams};
 use clap::Args;
 
 use crate::device;
@@ -68,9 +69,6 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     let dev = device(&args.device)?;
     let prompts = read_prompts(&args.prompts)?;
-    if prompts.is_empty() {
-        bail!("{}: no prompts", args.prompts.display());
-    }
     let model_dir = candor_model::resolve_model_dir(&args.model)?;
     let config = candor_model::io::read_config(&model_dir)?;
     if config.head() != Head::Lm {
@@ -82,7 +80,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let model = candor_model::io::load_frozen(&model_dir, &dev)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let template = ChatTemplate::for_tokenizer(&tok);
-    let texts: Vec<&str> = prompts.iter().map(|(_, p)| p.prompt.as_str()).collect();
+    let texts: Vec<&str> = prompts
+        .iter()
+        .map(|(n, p)| {
+            p.single_turn()
+                .map_err(|m| anyhow::anyhow!("{}:{n}: {m}", args.prompts.display()))
+        })
+        .collect::<Result<_>>()?;
     let ids = encode_prompts(&tok, &template, &texts)?;
     let max_pos = config.max_position_embeddings;
     if let Some((i, longest)) = ids.iter().enumerate().max_by_key(|(_, p)| p.len()) {
@@ -158,7 +162,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         let c = Candidates {
             prompt: p.prompt.clone(),
             responses,
-            reference: p.reference.clone(),
+            reference: p.reference().map(String::from),
         };
         writeln!(w, "{}", serde_json::to_string(&c)?)?;
         written += 1;

@@ -1,13 +1,13 @@
-//! Stage commands: load the config, resolve options, run the stage library.
+//! Training stage commands (`candor pretrain|sft|reward|ppo`): load the config, apply the
+//! command's overrides, look the stage up in the registry, run it.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use candor_core::checkpoint::CandorMeta;
+use anyhow::{anyhow, Result};
 use candor_train::ckpt::RunOptions;
 use clap::Args;
 
-use crate::{launch, load_config, CommonStage};
+use crate::{launch, registry, CommonStage};
 
 #[derive(Args)]
 pub struct StageArgs {
@@ -25,9 +25,26 @@ pub struct SftArgs {
     pub init: Option<PathBuf>,
 }
 
-fn print_config<T: serde::Serialize>(cfg: &T) -> Result<()> {
-    print!("{}", serde_yaml::to_string(cfg)?);
-    Ok(())
+#[derive(Args)]
+pub struct RewardArgs {
+    #[command(flatten)]
+    pub common: CommonStage,
+    /// The checkpoint to start from (usually the SFT model); sets `init` in the config.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct PpoArgs {
+    #[command(flatten)]
+    pub common: CommonStage,
+    /// The SFT checkpoint the policy starts from (and the frozen reference copies), or
+    /// hf:ORG/NAME in the Hugging Face cache.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// The reward model checkpoint (a score head).
+    #[arg(long)]
+    pub reward: Option<PathBuf>,
 }
 
 /// Where and how a stage runs: `--out` (default `runs/<stage>`), `--device`, `--resume`,
@@ -56,49 +73,37 @@ pub fn run_options(c: &CommonStage, stage: &str) -> Result<Option<RunOptions>> {
     }))
 }
 
-/// `<stage>: <dir> (step N, eval_loss X)`: the line a finished LM stage prints (on rank 0).
-fn print_summary(stage: &str, opts: &RunOptions, meta: &CandorMeta) {
-    if !opts.dist.is_main() {
-        return;
+/// Run the training stage `kind` from its command line: the config file with `--set`
+/// overrides, then `paths` (config key, the command's option for it, when given);
+/// `--show-config` prints the effective config (defaults filled in) and stops. On rank 0
+/// a finished stage prints `<kind>: <dir> (<the registry's summary>)`.
+pub fn command(kind: &str, c: &CommonStage, paths: &[(&str, &Option<PathBuf>)]) -> Result<()> {
+    let entry = registry::find(kind).ok_or_else(|| anyhow!("no stage kind `{kind}`"))?;
+    let origin = c.config.display().to_string();
+    let mut config = candor_core::config::read_yaml(&c.config)?;
+    candor_core::config::apply_overrides(&mut config, &c.set, &origin)?;
+    for (key, path) in paths {
+        if let Some(p) = path {
+            let v = serde_yaml::Value::String(p.display().to_string());
+            candor_core::config::set_path(&mut config, key, v)
+                .map_err(|e| anyhow!("{origin}: {e}"))?;
+        }
     }
-    println!(
-        "{stage}: {} (step {}, eval_loss {})",
-        opts.out.display(),
-        meta.step,
-        meta.metrics
-            .get("eval_loss")
-            .map(|v| format!("{:.4}", v.as_f64().unwrap_or(f64::NAN)))
-            .unwrap_or("-".into())
-    );
-}
-
-pub fn pretrain(args: StageArgs) -> Result<()> {
-    let c = &args.common;
-    let cfg: candor_pretrain::PretrainConfig = load_config(c)?;
+    let effective = (entry.effective)(&config, &origin)?;
     if c.show_config {
-        return print_config(&cfg);
+        print!("{}", serde_yaml::to_string(&effective)?);
+        return Ok(());
     }
-    let Some(opts) = run_options(c, "pretrain")? else {
+    let Some(opts) = run_options(c, kind)? else {
         return Ok(());
     };
-    let meta = candor_pretrain::run(&cfg, &opts)?;
-    print_summary("pretrain", &opts, &meta);
-    Ok(())
-}
-
-pub fn sft(args: SftArgs) -> Result<()> {
-    let c = &args.common;
-    let mut cfg: candor_sft::SftConfig = load_config(c)?;
-    if let Some(init) = &args.init {
-        cfg.init = Some(init.clone());
+    let meta = (entry.run)(&config, &opts)?;
+    if let (Some(meta), true) = (meta, opts.dist.is_main()) {
+        println!(
+            "{kind}: {} ({})",
+            opts.out.display(),
+            (entry.summary)(&meta)
+        );
     }
-    if c.show_config {
-        return print_config(&cfg);
-    }
-    let Some(opts) = run_options(c, "sft")? else {
-        return Ok(());
-    };
-    let meta = candor_sft::run(&cfg, &opts)?;
-    print_summary("sft", &opts, &meta);
     Ok(())
 }

@@ -147,6 +147,78 @@ pub fn stop_tokens(tok: &Tokenizer) -> Vec<u32> {
     out
 }
 
+/// Token ids of each prompt as posed to a chat model: one user turn followed by the
+/// assistant header ([`ChatTemplate::render_prompt`]).
+pub fn encode_prompts(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    prompts: &[&str],
+) -> Result<Vec<Vec<u32>>> {
+    let texts = prompts
+        .iter()
+        .map(|p| template.render_prompt(p))
+        .collect::<Result<Vec<_>>>()?;
+    tok.encode_batch(&texts)
+}
+
+/// Each (prompt, response) exchange as two token-id blocks: the prompt as posed
+/// ([`encode_prompts`]) and the assistant turn's tokens up to and including its end-of-turn
+/// token. The turn's text is the chat template's render of `[user: prompt, assistant:
+/// response]` after the posed prompt (ChatML: `response<|im_end|>`, what an SFT model emits
+/// before it stops), so a stage that reads a policy's own prompt + response tokens sees the
+/// same kind of tokens. What a preference stage scores (DPO's response log-probs, a reward
+/// model's last token) lies in the second block.
+pub fn encode_exchange_parts(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    pairs: &[(&str, &str)],
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let stop = stop_tokens(tok);
+    let (mut prompts, mut turns) = (
+        Vec::with_capacity(pairs.len()),
+        Vec::with_capacity(pairs.len()),
+    );
+    for (p, r) in pairs {
+        let posed = template.render_prompt(p)?;
+        let full = template.render(
+            &[Message::new("user", p), Message::new("assistant", r)],
+            false,
+        )?;
+        let turn = full.strip_prefix(&posed).ok_or_else(|| {
+            Error::Msg("chat template is not prefix-stable: the render of a conversation does not begin with the posed prompt".into())
+        })?;
+        turns.push(turn.to_string());
+        prompts.push(posed);
+    }
+    let (prompts, turns) = (tok.encode_batch(&prompts)?, tok.encode_batch(&turns)?);
+    Ok(prompts
+        .into_iter()
+        .zip(turns)
+        .map(|(ids, mut turn)| {
+            if let Some(end) = turn.iter().position(|t| stop.contains(t)) {
+                turn.truncate(end + 1); // drop what the template adds after the end of turn
+            }
+            (ids, turn)
+        })
+        .collect())
+}
+
+/// Token ids of each (prompt, response) exchange as a reward model scores it: the two
+/// blocks of [`encode_exchange_parts`] joined. The reward is read at the last token.
+pub fn encode_exchanges(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    pairs: &[(&str, &str)],
+) -> Result<Vec<Vec<u32>>> {
+    Ok(encode_exchange_parts(tok, template, pairs)?
+        .into_iter()
+        .map(|(mut ids, turn)| {
+            ids.extend(turn);
+            ids
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +281,30 @@ mod tests {
             .collect();
         assert_eq!(trained, vec!["4<|im_end|>\n", "6<|im_end|>\n"]);
         assert!(segs[0].0.ends_with("<|im_start|>assistant\n") && !segs[0].1);
+    }
+
+    #[test]
+    fn prompts_and_exchanges_follow_the_chat_template() {
+        let text =
+            "Call me Ishmael. Some years ago, never mind how long precisely, having little money. "
+                .repeat(20);
+        let tok = Tokenizer::train(std::iter::once(text.as_str()), 300).unwrap();
+        let t = ChatTemplate::for_tokenizer(&tok);
+        let p = encode_prompts(&tok, &t, &["Hi there."]).unwrap();
+        assert_eq!(
+            tok.decode(&p[0], false).unwrap(),
+            "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let e = encode_exchanges(&tok, &t, &[("Hi there.", "Hello.")]).unwrap();
+        assert_eq!(
+            tok.decode(&e[0], false).unwrap(),
+            "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>"
+        );
+        assert_eq!(e[0].last(), tok.token_id("<|im_end|>").as_ref());
+        assert!(e[0].starts_with(&p[0]));
+        let parts = encode_exchange_parts(&tok, &t, &[("Hi there.", "Hello.")]).unwrap();
+        assert_eq!(parts[0].0, p[0]);
+        assert_eq!(tok.decode(&parts[0].1, false).unwrap(), "Hello.<|im_end|>");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! - [`convert`]: GPT-2 BPE files and GGUF vocabularies to `tokenizer.json`.
 //! - [`text`]: pretraining corpora (plain text or JSONL `text`), tokenised and packed into
 //!   context-length sequences with a held-out split.
-//! - [`preference`]: prompt, candidate and ranked-preference files (reward-model stage).
+//! - [`prompts`]: prompt files, every field of a line kept for judges.
+//! - [`preference`]: candidate and ranked-preference files; rankings as (better, worse)
+//!   pairs grouped by prompt and tokenised (reward model, DPO).
+//! - [`chat`]: chat templates; prompts and (prompt, response) exchanges as token ids.
 //! - [`sft`]: instruction data (`prompt`/`response` or `messages`), tokenised with a mark on
 //!   the assistant tokens that SFT trains; the chat tokenizer an SFT checkpoint is saved with.
 
@@ -15,6 +18,7 @@ pub mod error;
 pub mod formats;
 pub mod jsonl;
 pub mod preference;
+pub mod prompts;
 pub mod sft;
 pub mod text;
 pub mod tokenizer;

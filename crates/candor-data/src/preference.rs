@@ -1,12 +1,14 @@
-//! Prompt, candidate and preference files, for the reward-model stage. Any dataset file
-//! [`crate::dataset`] reads (JSONL, JSON, Parquet, compressed, `hf:`), in candor's shapes
-//! below or TRL's ([`crate::formats`]): preference lines may also be TRL's conversational
-//! (`chosen`/`rejected` message lists, with a `prompt` or with the prompt implicit in their
-//! shared opening) or unpaired (`prompt`, `completion`, `label`: for each prompt every
-//! desirable completion is preferred to every undesirable one).
+//! Candidate and preference files (JSONL), and rankings as (better, worse) pairs grouped by
+//! prompt and tokenised: what the reward-model stage and preference-optimisation stages
+//! (DPO) train on. Prompt files are [`crate::prompts`].
+//!
+//! Any dataset file [`crate::dataset`] reads (JSONL, JSON, Parquet, compressed, `hf:`), in
+//! candor's shapes below or TRL's ([`crate::formats`]): preference lines may also be TRL's
+//! conversational (`chosen`/`rejected` message lists, with a `prompt` or with the prompt
+//! implicit in their shared opening) or unpaired (`prompt`, `completion`, `label`: for each
+//! prompt every desirable completion is preferred to every undesirable one).
 //!
 //! ```text
-//! prompts     {"prompt": "...", "reference": "..."?}
 //! candidates  {"prompt": "...", "responses": ["...", ...], "reference": "..."?}      (candor sample)
 //! preferences {"prompt": "...", "responses": [best, ..., worst], "ranks": [1, 2, 2, 3]?,
 //!              "reference"?, "scores"?, "judge"?}                                  (candor rank)
@@ -18,26 +20,18 @@
 //! `scores` and `judge` record what a rule judge gave; readers of preferences ignore them.
 //! Every bad line is reported as `file:line: what is wrong`.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use serde_json::{Map, Value};
 
+use crate::chat::{encode_exchange_parts, ChatTemplate};
 use crate::dataset::{read_records, Columns, Record};
 use crate::error::Result;
-use crate::formats::{
-    implicit_preference, prompt_field, read_prompt_records, response_field, Prompt, SHAPES,
-};
-
-/// A line of a prompt file.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct PromptLine {
-    pub prompt: String,
-    /// The expected answer, for judges that compare with one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reference: Option<String>,
-}
+use crate::formats::{implicit_preference, prompt_field, response_field, Prompt, SHAPES};
+use crate::Tokenizer;
 
 /// A line of a candidates file: a prompt and K ≥ 2 distinct responses, in no order.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -185,36 +179,8 @@ impl PreferenceLine {
     }
 }
 
-/// Read a prompt file; every prompt must be non-empty.
-pub fn read_prompts(path: &Path) -> Result<Vec<(usize, PromptLine)>> {
-    read_prompts_with(path, &Columns::new())
-}
-
-/// [`read_prompts`] with columns renamed. A prompt given as a message list must be one user
-/// turn here (candidates and rankings carry the prompt as text).
-pub fn read_prompts_with(path: &Path, columns: &Columns) -> Result<Vec<(usize, PromptLine)>> {
-    read_prompt_records(path, columns)?
-        .into_iter()
-        .map(|p| {
-            let text = single_turn(&p.prompt).map_err(|m| p.record.err(m))?;
-            let reference = match p.fields.get("reference") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(other) => Some(other.to_string()),
-            };
-            Ok((
-                p.record.number(),
-                PromptLine {
-                    prompt: text,
-                    reference,
-                },
-            ))
-        })
-        .collect()
-}
-
 /// The text of a prompt that is a single user turn, or why it is not.
-fn single_turn(p: &Prompt) -> std::result::Result<String, String> {
+pub(crate) fn single_turn(p: &Prompt) -> std::result::Result<String, String> {
     if p.context.is_empty() {
         Ok(p.text.clone())
     } else {
@@ -370,6 +336,154 @@ pub fn read_preferences_with(path: &Path, columns: &Columns) -> Result<Vec<(usiz
     Ok(out)
 }
 
+/// The training pairs of one ranking: (better, worse) indices, for every two responses
+/// whose ranks differ (lower rank = better), in (i, j) order with i < j. Tied responses make
+/// no pair (InstructGPT: all C(K,2) pairs of a K-way ranking).
+pub fn expand_pairs(ranks: &[u32]) -> Vec<(usize, usize)> {
+    let mut pairs = vec![];
+    for i in 0..ranks.len() {
+        for j in i + 1..ranks.len() {
+            if ranks[i] < ranks[j] {
+                pairs.push((i, j));
+            } else if ranks[j] < ranks[i] {
+                pairs.push((j, i));
+            }
+        }
+    }
+    pairs
+}
+
+/// One prompt's responses and the (better, worse) pairs among them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Comparisons {
+    pub prompt: String,
+    pub responses: Vec<String>,
+    pub pairs: Vec<(usize, usize)>,
+}
+
+/// Read preference files and merge the lines of each prompt into one [`Comparisons`]
+/// (responses united, every line's pairs kept once), in order of first appearance, so all
+/// pairs of a prompt land in the same batch (InstructGPT) even when they come as several
+/// chosen/rejected lines.
+pub fn load_comparisons(files: &[PathBuf]) -> Result<Vec<Comparisons>> {
+    load_comparisons_with(files, &Columns::new())
+}
+
+/// [`load_comparisons`] of files whose columns are renamed by `columns` (`data.columns`).
+pub fn load_comparisons_with(files: &[PathBuf], columns: &Columns) -> Result<Vec<Comparisons>> {
+    let mut out: Vec<Comparisons> = vec![];
+    let mut by_prompt: HashMap<String, usize> = HashMap::new();
+    for file in files {
+        for (_, pref) in read_preferences_with(file, columns)? {
+            let slot = *by_prompt.entry(pref.prompt.clone()).or_insert_with(|| {
+                out.push(Comparisons {
+                    prompt: pref.prompt.clone(),
+                    responses: vec![],
+                    pairs: vec![],
+                });
+                out.len() - 1
+            });
+            let c = &mut out[slot];
+            let index: Vec<usize> = pref
+                .responses
+                .iter()
+                .map(|r| match c.responses.iter().position(|x| x == r) {
+                    Some(i) => i,
+                    None => {
+                        c.responses.push(r.clone());
+                        c.responses.len() - 1
+                    }
+                })
+                .collect();
+            for (b, w) in expand_pairs(&pref.ranks) {
+                let pair = (index[b], index[w]);
+                if !c.pairs.contains(&pair) {
+                    c.pairs.push(pair);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A prompt's exchanges as token ids (one per response) and its pairs.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    /// Each response's whole exchange (prompt as posed + assistant turn), possibly cut.
+    pub seqs: Vec<Vec<u32>>,
+    /// How many leading tokens of each sequence are the prompt; the rest is the response's
+    /// turn (what DPO scores). A cut sequence loses prompt tokens first.
+    pub prompt_lens: Vec<usize>,
+    pub pairs: Vec<(usize, usize)>,
+}
+
+/// Tokenise each exchange with the chat template ([`encode_exchange_parts`]); one longer
+/// than `max_len` keeps its last `max_len` tokens (a reward is read at the end). Returns the
+/// encoded prompts and how many exchanges were cut.
+pub fn encode_comparisons(
+    comparisons: &[Comparisons],
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_len: usize,
+) -> Result<(Vec<Encoded>, usize)> {
+    let mut cut = 0;
+    let mut out = Vec::with_capacity(comparisons.len());
+    for c in comparisons {
+        let pairs: Vec<(&str, &str)> = c
+            .responses
+            .iter()
+            .map(|r| (c.prompt.as_str(), r.as_str()))
+            .collect();
+        let (mut seqs, mut prompt_lens) = (vec![], vec![]);
+        for (mut ids, turn) in encode_exchange_parts(tok, template, &pairs)? {
+            let mut prompt_len = ids.len();
+            ids.extend(turn);
+            if ids.len() > max_len {
+                cut += 1;
+                let drop = ids.len() - max_len;
+                prompt_len = prompt_len.saturating_sub(drop);
+                ids.drain(..drop);
+            }
+            seqs.push(ids);
+            prompt_lens.push(prompt_len);
+        }
+        out.push(Encoded {
+            seqs,
+            prompt_lens,
+            pairs: c.pairs.clone(),
+        });
+    }
+    Ok((out, cut))
+}
+
+/// Several prompts flattened for one forward pass: their sequences, and each pair as
+/// indices into them.
+pub struct PairLayout<'a> {
+    pub seqs: Vec<&'a [u32]>,
+    pub better: Vec<u32>,
+    pub worse: Vec<u32>,
+    pub tokens: usize,
+}
+
+pub fn pair_layout<'a>(examples: &[&'a Encoded]) -> PairLayout<'a> {
+    let mut l = PairLayout {
+        seqs: vec![],
+        better: vec![],
+        worse: vec![],
+        tokens: 0,
+    };
+    for e in examples {
+        let base = l.seqs.len() as u32;
+        l.seqs.extend(e.seqs.iter().map(Vec::as_slice));
+        l.tokens += e.seqs.iter().map(Vec::len).sum::<usize>();
+        for &(b, w) in &e.pairs {
+            l.better.push(base + b as u32);
+            l.worse.push(base + w as u32);
+        }
+    }
+    l
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,27 +618,6 @@ mod tests {
     }
 
     #[test]
-    fn prompts_of_every_form_read_the_same() {
-        for name in [
-            "prompts_conversational.jsonl",
-            "prompts_standard.parquet",
-            "prompts_conversational.parquet",
-            "pref_trl_implicit.parquet",
-        ] {
-            let got = read_prompts(&fixture(name)).unwrap();
-            let want = read_prompts(&fixture("prompts_standard.jsonl")).unwrap();
-            assert_eq!(got.len(), 6, "{name}");
-            for ((_, g), (_, w)) in got.iter().zip(&want) {
-                assert_eq!(g.prompt, w.prompt, "{name}");
-            }
-        }
-        assert_eq!(
-            read_prompts(&fixture("prompts_conversational.parquet")).unwrap()[0].1,
-            read_prompts(&fixture("prompts_standard.jsonl")).unwrap()[0].1
-        );
-    }
-
-    #[test]
     fn unpaired_and_unknown_shapes_are_clear_errors() {
         let (_d, path) = write(&[r#"{"prompt": "p", "completion": "a", "label": true}"#]);
         let e = read_preferences(&path).unwrap_err().to_string();
@@ -563,5 +656,57 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("has 0 response(s)"));
+    }
+
+    #[test]
+    fn lines_of_one_prompt_merge_and_pairs_map_to_the_united_responses() {
+        let (_d, path) = write(&[
+            r#"{"prompt": "p", "chosen": "a", "rejected": "b"}"#,
+            r#"{"prompt": "q", "responses": ["x", "y", "z"], "ranks": [1, 1, 2]}"#,
+            r#"{"prompt": "p", "chosen": "c", "rejected": "a"}"#,
+            r#"{"prompt": "p", "chosen": "a", "rejected": "b"}"#,
+        ]);
+        let c = load_comparisons(&[path]).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].responses, vec!["a", "b", "c"]);
+        assert_eq!(c[0].pairs, vec![(0, 1), (2, 0)]);
+        assert_eq!(c[1].pairs, vec![(0, 2), (1, 2)]);
+        let a = Encoded {
+            seqs: vec![vec![1, 2], vec![3]],
+            prompt_lens: vec![1, 0],
+            pairs: vec![(0, 1)],
+        };
+        let b = Encoded {
+            seqs: vec![vec![4], vec![5, 6, 7], vec![8]],
+            prompt_lens: vec![0, 1, 0],
+            pairs: vec![(2, 0), (1, 0)],
+        };
+        let l = pair_layout(&[&a, &b]);
+        assert_eq!(
+            (l.better, l.worse, l.tokens),
+            (vec![0, 4, 3], vec![1, 2, 2], 8)
+        );
+    }
+
+    #[test]
+    fn encoded_exchanges_split_into_prompt_and_turn_and_cut_from_the_front() {
+        let text = "Call me Ishmael. Some years ago, never mind how long precisely. ".repeat(20);
+        let tok = Tokenizer::train(std::iter::once(text.as_str()), 300).unwrap();
+        let t = ChatTemplate::for_tokenizer(&tok);
+        let c = Comparisons {
+            prompt: "Call me.".into(),
+            responses: vec!["Some years ago.".into(), "Never.".into()],
+            pairs: vec![(0, 1)],
+        };
+        let (full, cut) = encode_comparisons(std::slice::from_ref(&c), &tok, &t, 1000).unwrap();
+        assert_eq!(cut, 0);
+        let parts = encode_exchange_parts(&tok, &t, &[("Call me.", "Never.")]).unwrap();
+        assert_eq!(full[0].prompt_lens[1], parts[0].0.len());
+        assert_eq!(full[0].seqs[1][full[0].prompt_lens[1]..], parts[0].1[..]);
+        let n = full[0].seqs[1].len();
+        let (short, cut) = encode_comparisons(&[c], &tok, &t, n - 2).unwrap();
+        assert_eq!(cut, 2);
+        assert_eq!(short[0].seqs[1][..], full[0].seqs[1][2..]);
+        assert_eq!(short[0].prompt_lens[1], full[0].prompt_lens[1] - 2);
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candor_model::generate::SamplingParams;
 use candor_train::config::TrainConfig;
+pub use candor_train::score::ScoreConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,12 +68,19 @@ impl Default for PpoConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoData {
-    /// JSONL `{"prompt": ..., "reference"?: ...}` posed to the policy during training.
+    /// Prompts posed to the policy during training: `{"prompt": ..., "reference"?: ...}`
+    /// (a string or a TRL conversational message list; every other field goes to the
+    /// judges), in JSONL, JSON, Parquet, `.jsonl.gz`/`.zst` or `hf:ORG/NAME[@REV][:SPLIT]`
+    /// (docs/data.md).
     pub prompts: PathBuf,
     /// Held-out prompts for `judge_score` / `eval_reward` (same format).
     pub heldout_prompts: Option<PathBuf>,
     /// Pretraining text mixed into the loss when `ppo.ptx_coef > 0` (PPO-ptx, InstructGPT).
     pub ptx_files: Vec<PathBuf>,
+    /// Column names of the prompt files, candor's name → theirs (`{prompt: question,
+    /// reference: answer}`). Default: none.
+    #[serde(skip_serializing_if = "candor_data::dataset::Columns::is_empty")]
+    pub columns: candor_data::dataset::Columns,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -108,37 +116,6 @@ impl RolloutConfig {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ScoreConfig {
-    /// Weight of the reward model's (normalised) score.
-    pub reward_model_weight: f64,
-    /// A rule judge (`candor_judge`), e.g. `sentiment`; its score is added with `judge_weight`.
-    pub judge: Option<String>,
-    pub judge_weight: f64,
-    /// Normalise reward-model scores with the mean/std the reward stage stored in its
-    /// candor.json (`reward_mean`, `reward_std`).
-    pub normalize: bool,
-    /// Clip the combined score to ±clip (0 = off).
-    pub clip: f64,
-    /// Added to the score of responses that hit `max_new_tokens` without a stop token
-    /// (TRL's `missing_eos_penalty`; 0 = off).
-    pub missing_eos_penalty: f64,
-}
-
-impl Default for ScoreConfig {
-    fn default() -> Self {
-        ScoreConfig {
-            reward_model_weight: 1.0,
-            judge: None,
-            judge_weight: 0.0,
-            normalize: true,
-            clip: 0.0,
-            missing_eos_penalty: 0.0,
         }
     }
 }

@@ -5,12 +5,15 @@
 //! the **reward** (the frozen reward model and/or a rule judge). Each iteration, numbered
 //! as in TRL's PPO trainer:
 //!
-//! 1. sample a batch of prompts; 2. generate responses with the KV cache; 3. score them
-//! (reward model at the last token, normalised, plus judges) and compute log-probs of the
-//! policy and the reference and the critic's values; 4. per-token rewards = −β·KL plus the
-//! score at the last token, advantages and returns by GAE, advantages whitened; 5. several
-//! PPO epochs over minibatches: clipped policy loss + clipped value loss (− entropy bonus,
-//! + PPO-ptx), early stop on approximate KL; 6. update β, log, evaluate, checkpoint.
+//! 1. sample a batch of prompts;
+//! 2. generate responses with the KV cache;
+//! 3. score them (reward model at the last token, normalised, plus judges) and compute
+//!    log-probs of the policy and the reference and the critic's values;
+//! 4. per-token rewards = −β·KL plus the score at the last token, advantages and returns
+//!    by GAE, advantages whitened;
+//! 5. several PPO epochs over minibatches: clipped policy loss + clipped value loss
+//!    (− entropy bonus, + PPO-ptx), early stop on approximate KL;
+//! 6. update β, log, evaluate, checkpoint.
 
 pub mod config;
 pub mod math;
@@ -24,10 +27,8 @@ use candor_core::metrics::MetricsLog;
 use candor_core::record;
 use candor_core::rng::Rng;
 use candor_data::chat::{stop_tokens, ChatTemplate};
-use candor_data::jsonl::read_jsonl;
 use candor_data::text::{pack_corpus, read_corpus, tokenize_documents};
 use candor_data::Tokenizer;
-use candor_model::generate::generate;
 use candor_model::io::{load_trainable, read_config};
 use candor_model::Model;
 use candor_train::batch::{lm_batch, Cursor, LmExample, Sampler};
@@ -40,15 +41,17 @@ use candor_train::loss::lm_loss;
 use candor_train::optim::{clip_grad_norm, named_vars, AdamW, Grads};
 use candor_train::precision::{compute_model, inference_model, load_frozen};
 use candor_train::progress::Progress;
+use candor_train::rl::{
+    masked_mean, masked_mean_rows, masked_whiten, policy_loss, scalar, KlController,
+};
+use candor_train::rollout::{load_prompts_with, sample_responses, Prompt};
 use candor_train::schedule::lr_at;
-use serde::Deserialize;
+use candor_train::score::{judge, judge_scores, Scorer};
+use candor_train::seq::{logprobs, rows, seq_batch, sequence_scores, tensor, values};
 
 pub use config::*;
-use math::{
-    gae, masked_mean, masked_mean_rows, masked_whiten, per_token_rewards, policy_loss, scalar,
-    value_loss, KlController,
-};
-use rollout::{logprobs, rows, seq_batch, sequence_scores, tensor, values, Rollout};
+use math::{gae, per_token_rewards, value_loss};
+use rollout::Rollout;
 
 pub type Error = candor_train::Error;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -58,154 +61,6 @@ fn err(msg: String) -> Error {
 }
 
 pub use candor_train::ckpt::RunOptions;
-
-/// A prompt line: `{"prompt": ..., "reference": ...}`; every field besides `prompt` is kept
-/// for the judges.
-#[derive(Deserialize, Clone)]
-pub struct PromptLine {
-    pub prompt: String,
-    #[serde(flatten)]
-    pub fields: candor_judge::Fields,
-}
-
-/// A prompt ready to pose: its text, the line's other fields, and tokens (rendered with the
-/// chat template).
-struct Prompt {
-    text: String,
-    fields: candor_judge::Fields,
-    ids: Vec<u32>,
-}
-
-fn load_prompts(
-    path: &Path,
-    tok: &Tokenizer,
-    template: &ChatTemplate,
-    max_new: usize,
-    ctx: usize,
-) -> Result<Vec<Prompt>> {
-    let lines = read_jsonl::<PromptLine>(path)?;
-    if lines.is_empty() {
-        return Err(err(format!(
-            "{}: no prompts (expected JSONL lines {{\"prompt\": ...}})",
-            path.display()
-        )));
-    }
-    let mut out = vec![];
-    for (line, p) in lines {
-        if p.prompt.trim().is_empty() {
-            return Err(err(format!("{}:{line}: empty prompt", path.display())));
-        }
-        let ids = tok.encode(&template.render_prompt(&p.prompt)?)?;
-        if ids.len() + max_new > ctx {
-            return Err(err(format!(
-                "{}:{line}: prompt is {} tokens; with rollout.max_new_tokens {max_new} it exceeds the policy's context of {ctx}",
-                path.display(),
-                ids.len()
-            )));
-        }
-        out.push(Prompt {
-            text: p.prompt,
-            fields: p.fields,
-            ids,
-        });
-    }
-    Ok(out)
-}
-
-fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> bool {
-    let (va, vb) = (a.inner.get_vocab(true), b.inner.get_vocab(true));
-    va == vb
-}
-
-fn judge(name: &str) -> Result<Box<dyn candor_judge::Judge>> {
-    candor_judge::judge_by_name(name).map_err(|e| err(e.to_string()))
-}
-
-fn judge_scores(
-    judge: &dyn candor_judge::Judge,
-    prompts: &[&Prompt],
-    responses: &[String],
-) -> Result<Vec<f64>> {
-    let batch: Vec<candor_judge::Sample> = prompts
-        .iter()
-        .zip(responses)
-        .map(|(p, r)| candor_judge::Sample {
-            prompt: &p.text,
-            response: r,
-            fields: &p.fields,
-        })
-        .collect();
-    judge.score_batch(&batch).map_err(|e| err(e.to_string()))
-}
-
-/// Mean and std a reward checkpoint recorded over its training responses.
-fn reward_stats(dir: &Path) -> Result<Option<(f64, f64)>> {
-    let Some(meta) = CandorMeta::read(dir)? else {
-        return Ok(None);
-    };
-    let get = |k: &str| meta.metrics.get(k).and_then(|v| v.as_f64());
-    Ok(match (get("reward_mean"), get("reward_std")) {
-        (Some(m), Some(s)) if s > 0.0 => Some((m, s)),
-        _ => None,
-    })
-}
-
-/// Everything the scores of a batch of responses are made from.
-struct Scorer {
-    reward_model: Option<Model>,
-    stats: Option<(f64, f64)>,
-    judge: Option<Box<dyn candor_judge::Judge>>,
-    cfg: ScoreConfig,
-}
-
-struct Scores {
-    /// The combined, normalised, clipped score PPO optimises.
-    combined: Vec<f64>,
-    /// The reward model's raw score (or the judge's when there is no reward model).
-    raw: Vec<f64>,
-}
-
-impl Scorer {
-    fn score(
-        &self,
-        sb: &rollout::SeqBatch,
-        prompts: &[&Prompt],
-        responses: &[String],
-        stopped: &[bool],
-    ) -> Result<Scores> {
-        let n = prompts.len();
-        let mut combined = vec![0.0; n];
-        let mut raw = vec![0.0; n];
-        if let Some(rm) = &self.reward_model {
-            raw = sequence_scores(rm, sb)?;
-            for i in 0..n {
-                let norm = match (self.cfg.normalize, self.stats) {
-                    (true, Some((m, s))) => (raw[i] - m) / s,
-                    _ => raw[i],
-                };
-                combined[i] += self.cfg.reward_model_weight * norm;
-            }
-        }
-        if let Some(j) = &self.judge {
-            let js = judge_scores(j.as_ref(), prompts, responses)?;
-            for i in 0..n {
-                combined[i] += self.cfg.judge_weight * js[i];
-            }
-            if self.reward_model.is_none() {
-                raw = js;
-            }
-        }
-        for i in 0..n {
-            if !stopped[i] {
-                combined[i] += self.cfg.missing_eos_penalty;
-            }
-            if self.cfg.clip > 0.0 {
-                combined[i] = combined[i].clamp(-self.cfg.clip, self.cfg.clip);
-            }
-        }
-        Ok(Scores { combined, raw })
-    }
-}
 
 /// Run PPO; returns the output checkpoint's metadata.
 pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
@@ -258,58 +113,40 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             policy_dir.display()
         )));
     }
-    let reward_model = match &cfg.reward {
-        Some(dir) if cfg.score.reward_model_weight != 0.0 => {
-            let rm_tok = Tokenizer::from_dir(dir)?;
-            if !same_tokenizer(&tok, &rm_tok) {
-                return Err(err(format!(
-                    "policy ({}) and reward model ({}) use different tokenizers; PPO scores the policy's tokens directly, so they must match",
-                    policy_dir.display(),
-                    dir.display()
-                )));
-            }
-            let rm = load_frozen(dir, dtype, device)?;
-            if rm.head != Head::Score {
-                return Err(err(format!(
-                    "{}: the reward model must have a score head (LlamaForSequenceClassification)",
-                    dir.display()
-                )));
-            }
-            Some(rm)
-        }
-        _ => None,
-    };
-    if reward_model.is_none() && cfg.score.judge.is_none() {
-        return Err(err(format!("{origin}: no reward: give --reward REWARD_DIR (with score.reward_model_weight ≠ 0) or score.judge")));
-    }
-    let stats = match (&cfg.reward, cfg.score.normalize) {
-        (Some(dir), true) if reward_model.is_some() => {
-            let s = reward_stats(dir)?;
-            if s.is_none() {
-                eprintln!(
-                    "[ppo] {}: no reward_mean/reward_std in candor.json; scores are not normalised",
-                    dir.display()
-                );
-            }
-            s
-        }
-        _ => None,
-    };
-    let scorer = Scorer {
-        reward_model,
-        stats,
-        judge: cfg.score.judge.as_deref().map(judge).transpose()?,
-        cfg: cfg.score.clone(),
-    };
+    let scorer = Scorer::load(
+        &cfg.score,
+        cfg.reward.as_deref(),
+        (&tok, &policy_dir),
+        dtype,
+        opts,
+        "ppo",
+    )?;
     let eval_judge_name = cfg.eval.judge.clone().or(cfg.score.judge.clone());
     let eval_judge = eval_judge_name.as_deref().map(judge).transpose()?;
 
     let ctx = policy_config.max_position_embeddings;
     let max_new = cfg.rollout.max_new_tokens;
-    let prompts = load_prompts(&cfg.data.prompts, &tok, &template, max_new, ctx)?;
+    let max_new_key = "rollout.max_new_tokens";
+    let prompts = load_prompts_with(
+        &cfg.data.prompts,
+        &cfg.data.columns,
+        &tok,
+        &template,
+        max_new,
+        max_new_key,
+        ctx,
+    )?;
     let heldout = match &cfg.data.heldout_prompts {
         Some(p) => {
-            let mut h = load_prompts(p, &tok, &template, max_new, ctx)?;
+            let mut h = load_prompts_with(
+                p,
+                &cfg.data.columns,
+                &tok,
+                &template,
+                max_new,
+                max_new_key,
+                ctx,
+            )?;
             h.truncate(cfg.eval.max_prompts.max(1));
             h
         }
@@ -391,7 +228,10 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             (Some(r), None) => r.display().to_string(),
             (_, Some(j)) => format!("judge {j}"),
             _ => "-".into(),
-        },
+        } + &scorer
+            .judges_name()
+            .map(|w| format!(" + judges {w}"))
+            .unwrap_or_default(),
         critic_src.display(),
         prompts.len(),
         heldout.len(),
@@ -413,32 +253,25 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         }
         let mut rng = Rng::derive(cfg.seed, "eval");
         let ps: Vec<&Prompt> = heldout.iter().collect();
-        let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.ids.clone()).collect();
-        let out = generate(policy, &ids, &cfg.rollout.sampling(), &stop, pad, &mut rng)?;
-        let texts: Vec<String> = out
-            .iter()
-            .map(|s| tok.decode(&s.tokens, true))
-            .collect::<candor_data::Result<_>>()?;
+        let out = sample_responses(policy, &tok, &ps, &cfg.rollout.sampling(), &stop, &mut rng)?;
+        let texts = &out.texts;
         let mut rec = record!(step;);
         let mut judged = None;
         if let Some(j) = &eval_judge {
-            let js = judge_scores(j.as_ref(), &ps, &texts)?;
+            let js = judge_scores(j.as_ref(), &ps, texts)?;
             let mean = js.iter().sum::<f64>() / js.len() as f64;
             rec.insert("judge_score".into(), serde_json::json!(mean));
             judged = Some(mean);
         }
         if let Some(rm) = &scorer.reward_model {
-            let resp: Vec<&[u32]> = out.iter().map(|s| s.tokens.as_slice()).collect();
-            let pr: Vec<&[u32]> = ps.iter().map(|p| p.ids.as_slice()).collect();
-            let sb = seq_batch(&pr, &resp, pad, device)?;
-            let r = sequence_scores(rm, &sb)?;
+            let r = sequence_scores(rm, &out.seq_batch(&ps, pad, device)?)?;
             rec.insert(
                 "eval_reward".into(),
                 serde_json::json!(r.iter().sum::<f64>() / r.len() as f64),
             );
         }
         metrics.push(rec);
-        for (p, t) in ps.iter().zip(&texts).take(cfg.eval.samples_logged) {
+        for (p, t) in ps.iter().zip(texts).take(cfg.eval.samples_logged) {
             samples_log.push(record!(step; "prompt" => p.text, "response" => t));
         }
         Ok(judged)
@@ -502,7 +335,6 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         let t0 = Instant::now();
         let policy_now = inference_model(&policy, &policy_vars, dtype)?;
         let critic_now = inference_model(&critic, &critic_vars, dtype)?;
-        let prompt_ids: Vec<Vec<u32>> = mine.iter().map(|p| p.ids.clone()).collect();
         let mut rank_rng = Rng::derive(
             state.rng.clone().next_u64(),
             &format!("rollout-rank-{}", dist.rank()),
@@ -512,29 +344,44 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         } else {
             &mut rank_rng
         };
-        let samples = generate(&policy_now, &prompt_ids, &sampling, &stop, pad, rng)?;
+        let samples = sample_responses(&policy_now, &tok, mine, &sampling, &stop, rng)?;
         state.rng = dist.broadcast_value(&state.rng)?; // it shuffles the minibatches below
         let time_generate = t0.elapsed().as_secs_f64();
         // 3. scores, log-probs of policy and reference, values; then the whole batch on every rank
         let t1 = Instant::now();
-        let texts: Vec<String> = samples
+        let sb = samples.seq_batch(mine, pad, device)?;
+        // a judge that fails (a program that died, a server that is gone) ends the run here,
+        // before anything of this iteration is written
+        let scores = scorer
+            .score(&sb, mine, &samples.texts, &samples.stopped)
+            .map_err(|e| {
+                err(format!(
+                    "{e}; stopped at iteration {}, the last good checkpoint (if any) is kept in {}",
+                    iteration + 1,
+                    opts.out.display()
+                ))
+            })?;
+        // each of score.judges' batch mean, over every rank: sums and the count
+        let mut judge_sums: Vec<f64> = scores
+            .per_judge
             .iter()
-            .map(|s| tok.decode(&s.tokens, true))
-            .collect::<candor_data::Result<_>>()?;
-        let resp: Vec<&[u32]> = samples.iter().map(|s| s.tokens.as_slice()).collect();
-        let pr: Vec<&[u32]> = prompt_ids.iter().map(Vec::as_slice).collect();
-        let sb = seq_batch(&pr, &resp, pad, device)?;
-        let stopped: Vec<bool> = samples.iter().map(|s| s.stopped).collect();
-        let scores = scorer.score(&sb, mine, &texts, &stopped)?;
+            .map(|(_, s)| s.iter().sum())
+            .collect();
+        judge_sums.push(mine.len() as f64);
+        let judge_sums = if judge_sums.len() > 1 {
+            dist.all_reduce_f64(&judge_sums)?
+        } else {
+            judge_sums
+        };
         let old_lp = rows(&logprobs(&policy_now, &sb, temperature)?.0.detach())?;
         let ref_lp = rows(&logprobs(&reference, &sb, temperature)?.0)?;
         let old_values = rows(&values(&critic_now, &sb)?.detach())?;
         drop((policy_now, critic_now));
         let mut local = Rollout::default();
-        for i in 0..samples.len() {
+        for i in 0..samples.tokens.len() {
             local.push(
-                resp[i],
-                stopped[i],
+                &samples.tokens[i],
+                samples.stopped[i],
                 scores.combined[i],
                 scores.raw[i],
                 &old_lp[i],
@@ -659,10 +506,20 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             "lr" => lr, "time_generate" => time_generate, "time_score" => time_score, "time_train" => time_train,
             "early_stopped" => stats.early_stopped,
             "advantage_mean" => masked_mean_rows(&advantages, &mask_rows));
+        for ((label, _), sum) in scores.per_judge.iter().zip(&judge_sums) {
+            let mean = sum / judge_sums[judge_sums.len() - 1];
+            rec.insert(format!("reward_{label}"), serde_json::json!(mean));
+        }
         if !(state.step as usize).is_multiple_of(cfg.train.log_every)
             && state.step as usize != cfg.train.steps
         {
-            rec.retain(|k, _| k == "step" || k == "reward_mean" || k == "kl");
+            let judged = |k: &str| {
+                scores
+                    .per_judge
+                    .iter()
+                    .any(|(l, _)| k == format!("reward_{l}"))
+            };
+            rec.retain(|k, _| k == "step" || k == "reward_mean" || k == "kl" || judged(k));
         }
         metrics.push(rec);
         progress.set(

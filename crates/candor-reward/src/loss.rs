@@ -2,27 +2,12 @@
 //!
 //! Ouyang et al. 2022, eq. 1: loss(θ) = −1/C(K,2) · E[log σ(r_θ(x, y_w) − r_θ(x, y_l))] over
 //! every pair (y_w better than y_l) of a K-way ranking; K = 2 is the chosen/rejected loss of
-//! Stiennon et al. 2020 and TRL's `RewardTrainer`. Tied responses make no pair.
+//! Stiennon et al. 2020 and TRL's `RewardTrainer`. Tied responses make no pair
+//! (`candor_data::preference::expand_pairs`).
 
 use candle_core::Tensor;
 
 use crate::Result;
-
-/// The training pairs of one ranking: (better, worse) indices, for every two responses
-/// whose ranks differ (lower rank = better), in (i, j) order with i < j.
-pub fn expand_pairs(ranks: &[u32]) -> Vec<(usize, usize)> {
-    let mut pairs = vec![];
-    for i in 0..ranks.len() {
-        for j in i + 1..ranks.len() {
-            if ranks[i] < ranks[j] {
-                pairs.push((i, j));
-            } else if ranks[j] < ranks[i] {
-                pairs.push((j, i));
-            }
-        }
-    }
-    pairs
-}
 
 /// −log σ(r_better − r_worse), averaged over the pairs: (P,) and (P,) → scalar.
 ///
@@ -50,6 +35,7 @@ pub fn pair_stats(better: &[f32], worse: &[f32]) -> (f64, f64) {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use candor_data::preference::expand_pairs;
 
     fn loss_of(rewards: &[f64], pairs: &[(usize, usize)]) -> f64 {
         let dev = Device::Cpu;

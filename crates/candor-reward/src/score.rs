@@ -4,14 +4,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use candor_core::checkpoint::Head;
-use candor_data::chat::ChatTemplate;
+use candor_data::chat::{encode_exchanges, ChatTemplate};
 use candor_data::Tokenizer;
 use candor_model::io::{load_frozen, read_config};
 use candor_model::Model;
-use candor_train::sample::encode_exchanges;
 
-use crate::data::{encode_comparisons, load_comparisons};
 use crate::{evaluate, rewards_of, Error, EvalStats, Result};
+use candor_data::preference::{encode_comparisons, load_comparisons};
 
 pub struct RewardModel {
     pub model: Model,

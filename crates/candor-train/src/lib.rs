@@ -13,7 +13,14 @@
 //! - [`progress::Progress`]: the progress bar and log lines.
 //! - [`precision`]: bf16 mixed precision (f32 master weights and optimiser state).
 //! - [`dist`]: data parallel — sharding, gradient all-reduce (threads, TCP, NCCL), launcher env.
-//! - [`sample`]: chat prompts → K distinct candidate responses; the token ids a reward model reads.
+//! - [`sample`]: chat prompts → K distinct candidate responses; a reward model's last-token
+//!   scores of whole exchanges.
+//! - [`seq`]: prompt + response batches ([`seq::SeqBatch`]) and the forward passes RL and
+//!   preference stages run on them: response log-probs, values, sequence scores.
+//! - [`rl`]: policy-gradient math shared by RL stages (masked means, whitening, the clipped
+//!   ratio loss, KL estimators k1/k2/k3, the adaptive KL controller), checked against TRL.
+//! - [`rollout`]: prompt files posed with the chat template; a batch of sampled responses.
+//! - [`score`]: the scalar score RL optimises (reward model, normalised, + judges, clipped).
 
 pub mod batch;
 pub mod bench;
@@ -26,7 +33,11 @@ pub mod loss;
 pub mod optim;
 pub mod precision;
 pub mod progress;
+pub mod rl;
+pub mod rollout;
 pub mod sample;
 pub mod schedule;
+pub mod score;
+pub mod seq;
 
 pub use error::{Error, Result};

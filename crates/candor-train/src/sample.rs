@@ -1,77 +1,21 @@
-//! Chat prompts in, candidate responses out: what `candor sample` (K candidates per prompt
-//! for ranking) and a PPO rollout both do; and how a reward model reads an exchange.
+//! Chat prompts in, K distinct candidate responses out (`candor sample`, for ranking); and
+//! how a reward model reads a batch of whole exchanges.
 //!
-//! A prompt is posed as one user turn followed by the assistant header (the checkpoint's
-//! chat template, [`ChatTemplate::render_prompt`]); generation stops at the template's
-//! end-of-turn tokens ([`stop_tokens`]). A reward model reads the whole exchange, the
-//! prompt as posed followed by the response and its end-of-turn token, from the same
-//! template ([`encode_exchanges`]); its reward is the score at that last token
+//! A prompt is posed as one user turn followed by the assistant header
+//! ([`candor_data::chat::encode_prompts`]); generation stops at the template's end-of-turn
+//! tokens ([`stop_tokens`]). A reward model reads the whole exchange, the prompt as posed
+//! followed by the response and its end-of-turn token
+//! ([`candor_data::chat::encode_exchanges`]); its reward is the score at that last token
 //! ([`last_token_scores`]).
 
 use candle_core::{Tensor, D};
 use candor_core::rng::Rng;
-use candor_data::chat::{stop_tokens, ChatTemplate, Message};
+use candor_data::chat::stop_tokens;
 use candor_data::Tokenizer;
 use candor_model::generate::{generate, SamplingParams};
 use candor_model::Model;
 
 use crate::error::{Error, Result};
-
-/// Token ids of each prompt as posed to a chat model.
-pub fn encode_prompts(
-    tok: &Tokenizer,
-    template: &ChatTemplate,
-    prompts: &[&str],
-) -> Result<Vec<Vec<u32>>> {
-    let texts = prompts
-        .iter()
-        .map(|p| template.render_prompt(p))
-        .collect::<candor_data::Result<Vec<_>>>()?;
-    Ok(tok.encode_batch(&texts)?)
-}
-
-/// Token ids of each (prompt, response) exchange as a reward model scores it, laid out the
-/// way a policy's sample is: the prompt as posed ([`encode_prompts`]) followed by the
-/// assistant turn's tokens up to and including its end-of-turn token. The turn's text is
-/// the chat template's render of `[user: prompt, assistant: response]` after the posed
-/// prompt (ChatML: `response<|im_end|>`, what an SFT model emits before it stops), so PPO,
-/// which scores the policy's own prompt + response tokens, reads the reward model at the
-/// same kind of token it was trained on. The reward is read at the last of these tokens.
-pub fn encode_exchanges(
-    tok: &Tokenizer,
-    template: &ChatTemplate,
-    pairs: &[(&str, &str)],
-) -> Result<Vec<Vec<u32>>> {
-    let stop = stop_tokens(tok);
-    let (mut prompts, mut turns) = (
-        Vec::with_capacity(pairs.len()),
-        Vec::with_capacity(pairs.len()),
-    );
-    for (p, r) in pairs {
-        let posed = template.render_prompt(p)?;
-        let full = template.render(
-            &[Message::new("user", p), Message::new("assistant", r)],
-            false,
-        )?;
-        let turn = full.strip_prefix(&posed).ok_or_else(|| {
-            Error::Msg("chat template is not prefix-stable: the render of a conversation does not begin with the posed prompt".into())
-        })?;
-        turns.push(turn.to_string());
-        prompts.push(posed);
-    }
-    let (prompts, turns) = (tok.encode_batch(&prompts)?, tok.encode_batch(&turns)?);
-    Ok(prompts
-        .into_iter()
-        .zip(turns)
-        .map(|(mut ids, mut turn)| {
-            if let Some(end) = turn.iter().position(|t| stop.contains(t)) {
-                turn.truncate(end + 1); // drop what the template adds after the end of turn
-            }
-            ids.extend(turn);
-            ids
-        })
-        .collect())
-}
 
 /// The score-head output at the last token of each sequence, (N,): a reward model's reward.
 ///
@@ -132,7 +76,8 @@ pub fn response_text(tok: &Tokenizer, tokens: &[u32]) -> Result<String> {
     Ok(tok.decode(tokens, true)?.trim().to_string())
 }
 
-/// Draw `params.k` distinct responses for each prompt (token ids from [`encode_prompts`]),
+/// Draw `params.k` distinct responses for each prompt (token ids from
+/// [`candor_data::chat::encode_prompts`]),
 /// batched through the KV-cache sampler. A response that repeats one already drawn for
 /// its prompt is dropped and redrawn, for at most `max_resample_rounds` extra rounds;
 /// `on_progress(done, total)` is called after each batch with the sequences drawn so far.
@@ -190,6 +135,7 @@ pub fn sample_candidates(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candor_data::chat::{encode_prompts, ChatTemplate};
     use candor_model::io::{build_trainable, frozen_copy};
     use candor_model::{Head, ModelConfig};
 
@@ -202,24 +148,6 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let (_, vm) = build_trainable(&cfg, Head::Lm, None, &[], &mut Rng::new(0), &dev).unwrap();
         (frozen_copy(&cfg, Head::Lm, &vm, &dev).unwrap(), tok)
-    }
-
-    #[test]
-    fn prompts_and_exchanges_follow_the_chat_template() {
-        let (_, tok) = tiny();
-        let t = ChatTemplate::for_tokenizer(&tok);
-        let p = encode_prompts(&tok, &t, &["Hi there."]).unwrap();
-        assert_eq!(
-            tok.decode(&p[0], false).unwrap(),
-            "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\n"
-        );
-        let e = encode_exchanges(&tok, &t, &[("Hi there.", "Hello.")]).unwrap();
-        assert_eq!(
-            tok.decode(&e[0], false).unwrap(),
-            "<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>"
-        );
-        assert_eq!(e[0].last(), tok.token_id("<|im_end|>").as_ref());
-        assert!(e[0].starts_with(&p[0]));
     }
 
     #[test]

@@ -5,144 +5,29 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candor_core::checkpoint::{content_hash, CandorMeta};
+use candor_train::ckpt::RunOptions;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::plan::{Kind, Planned, Recipe};
+use super::plan::{Planned, Recipe};
 use super::RunArgs;
-
-/// A `model` stage: an existing checkpoint to start from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelStage {
-    /// A checkpoint directory (candor's or a Hugging Face one) or hf:ORG/NAME[@REVISION].
-    pub path: String,
-}
-
-/// An `import` stage: a llama.cpp GGUF file dequantized into a checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportStage {
-    pub gguf: PathBuf,
-    /// f32 or bf16.
-    #[serde(default = "d_dtype")]
-    pub dtype: String,
-}
-fn d_dtype() -> String {
-    "f32".into()
-}
-
-/// A `tokenizer` stage: train a byte-level BPE on a corpus.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenizerStage {
-    pub corpus: Vec<PathBuf>,
-    pub vocab_size: usize,
-}
-
-/// A `sample` stage: K candidates per prompt from a model.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SampleStage {
-    pub model: PathBuf,
-    pub prompts: PathBuf,
-    #[serde(default = "d_k")]
-    pub k: usize,
-    #[serde(default = "d_new")]
-    pub max_new_tokens: usize,
-    #[serde(default = "d_temp")]
-    pub temperature: f64,
-    #[serde(default)]
-    pub top_k: usize,
-    #[serde(default = "d_top_p")]
-    pub top_p: f64,
-    #[serde(default = "d_seed")]
-    pub seed: u64,
-    /// Cap on prompts used (0 = all).
-    #[serde(default)]
-    pub max_prompts: usize,
-}
-fn d_k() -> usize {
-    4
-}
-fn d_new() -> usize {
-    32
-}
-fn d_temp() -> f64 {
-    1.0
-}
-fn d_top_p() -> f64 {
-    1.0
-}
-fn d_seed() -> u64 {
-    1
-}
-
-/// A `rank` stage: rank candidates with a rule judge (or a person, without one).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RankStage {
-    pub input: PathBuf,
-    #[serde(default)]
-    pub judge: Option<String>,
-}
-
-/// An `eval` stage: `candor eval` of a model on a data file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvalStage {
-    pub model: PathBuf,
-    pub data: PathBuf,
-}
-
-fn typed<T: serde::de::DeserializeOwned + Serialize>(p: &Planned) -> Result<T> {
-    Ok(candor_core::config::from_value::<T>(
-        p.config.clone(),
-        &p.origin,
-    )?)
-}
+use crate::registry::{FileKey, StageKind};
 
 /// The stage's effective config (defaults filled in) as JSON: what its fingerprint covers.
 fn effective(p: &Planned) -> Result<serde_json::Value> {
-    Ok(match p.kind {
-        Kind::Model => serde_json::to_value(typed::<ModelStage>(p)?)?,
-        Kind::Import => serde_json::to_value(typed::<ImportStage>(p)?)?,
-        Kind::Tokenizer => serde_json::to_value(typed::<TokenizerStage>(p)?)?,
-        Kind::Pretrain => serde_json::to_value(typed::<candor_pretrain::PretrainConfig>(p)?)?,
-        Kind::Sft => serde_json::to_value(typed::<candor_sft::SftConfig>(p)?)?,
-        Kind::Sample => serde_json::to_value(typed::<SampleStage>(p)?)?,
-        Kind::Rank => serde_json::to_value(typed::<RankStage>(p)?)?,
-        Kind::Reward => serde_json::to_value(typed::<candor_reward::RewardConfig>(p)?)?,
-        Kind::Ppo => serde_json::to_value(typed::<candor_ppo::PpoConfig>(p)?)?,
-        Kind::Eval => serde_json::to_value(typed::<EvalStage>(p)?)?,
-    })
-}
-
-/// The config keys of each stage kind that name input files: (key, a directory of files is
-/// accepted too, an earlier stage may write it so a path under the run's `out` need not
-/// exist yet).
-fn file_keys(kind: Kind) -> &'static [(&'static str, bool, bool)] {
-    match kind {
-        Kind::Pretrain => &[("data.files", true, true), ("data.tokenizer", true, true)],
-        Kind::Sft | Kind::Reward => &[("data.files", true, true), ("data.heldout", true, true)],
-        Kind::Ppo => &[
-            ("data.prompts", true, true),
-            ("data.heldout_prompts", true, true),
-            ("data.ptx_files", true, true),
-        ],
-        Kind::Sample => &[("prompts", false, false)],
-        Kind::Eval => &[("data", false, false)],
-        Kind::Import => &[("gguf", false, false)],
-        Kind::Tokenizer => &[("corpus", true, false)],
-        Kind::Model | Kind::Rank => &[],
-    }
+    (p.kind.effective)(&p.config, &p.origin)
 }
 
 /// Check a stage's config before anything runs (called while planning): it parses, every
 /// file it names exists (unless an earlier stage writes it), and its judge is known.
 pub fn check_config(p: &Planned, out: &Path) -> Result<()> {
     effective(p)?;
-    for (key, dirs, made_in_run) in file_keys(p.kind) {
+    for FileKey {
+        key,
+        dirs,
+        made_in_run,
+    } in p.kind.file_keys
+    {
         let mut v = Some(&p.config);
         for part in key.split('.') {
             v = v.and_then(|v| v.get(part));
@@ -157,15 +42,14 @@ pub fn check_config(p: &Planned, out: &Path) -> Result<()> {
             // hf:ORG/NAME datasets are resolved in the cache when the stage reads them
             let there =
                 candor_data::dataset::is_hf_spec(f) || if *dirs { f.exists() } else { f.is_file() };
-            if !there && !(*made_in_run && f.starts_with(out)) {
+            let made_here = *made_in_run && f.starts_with(out);
+            if !(there || made_here) {
                 bail!("{}: {key}: {} does not exist", p.origin, f.display());
             }
         }
     }
-    if p.kind == Kind::Rank {
-        if let Some(j) = typed::<RankStage>(p)?.judge {
-            candor_judge::judge_by_name(&j).map_err(|e| anyhow!("{}: judge: {e}", p.origin))?;
-        }
+    if let Some(check) = p.kind.check {
+        check(&p.config, &p.origin)?;
     }
     Ok(())
 }
@@ -199,23 +83,27 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// Hash of what a stage produced, or None when it is missing or incomplete.
 fn output_hash(p: &Planned) -> Option<String> {
-    if p.kind == Kind::Model {
+    if p.kind.locate.is_some() {
         // someone else's checkpoint: no candor.json to vouch for it, its files are the output
         return content_hash(&p.dir).ok();
     }
-    if p.kind.makes_model() {
+    if p.kind.makes_model {
         let meta = CandorMeta::read(&p.dir).ok()??;
         if !meta.complete {
             return None;
         }
         content_hash(&p.dir).ok()
     } else {
-        sha256_file(&p.dir.join(p.kind.output_file()?)).ok()
+        sha256_file(&p.dir.join(p.kind.output_file?)).ok()
     }
 }
 
-fn fingerprint(kind: Kind, config: &serde_json::Value, inputs: &[(String, String)]) -> String {
-    let v = serde_json::json!({"kind": kind.name(), "config": config, "inputs": inputs});
+fn fingerprint(
+    kind: &StageKind,
+    config: &serde_json::Value,
+    inputs: &[(String, String)],
+) -> String {
+    let v = serde_json::json!({"kind": kind.name, "config": config, "inputs": inputs});
     format!("sha256:{:x}", Sha256::digest(v.to_string().as_bytes()))
 }
 
@@ -298,14 +186,14 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
                 println!(
                     "skip  {:<22} {:<9} up to date ({})",
                     p.id,
-                    p.kind.name(),
+                    p.kind.name,
                     p.dir.display()
                 );
                 hashes[i] = current;
                 summary.push((p.id.clone(), "skipped", 0.0));
             }
             Decision::Run(reason) if args.dry_run => {
-                println!("run   {:<22} {:<9} {reason}", p.id, p.kind.name());
+                println!("run   {:<22} {:<9} {reason}", p.id, p.kind.name);
                 reruns[i] = true;
                 hashes[i] = None;
             }
@@ -313,7 +201,7 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
                 println!(
                     "run   {:<22} {:<9} {reason} → {}",
                     p.id,
-                    p.kind.name(),
+                    p.kind.name,
                     p.dir.display()
                 );
                 let t = Instant::now();
@@ -328,7 +216,7 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
                     )
                 })?;
                 let rec = Record {
-                    kind: p.kind.name().into(),
+                    kind: p.kind.name.into(),
                     fingerprint: fp,
                     config,
                     inputs,
@@ -377,153 +265,27 @@ fn why_changed(
     "inputs changed".into()
 }
 
-/// The `--device` spelling of a device, for commands that take one.
-fn device_spec(d: &candle_core::Device) -> String {
-    match d {
-        candle_core::Device::Cpu => "cpu".into(),
-        candle_core::Device::Cuda(_) => "cuda".into(),
-        candle_core::Device::Metal(_) => "metal".into(),
-    }
-}
-
 /// Run one stage in-process. A model stage whose directory holds an incomplete checkpoint
 /// made from the same config resumes it; anything else there is replaced.
 fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<()> {
     let resume = !forced
-        && p.kind.makes_model()
+        && p.kind.makes_model
         && CandorMeta::read(&p.dir)
             .ok()
             .flatten()
             .is_some_and(|m| !m.complete && m.config == effective(p).unwrap_or_default());
     let overwrite = !resume;
-    if overwrite && p.dir.exists() && !p.kind.makes_model() {
+    if overwrite && p.dir.exists() && !p.kind.makes_model {
         std::fs::remove_dir_all(&p.dir).with_context(|| p.dir.display().to_string())?;
     }
-    let out = p.dir.clone();
-    let origin = p.origin.clone();
-    match p.kind {
-        Kind::Pretrain => {
-            let cfg: candor_pretrain::PretrainConfig = typed(p)?;
-            candor_pretrain::run(
-                &cfg,
-                &candor_pretrain::RunOptions {
-                    out,
-                    device: device.clone(),
-                    resume,
-                    overwrite,
-                    origin,
-                    dist: Default::default(),
-                },
-            )?;
-        }
-        Kind::Sft => {
-            let cfg: candor_sft::SftConfig = typed(p)?;
-            candor_sft::run(
-                &cfg,
-                &candor_sft::RunOptions {
-                    out,
-                    device: device.clone(),
-                    resume,
-                    overwrite,
-                    origin,
-                    dist: Default::default(),
-                },
-            )?;
-        }
-        Kind::Reward => {
-            let cfg: candor_reward::RewardConfig = typed(p)?;
-            candor_reward::run(
-                &cfg,
-                &candor_reward::RunOptions {
-                    out,
-                    device: device.clone(),
-                    resume,
-                    overwrite,
-                    origin,
-                    dist: Default::default(),
-                },
-            )?;
-        }
-        Kind::Ppo => {
-            let cfg: candor_ppo::PpoConfig = typed(p)?;
-            candor_ppo::run(
-                &cfg,
-                &candor_ppo::RunOptions {
-                    out,
-                    device: device.clone(),
-                    resume,
-                    overwrite,
-                    origin,
-                    dist: Default::default(),
-                },
-            )?;
-        }
-        // resolved and hashed while planning; nothing to make
-        Kind::Model => {}
-        Kind::Import => {
-            let i: ImportStage = typed(p)?;
-            crate::import::run(crate::import::ImportArgs {
-                gguf: i.gguf,
-                out,
-                dtype: i.dtype,
-                overwrite: true,
-            })?;
-        }
-        Kind::Tokenizer => {
-            let t: TokenizerStage = typed(p)?;
-            let docs = candor_data::text::read_corpus(&t.corpus)?;
-            let tok = candor_data::Tokenizer::train(docs.iter().map(String::as_str), t.vocab_size)?;
-            let w = candor_core::checkpoint::CheckpointWriter::begin(&out)?;
-            tok.save(w.path())?;
-            w.commit()?;
-        }
-        Kind::Sample => {
-            let s: SampleStage = typed(p)?;
-            std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
-            let prompts = match s.max_prompts {
-                0 => s.prompts.clone(),
-                n => {
-                    // the first n prompt lines, as a file the sampler reads
-                    let text = std::fs::read_to_string(&s.prompts)
-                        .with_context(|| s.prompts.display().to_string())?;
-                    let path = out.join("prompts.jsonl");
-                    let lines: Vec<&str> = text
-                        .lines()
-                        .filter(|l| !l.trim().is_empty())
-                        .take(n)
-                        .collect();
-                    std::fs::write(&path, lines.join("\n") + "\n")?;
-                    path
-                }
-            };
-            crate::sample::run(crate::sample::SampleArgs {
-                model: s.model,
-                prompts,
-                k: s.k,
-                out: out.join("samples.jsonl"),
-                temperature: s.temperature,
-                top_k: s.top_k,
-                top_p: s.top_p,
-                max_new_tokens: s.max_new_tokens,
-                seed: s.seed,
-                batch_size: 64,
-                max_resample: 4,
-                device: device_spec(device),
-            })?;
-        }
-        Kind::Rank => {
-            let r: RankStage = typed(p)?;
-            std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
-            crate::rank::run(crate::rank::RankArgs {
-                input: r.input,
-                out: out.join("ranked.jsonl"),
-                judge: r.judge.into_iter().collect(),
-            })?;
-        }
-        Kind::Eval => {
-            let e: EvalStage = typed(p)?;
-            crate::eval::eval_to_dir(&e.model, &e.data, &out, device, 16)?;
-        }
-    }
+    let opts = RunOptions {
+        out: p.dir.clone(),
+        device: device.clone(),
+        resume,
+        overwrite,
+        origin: p.origin.clone(),
+        dist: Default::default(),
+    };
+    (p.kind.run)(&p.config, &opts)?;
     Ok(())
 }

@@ -8,102 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use serde_yaml::{Mapping, Value};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// An existing checkpoint (a directory or hf:ORG/NAME): nothing runs, its content is
-    /// hashed so that the stages made from it rerun when it changes.
-    Model,
-    /// `candor import` of a GGUF file.
-    Import,
-    Tokenizer,
-    Pretrain,
-    Sft,
-    Sample,
-    Rank,
-    Reward,
-    Ppo,
-    Eval,
-}
-
-pub const KINDS: &str = "model, import, tokenizer, pretrain, sft, sample, rank, reward, ppo, eval";
-
-impl Kind {
-    fn parse(s: &str) -> Option<Kind> {
-        Some(match s {
-            "model" => Kind::Model,
-            "import" => Kind::Import,
-            "tokenizer" => Kind::Tokenizer,
-            "pretrain" => Kind::Pretrain,
-            "sft" => Kind::Sft,
-            "sample" => Kind::Sample,
-            "rank" => Kind::Rank,
-            "reward" => Kind::Reward,
-            "ppo" => Kind::Ppo,
-            "eval" => Kind::Eval,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Model => "model",
-            Kind::Import => "import",
-            Kind::Tokenizer => "tokenizer",
-            Kind::Pretrain => "pretrain",
-            Kind::Sft => "sft",
-            Kind::Sample => "sample",
-            Kind::Rank => "rank",
-            Kind::Reward => "reward",
-            Kind::Ppo => "ppo",
-            Kind::Eval => "eval",
-        }
-    }
-
-    /// Stages configured by a stage config file (vs. options written in the recipe).
-    pub fn has_config(self) -> bool {
-        matches!(self, Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo)
-    }
-
-    /// Whether the output is a model checkpoint directory (hashed by its model files).
-    pub fn makes_model(self) -> bool {
-        matches!(
-            self,
-            Kind::Model | Kind::Import | Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo
-        )
-    }
-
-    /// Input roles: (role, required, where the input's path goes in the stage config).
-    fn roles(self) -> &'static [(&'static str, bool, &'static str)] {
-        match self {
-            Kind::Model | Kind::Import | Kind::Tokenizer => &[],
-            Kind::Pretrain => &[
-                ("tokenizer", false, "data.tokenizer"),
-                ("init", false, "init"),
-            ],
-            Kind::Sft => &[("init", true, "init")],
-            Kind::Reward => &[
-                ("init", true, "init"),
-                ("data", false, "data.files"),
-                ("heldout", false, "data.heldout"),
-            ],
-            Kind::Ppo => &[("policy", true, "policy"), ("reward", false, "reward")],
-            Kind::Sample => &[("model", true, "model")],
-            Kind::Rank => &[("input", true, "input")],
-            Kind::Eval => &[("model", true, "model")],
-        }
-    }
-
-    /// The file a data stage writes in its directory (what its consumers read).
-    pub fn output_file(self) -> Option<&'static str> {
-        match self {
-            Kind::Tokenizer => Some("tokenizer.json"),
-            Kind::Sample => Some("samples.jsonl"),
-            Kind::Rank => Some("ranked.jsonl"),
-            Kind::Eval => Some("eval.json"),
-            _ => None,
-        }
-    }
-}
+use crate::registry::{self, Source, StageKind};
 
 /// One stage, ready to run.
 #[derive(Clone, Debug)]
@@ -112,7 +17,7 @@ pub struct Planned {
     pub id: String,
     /// The name written in the recipe (for `--from` / `--only` / `--set name.key=...`).
     pub name: String,
-    pub kind: Kind,
+    pub kind: &'static StageKind,
     pub dir: PathBuf,
     /// (role, index of the producing stage).
     pub inputs: Vec<(String, usize)>,
@@ -240,12 +145,12 @@ fn refs_of(v: &Value) -> Vec<String> {
     let Some(m) = v.as_mapping() else {
         return vec![];
     };
-    let Some(kind) = key(m, "kind").and_then(s).and_then(Kind::parse) else {
+    let Some(kind) = key(m, "kind").and_then(s).and_then(registry::find) else {
         return vec![];
     };
-    kind.roles()
+    kind.roles
         .iter()
-        .filter_map(|(r, _, _)| key(m, r).and_then(s).map(String::from))
+        .filter_map(|r| key(m, r.role).and_then(s).map(String::from))
         .collect()
 }
 
@@ -379,14 +284,15 @@ impl Builder {
         {
             bail!("{at}: another stage has this name");
         }
+        let kinds = registry::names();
         let kind_s = key(m, "kind")
             .and_then(s)
-            .ok_or_else(|| anyhow!("{at}: `kind` is missing (one of {KINDS})"))?;
-        let kind = Kind::parse(kind_s)
-            .ok_or_else(|| anyhow!("{at}: unknown kind `{kind_s}` (expected one of {KINDS})"))?;
-        let roles = kind.roles();
+            .ok_or_else(|| anyhow!("{at}: `kind` is missing (one of {kinds})"))?;
+        let kind = registry::find(kind_s)
+            .ok_or_else(|| anyhow!("{at}: unknown kind `{kind_s}` (expected one of {kinds})"))?;
+        let roles = kind.roles;
         // the config: a file or an inline mapping (config kinds), or the stage's own options
-        let mut config = if kind.has_config() {
+        let mut config = if kind.config_file {
             match key(m, "config") {
                 Some(Value::String(p)) => {
                     let p = Path::new(p);
@@ -399,15 +305,14 @@ impl Builder {
                 Some(_) => bail!("{at}: `config` must be a file path or a mapping"),
                 None => bail!(
                     "{at}: `config` is missing (a {} stage needs a config file or mapping)",
-                    kind.name()
+                    kind.name
                 ),
             }
         } else {
             let mut opts = Mapping::new();
             for (k, val) in m {
                 let ks = s(k).unwrap_or("");
-                if !matches!(ks, "name" | "kind" | "set") && !roles.iter().any(|(r, _, _)| *r == ks)
-                {
+                if !matches!(ks, "name" | "kind" | "set") && !roles.iter().any(|r| r.role == ks) {
                     opts.insert(k.clone(), val.clone());
                 }
             }
@@ -416,27 +321,21 @@ impl Builder {
         for (k, _) in m {
             let ks = s(k).unwrap_or("?");
             let known = matches!(ks, "name" | "kind" | "set")
-                || roles.iter().any(|(r, _, _)| *r == ks)
-                || (kind.has_config() && ks == "config");
-            if kind.has_config() && !known {
+                || roles.iter().any(|r| r.role == ks)
+                || (kind.config_file && ks == "config");
+            if kind.config_file && !known {
                 bail!(
                     "{at}: unknown key `{ks}` for a {} stage (expected name, kind, config, set{})",
-                    kind.name(),
+                    kind.name,
                     roles
                         .iter()
-                        .map(|(r, _, _)| format!(", {r}"))
+                        .map(|r| format!(", {}", r.role))
                         .collect::<String>()
                 );
             }
         }
         // the recipe's seed, then the stage's own overrides
-        if let (Some(seed), true) = (
-            self.seed,
-            matches!(
-                kind,
-                Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Ppo | Kind::Sample
-            ),
-        ) {
+        if let (Some(seed), true) = (self.seed, kind.seeded) {
             candor_core::config::set_path(&mut config, "seed", Value::Number(seed.into()))
                 .map_err(|e| anyhow!("{at}: {e}"))?;
         }
@@ -465,9 +364,10 @@ impl Builder {
         candor_core::config::apply_overrides(&mut config, &sets, &at)?;
         // inputs: names of earlier stages
         let mut inputs = vec![];
-        for (role, required, target) in roles {
+        for input in roles {
+            let role = input.role;
             let Some(refv) = key(m, role) else {
-                if *required {
+                if input.required {
                     bail!("{at}: `{role}` is missing (the name of an earlier stage)");
                 }
                 continue;
@@ -492,55 +392,35 @@ impl Builder {
                 None => bail!("{at}: `{role}: {r}`: no stage named `{r}`"),
             };
             let producer = &self.stages[i];
-            let path = match (producer.kind, *role) {
-                (Kind::Tokenizer, _) => producer.dir.join("tokenizer.json"),
-                (Kind::Sample, _) | (Kind::Rank, _) | (Kind::Eval, _) => {
-                    producer.dir.join(producer.kind.output_file().unwrap())
-                }
-                _ => producer.dir.clone(),
+            let path = match producer.kind.output_file {
+                Some(f) => producer.dir.join(f),
+                None => producer.dir.clone(),
             };
-            let expect_model = !matches!(
-                (kind, *role),
-                (Kind::Pretrain, "tokenizer")
-                    | (Kind::Reward, "data" | "heldout")
-                    | (Kind::Rank, "input")
-            );
-            if expect_model && !producer.kind.makes_model() {
-                bail!(
+            match input.from {
+                Source::Model if !producer.kind.makes_model => bail!(
                     "{at}: `{role}: {r}` must name a stage that makes a model, `{r}` is a {} stage",
-                    producer.kind.name()
-                );
-            }
-            if !expect_model && producer.kind.makes_model() {
-                bail!(
-                    "{at}: `{role}: {r}` must name a {} stage",
-                    match *role {
-                        "tokenizer" => "tokenizer",
-                        "data" | "heldout" => "rank",
-                        _ => "sample",
-                    }
-                );
+                    producer.kind.name
+                ),
+                Source::Data(from) if producer.kind.makes_model => {
+                    bail!("{at}: `{role}: {r}` must name a {from} stage")
+                }
+                _ => {}
             }
             let pv = Value::String(path.display().to_string());
-            let pv = if *target == "data.files" {
+            let pv = if input.list {
                 Value::Sequence(vec![pv])
             } else {
                 pv
             };
-            candor_core::config::set_path(&mut config, target, pv)
+            candor_core::config::set_path(&mut config, input.key, pv)
                 .map_err(|e| anyhow!("{at}: {e}"))?;
             inputs.push((role.to_string(), i));
         }
         // an existing checkpoint is where it is (resolved now, so a missing one fails before
         // anything trains); everything else writes under the run directory
-        let dir = match kind {
-            Kind::Model => {
-                let spec = config.get("path").and_then(s).ok_or_else(|| {
-                    anyhow!("{at}: `path` (a checkpoint directory or hf:ORG/NAME) is missing")
-                })?;
-                candor_model::resolve_model_dir(spec).map_err(|e| anyhow!("{at}: {e}"))?
-            }
-            _ => self.out.join(&id),
+        let dir = match kind.locate {
+            Some(locate) => locate(&config, &at)?,
+            None => self.out.join(&id),
         };
         let planned = Planned {
             id,
