@@ -405,7 +405,7 @@ fn bad_input_is_a_clear_error() {
             .arg(&lines),
     );
     assert!(
-        e.contains("s.jsonl:2: expected `response` (or `responses`) beside `prompt`"),
+        e.contains("s.jsonl:2: expected `response` (or `responses`"),
         "{e}"
     );
     std::fs::write(&lines, "{\"prompt\": \"p\", \"response\": \"r\"}\n").unwrap();

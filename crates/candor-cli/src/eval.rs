@@ -114,34 +114,37 @@ pub enum DataFormat {
 }
 
 impl DataFormat {
-    /// A file not named `.jsonl` is text; a JSONL file is told by its first line's fields.
+    /// Plain text (`.txt`, `.md`, anything not a dataset file) is text; a dataset file
+    /// (JSONL, JSON, Parquet, compressed, `hf:`) is told by its first record's fields.
     pub fn of(path: &Path) -> Result<DataFormat> {
-        if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+        let name = path.to_string_lossy();
+        if !candor_data::dataset::is_hf_spec(path)
+            && !candor_data::dataset::DATA_EXTENSIONS
+                .iter()
+                .any(|e| name.ends_with(e))
+        {
             return Ok(DataFormat::Text);
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        let Some((i, line)) = text.lines().enumerate().find(|(_, l)| !l.trim().is_empty()) else {
+        let records = candor_data::dataset::read_records(path, &Default::default())?;
+        let Some(first) = records.first() else {
             bail!("{}: holds no lines", path.display());
         };
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| anyhow::anyhow!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
-        let has = |k: &str| v.get(k).is_some();
-        Ok(if has("chosen") || has("rejected") || has("responses") {
-            DataFormat::Preference
-        } else if has("messages") || has("response") {
-            DataFormat::Sft
-        } else if has("text") {
-            DataFormat::Text
-        } else if has("prompt") {
-            DataFormat::Prompts
-        } else {
-            bail!(
-                "{}:{}: cannot tell what data this is: expected `text` (text), `prompt` and `response` or `messages` (SFT), `chosen`/`rejected` or `responses` (preferences), or `prompt` alone (prompts)",
-                path.display(),
-                i + 1
-            )
-        })
+        let has = |k: &str| first.fields.contains_key(k);
+        Ok(
+            if has("chosen") || has("rejected") || has("responses") || has("label") {
+                DataFormat::Preference
+            } else if has("messages") || has("response") || has("completion") {
+                DataFormat::Sft
+            } else if has("text") {
+                DataFormat::Text
+            } else if has("prompt") {
+                DataFormat::Prompts
+            } else {
+                return Err(first
+                    .err("cannot tell what data this is: expected `text` (text), `prompt` and `response`, `prompt` and `completion` or `messages` (SFT), or `chosen`/`rejected`, `responses` or `completion` and `label` (preferences), or `prompt` alone (prompts)")
+                    .into());
+            },
+        )
     }
 }
 

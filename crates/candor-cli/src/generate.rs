@@ -57,7 +57,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut prompts: Vec<String> = args.prompt.clone();
     let from_file = args.prompts.is_some();
     if let Some(path) = &args.prompts {
-        prompts.extend(read_prompts(path)?.into_iter().map(|(_, p)| p.prompt));
+        for (n, p) in read_prompts(path)? {
+            let text = p
+                .single_turn()
+                .map_err(|m| anyhow::anyhow!("{}:{n}: {m}", path.display()))?;
+            prompts.push(text.to_string());
+        }
     }
     if prompts.is_empty() {
         bail!("give --prompt TEXT or --prompts FILE.jsonl");

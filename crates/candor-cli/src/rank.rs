@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candor_data::preference::{read_candidates, Candidates, PreferenceLine};
 use candor_judge::rank::{parse_answer, rank_by_scores, Answer, Ranking};
+use candor_judge::Judge;
 use candor_train::progress::Progress;
 use clap::Args;
 
@@ -21,10 +22,11 @@ pub struct RankArgs {
     /// Prompts already in it are not asked again.
     #[arg(long)]
     pub out: PathBuf,
-    /// Rank by a rule judge instead of asking (sentiment, reference, math, regex:PATTERN,
-    /// length:MIN-MAX).
+    /// Rank by a judge instead of asking: `sentiment`, `reference`, `math`, `regex:PATTERN`,
+    /// `length:MIN-MAX`, `command:PROGRAM [ARGS]`, `http://HOST:PORT/PATH` (docs/judges.md).
+    /// Give it more than once, each as `NAME[=WEIGHT]`, to rank by the weighted sum of several.
     #[arg(long)]
-    pub judge: Option<String>,
+    pub judge: Vec<String>,
 }
 
 /// A prompt and its responses as a set: how an answered prompt is recognised on restart.
@@ -103,11 +105,17 @@ pub fn run(args: RankArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let judge = args
-        .judge
-        .as_deref()
-        .map(candor_judge::judge_by_name)
-        .transpose()?;
+    let judge = match args.judge.is_empty() {
+        true => None,
+        false => {
+            let specs = args
+                .judge
+                .iter()
+                .map(|j| candor_judge::parse_weighted(j).map(|(name, w)| (name, None, w)))
+                .collect::<candor_judge::Result<Vec<_>>>()?;
+            Some(candor_judge::WeightedJudges::new(&specs)?)
+        }
+    };
     let candidates = read_candidates(&args.input)?;
     let mut done = answered(&args.out)?;
     let todo: Vec<&(usize, Candidates)> = candidates
@@ -140,18 +148,21 @@ pub fn run(args: RankArgs) -> Result<()> {
             let progress = Progress::new("rank", todo.len() as u64, 0);
             let mut ties = 0;
             for (n, (line, c)) in todo.iter().enumerate() {
-                let scores = c
+                let mut fields = candor_judge::Fields::new();
+                if let Some(r) = &c.reference {
+                    fields.insert("reference".into(), r.clone().into());
+                }
+                let batch: Vec<candor_judge::Sample> = c
                     .responses
                     .iter()
-                    .map(|r| {
-                        candor_judge::score_with_reference(
-                            judge.as_ref(),
-                            &c.prompt,
-                            r,
-                            c.reference.as_deref(),
-                        )
+                    .map(|r| candor_judge::Sample {
+                        prompt: &c.prompt,
+                        response: r,
+                        fields: &fields,
                     })
-                    .collect::<candor_judge::Result<Vec<f64>>>()
+                    .collect();
+                let scores = judge
+                    .score_batch(&batch)
                     .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", args.input.display()))?;
                 let ranking = rank_by_scores(&scores)
                     .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", args.input.display()))?;

@@ -323,7 +323,7 @@ pub static STAGES: &[StageKind] = &[
             crate::rank::run(crate::rank::RankArgs {
                 input: r.input,
                 out: opts.out.join("ranked.jsonl"),
-                judge: r.judge,
+                judge: r.judge.into_iter().collect(),
             })?;
             Ok(None)
         },

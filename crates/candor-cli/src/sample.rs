@@ -80,7 +80,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let model = candor_model::io::load_frozen(&model_dir, &dev)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let template = ChatTemplate::for_tokenizer(&tok);
-    let texts: Vec<&str> = prompts.iter().map(|(_, p)| p.prompt.as_str()).collect();
+    let texts: Vec<&str> = prompts
+        .iter()
+        .map(|(n, p)| {
+            p.single_turn()
+                .map_err(|m| anyhow::anyhow!("{}:{n}: {m}", args.prompts.display()))
+        })
+        .collect::<Result<_>>()?;
     let ids = encode_prompts(&tok, &template, &texts)?;
     let max_pos = config.max_position_embeddings;
     if let Some((i, longest)) = ids.iter().enumerate().max_by_key(|(_, p)| p.len()) {

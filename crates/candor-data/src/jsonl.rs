@@ -22,7 +22,7 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
     Ok(out)
 }
 
-fn strip_pos(e: &serde_json::Error) -> String {
+pub(crate) fn strip_pos(e: &serde_json::Error) -> String {
     let s = e.to_string();
     match s.find(" at line ") {
         Some(i) => s[..i].to_string(),

@@ -13,7 +13,9 @@
 
 pub mod chat;
 pub mod convert;
+pub mod dataset;
 pub mod error;
+pub mod formats;
 pub mod jsonl;
 pub mod preference;
 pub mod prompts;

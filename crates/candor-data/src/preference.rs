@@ -2,6 +2,12 @@
 //! prompt and tokenised: what the reward-model stage and preference-optimisation stages
 //! (DPO) train on. Prompt files are [`crate::prompts`].
 //!
+//! Any dataset file [`crate::dataset`] reads (JSONL, JSON, Parquet, compressed, `hf:`), in
+//! candor's shapes below or TRL's ([`crate::formats`]): preference lines may also be TRL's
+//! conversational (`chosen`/`rejected` message lists, with a `prompt` or with the prompt
+//! implicit in their shared opening) or unpaired (`prompt`, `completion`, `label`: for each
+//! prompt every desirable completion is preferred to every undesirable one).
+//!
 //! ```text
 //! candidates  {"prompt": "...", "responses": ["...", ...], "reference": "..."?}      (candor sample)
 //! preferences {"prompt": "...", "responses": [best, ..., worst], "ranks": [1, 2, 2, 3]?,
@@ -19,9 +25,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use serde_json::{Map, Value};
+
 use crate::chat::{encode_exchange_parts, ChatTemplate};
-use crate::error::{line_err, Result};
-use crate::jsonl::read_jsonl;
+use crate::dataset::{read_records, Columns, Record};
+use crate::error::Result;
+use crate::formats::{implicit_preference, prompt_field, response_field, Prompt, SHAPES};
 use crate::Tokenizer;
 
 /// A line of a candidates file: a prompt and K ≥ 2 distinct responses, in no order.
@@ -170,29 +179,161 @@ impl PreferenceLine {
     }
 }
 
+/// The text of a prompt that is a single user turn, or why it is not.
+pub(crate) fn single_turn(p: &Prompt) -> std::result::Result<String, String> {
+    if p.context.is_empty() {
+        Ok(p.text.clone())
+    } else {
+        Err(format!(
+            "the prompt has {} turn(s) before the last user turn; this step reads single-turn prompts only",
+            p.context.len()
+        ))
+    }
+}
+
+/// Deserialize a record as `T` (candor's own shapes), or say what is wrong.
+fn from_record<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T> {
+    serde_json::from_value(Value::Object(r.fields.clone()))
+        .map_err(|e| r.err(crate::jsonl::strip_pos(&e)))
+}
+
 /// Read a candidates file: each line a prompt and at least two distinct responses.
 pub fn read_candidates(path: &Path) -> Result<Vec<(usize, Candidates)>> {
-    let lines: Vec<(usize, Candidates)> = read_jsonl(path)?;
-    for (line, c) in &lines {
+    let mut out = vec![];
+    for r in read_records(path, &Columns::new())? {
+        let c: Candidates = from_record(&r)?;
         if c.prompt.trim().is_empty() {
-            return Err(line_err(path, *line, "`prompt` is empty"));
+            return Err(r.err("`prompt` is empty"));
         }
-        check_responses(&c.responses).map_err(|m| line_err(path, *line, m))?;
+        check_responses(&c.responses).map_err(|m| r.err(m))?;
+        out.push((r.number(), c));
     }
-    Ok(lines)
+    Ok(out)
 }
 
 /// Read a preference file (ranked responses or chosen/rejected pairs, mixed freely).
 pub fn read_preferences(path: &Path) -> Result<Vec<(usize, Preference)>> {
-    let lines: Vec<(usize, PreferenceLine)> = read_jsonl(path)?;
-    lines
-        .into_iter()
-        .map(|(line, p)| {
-            p.validate()
-                .map(|p| (line, p))
-                .map_err(|m| line_err(path, line, m))
-        })
-        .collect()
+    read_preferences_with(path, &Columns::new())
+}
+
+/// One record of a preference file: a preference, or one side of an unpaired one.
+enum PrefRecord {
+    Ranked(Preference),
+    Unpaired {
+        prompt: String,
+        completion: String,
+        desirable: bool,
+    },
+}
+
+fn preference_record(fields: &Map<String, Value>) -> std::result::Result<PrefRecord, String> {
+    let has = |k: &str| fields.contains_key(k);
+    let text = |p: Prompt| single_turn(&p);
+    if has("responses") {
+        let line: PreferenceLine = serde_json::from_value(Value::Object(fields.clone()))
+            .map_err(|e| crate::jsonl::strip_pos(&e))?;
+        return line.validate().map(PrefRecord::Ranked);
+    }
+    if has("chosen") || has("rejected") {
+        let (Some(c), Some(r)) = (fields.get("chosen"), fields.get("rejected")) else {
+            return Err(if has("chosen") {
+                "`chosen` needs a `rejected` response beside it".into()
+            } else {
+                "`rejected` needs a `chosen` response beside it".into()
+            });
+        };
+        let (prompt, chosen, rejected) = match fields.get("prompt") {
+            Some(p) => (
+                prompt_field(p)?,
+                response_field(c, "chosen")?,
+                response_field(r, "rejected")?,
+            ),
+            None => implicit_preference(c, r)?,
+        };
+        let line = PreferenceLine {
+            prompt: text(prompt)?,
+            chosen: Some(chosen),
+            rejected: Some(rejected),
+            ..Default::default()
+        };
+        return line.validate().map(PrefRecord::Ranked);
+    }
+    if has("completion") && has("label") {
+        let prompt =
+            text(prompt_field(fields.get("prompt").ok_or(
+                "`completion` and `label` need a `prompt` beside them",
+            )?)?)?;
+        let completion = response_field(&fields["completion"], "completion")?;
+        let desirable = fields["label"]
+            .as_bool()
+            .ok_or("`label` must be true (desirable) or false (undesirable)")?;
+        return Ok(PrefRecord::Unpaired {
+            prompt,
+            completion,
+            desirable,
+        });
+    }
+    Err(format!(
+        "not a preference: expected `prompt` + `chosen` + `rejected` (strings or message lists), `chosen` + `rejected` conversations, `prompt` + `completion` + `label`, or `prompt` + `responses` (+ `ranks`); the shapes candor reads are {SHAPES}"
+    ))
+}
+
+/// [`read_preferences`] with columns renamed. Unpaired records are gathered by prompt,
+/// in order of first appearance, into one ranking each: desirable completions tied first,
+/// undesirable tied second; a prompt needs at least one of each.
+pub fn read_preferences_with(path: &Path, columns: &Columns) -> Result<Vec<(usize, Preference)>> {
+    let mut out = vec![];
+    // prompt → (first record, desirable, undesirable)
+    let mut unpaired: Vec<(String, Record, Vec<String>, Vec<String>)> = vec![];
+    for r in read_records(path, columns)? {
+        match preference_record(&r.fields).map_err(|m| r.err(m))? {
+            PrefRecord::Ranked(p) => out.push((r.number(), p)),
+            PrefRecord::Unpaired {
+                prompt,
+                completion,
+                desirable,
+            } => {
+                let slot = match unpaired.iter().position(|u| u.0 == prompt) {
+                    Some(i) => i,
+                    None => {
+                        unpaired.push((prompt, r.clone(), vec![], vec![]));
+                        unpaired.len() - 1
+                    }
+                };
+                let u = &mut unpaired[slot];
+                if u.2.contains(&completion) || u.3.contains(&completion) {
+                    return Err(r.err(
+                        "this completion of the prompt is already labelled on an earlier record",
+                    ));
+                }
+                let side = if desirable { &mut u.2 } else { &mut u.3 };
+                side.push(completion);
+            }
+        }
+    }
+    for (prompt, first, good, bad) in unpaired {
+        if good.is_empty() || bad.is_empty() {
+            return Err(first.err(format!(
+                "the prompt has only {} completions; a preference needs at least one labelled true and one labelled false",
+                if good.is_empty() { "undesirable (false)" } else { "desirable (true)" }
+            )));
+        }
+        let ranks = good
+            .iter()
+            .map(|_| 1)
+            .chain(bad.iter().map(|_| 2))
+            .collect();
+        let responses = good.into_iter().chain(bad).collect();
+        out.push((
+            first.number(),
+            Preference {
+                prompt,
+                responses,
+                ranks,
+            },
+        ));
+    }
+    Ok(out)
 }
 
 /// The training pairs of one ranking: (better, worse) indices, for every two responses
@@ -225,10 +366,15 @@ pub struct Comparisons {
 /// pairs of a prompt land in the same batch (InstructGPT) even when they come as several
 /// chosen/rejected lines.
 pub fn load_comparisons(files: &[PathBuf]) -> Result<Vec<Comparisons>> {
+    load_comparisons_with(files, &Columns::new())
+}
+
+/// [`load_comparisons`] of files whose columns are renamed by `columns` (`data.columns`).
+pub fn load_comparisons_with(files: &[PathBuf], columns: &Columns) -> Result<Vec<Comparisons>> {
     let mut out: Vec<Comparisons> = vec![];
     let mut by_prompt: HashMap<String, usize> = HashMap::new();
     for file in files {
-        for (_, pref) in read_preferences(file)? {
+        for (_, pref) in read_preferences_with(file, columns)? {
             let slot = *by_prompt.entry(pref.prompt.clone()).or_insert_with(|| {
                 out.push(Comparisons {
                     prompt: pref.prompt.clone(),
@@ -396,7 +542,10 @@ mod tests {
                 r#"{"prompt": "p", "chosen": "a", "rejected": "a"}"#,
                 "the same text",
             ),
-            (r#"{"prompt": "p"}"#, "expected `responses`"),
+            (
+                r#"{"prompt": "p"}"#,
+                "not a preference: expected `prompt` + `chosen`",
+            ),
             (
                 r#"{"prompt": "p", "responses": ["a", "b"], "rank": [1, 2]}"#,
                 "unknown field `rank`",
@@ -414,6 +563,82 @@ mod tests {
                 "{line}: {e}"
             );
         }
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/formats")
+            .join(name)
+    }
+
+    /// scripts/make_dataset_fixtures.py wrote the same preferences in every form, as JSONL
+    /// and as Parquet (by `datasets`): all read the same.
+    #[test]
+    fn every_preference_form_and_file_type_reads_the_same() {
+        let want: Vec<Preference> = read_preferences(&fixture("pref_candor.jsonl"))
+            .unwrap()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(want.len(), 6);
+        assert_eq!(want[0].responses[0], "I love this wonderful book.");
+        let renamed: Columns = [
+            ("prompt", "question"),
+            ("chosen", "good"),
+            ("rejected", "bad"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        for form in [
+            "pref_candor",
+            "pref_trl_standard",
+            "pref_trl_conversational",
+            "pref_trl_implicit",
+            "pref_trl_unpaired",
+            "pref_renamed",
+        ] {
+            for ext in ["jsonl", "parquet"] {
+                let name = format!("{form}.{ext}");
+                let columns = if form == "pref_renamed" {
+                    renamed.clone()
+                } else {
+                    Columns::new()
+                };
+                let got: Vec<Preference> = read_preferences_with(&fixture(&name), &columns)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"))
+                    .into_iter()
+                    .map(|(_, p)| p)
+                    .collect();
+                assert_eq!(got, want, "{name}");
+            }
+        }
+        let array = read_preferences(&fixture("pref_trl_standard_array.json")).unwrap();
+        assert_eq!(array.into_iter().map(|(_, p)| p).collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn unpaired_and_unknown_shapes_are_clear_errors() {
+        let (_d, path) = write(&[r#"{"prompt": "p", "completion": "a", "label": true}"#]);
+        let e = read_preferences(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(":1: the prompt has only desirable (true) completions"),
+            "{e}"
+        );
+        let (_d, path) = write(&[r#"{"prompt": "p", "completion": "a", "label": "yes"}"#]);
+        let e = read_preferences(&path).unwrap_err().to_string();
+        assert!(e.contains("`label` must be true"), "{e}");
+        let (_d, path) = write(&[r#"{"question": "p", "answer": "a"}"#]);
+        let e = read_preferences(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(":1: not a preference") && e.contains("`prompt` + `completion` + `label`"),
+            "{e}"
+        );
+        let (_d, path) = write(&[
+            r#"{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "chosen": "a", "rejected": "b"}"#,
+        ]);
+        let e = read_preferences(&path).unwrap_err().to_string();
+        assert!(e.contains("single-turn prompts only"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! ```text
 //! {"prompt": "...", "response": "..."}
 //! {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   (any number of turns)
+//! {"prompt": "..." | [messages], "completion": "..." | [messages]}               (TRL prompt-completion)
 //! ```
+//!
+//! in any file [`crate::dataset`] reads (JSONL, JSON, Parquet, compressed, `hf:`).
 //!
 //! rendered with a chat template and tokenised with a mark per token saying whether it is
 //! trained: the text of each assistant turn and its end-of-turn token, nothing else (the
@@ -20,9 +23,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::chat::{stop_tokens, ChatTemplate, Message, DEFAULT_TEMPLATE};
+use crate::dataset::{read_records, Columns};
 use crate::error::{file_err, line_err, Error, Result};
-use crate::jsonl::read_jsonl;
+use crate::formats::{self, prompt_field};
 use crate::tokenizer::{TokenValue, Tokenizer};
+use serde_json::Value;
 
 /// A line of an SFT file as written.
 #[derive(Clone, Debug, Deserialize)]
@@ -91,13 +96,52 @@ impl SftLine {
 
 /// Read an SFT file: (line number, conversation) per non-blank line.
 pub fn read_conversations(path: &Path) -> Result<Vec<(usize, Vec<Message>)>> {
-    let lines: Vec<(usize, SftLine)> = read_jsonl(path)?;
-    lines
+    read_conversations_with(path, &Columns::new())
+}
+
+/// A record as an SFT line: candor's `prompt` + `response` or `messages` as they are;
+/// TRL's prompt-completion (`prompt` + `completion`, strings or message lists) as the
+/// prompt's conversation followed by the completion's turns.
+fn sft_line(fields: &serde_json::Map<String, Value>) -> std::result::Result<SftLine, String> {
+    let Some(completion) = fields.get("completion") else {
+        return serde_json::from_value(Value::Object(fields.clone()))
+            .map_err(|e| crate::jsonl::strip_pos(&e));
+    };
+    if fields.contains_key("response") || fields.contains_key("messages") {
+        return Err(
+            "give `completion` with a `prompt`, not beside `response` or `messages`".into(),
+        );
+    }
+    let prompt = prompt_field(
+        fields
+            .get("prompt")
+            .ok_or("`completion` needs a `prompt` beside it")?,
+    )?;
+    let mut messages = prompt.messages();
+    match completion {
+        Value::String(c) => messages.push(Message::new("assistant", c)),
+        Value::Array(_) => messages.extend(formats::messages(completion, "completion")?),
+        _ => return Err("`completion` is neither a string nor a message list".into()),
+    }
+    Ok(SftLine {
+        prompt: None,
+        response: None,
+        messages: Some(messages),
+    })
+}
+
+/// [`read_conversations`] of any dataset file ([`crate::dataset`]), columns renamed.
+pub fn read_conversations_with(
+    path: &Path,
+    columns: &Columns,
+) -> Result<Vec<(usize, Vec<Message>)>> {
+    read_records(path, columns)?
         .into_iter()
-        .map(|(n, l)| {
-            l.conversation()
-                .map(|c| (n, c))
-                .map_err(|m| line_err(path, n, m))
+        .map(|r| {
+            sft_line(&r.fields)
+                .and_then(SftLine::conversation)
+                .map(|c| (r.number(), c))
+                .map_err(|m| r.err(m))
         })
         .collect()
 }
@@ -173,12 +217,24 @@ pub fn load_sft(
     max_len: usize,
     skip_long: bool,
 ) -> Result<SftSet> {
+    load_sft_with(files, &Columns::new(), tok, template, max_len, skip_long)
+}
+
+/// [`load_sft`] with the files' columns renamed ([`crate::dataset::Columns`]).
+pub fn load_sft_with(
+    files: &[PathBuf],
+    columns: &Columns,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_len: usize,
+    skip_long: bool,
+) -> Result<SftSet> {
     let mut out = SftSet::default();
     for path in files {
-        if !path.is_file() {
+        if !crate::dataset::is_hf_spec(path) && !path.is_file() {
             return Err(file_err(path, "no such file"));
         }
-        let convs = read_conversations(path)?;
+        let convs = read_conversations_with(path, columns)?;
         if convs.is_empty() {
             return Err(file_err(path, "holds no conversations"));
         }
@@ -256,6 +312,26 @@ pub fn chat_tokenizer(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_instruction_form_reads_as_the_same_conversations() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/formats");
+        let want = read_conversations(&dir.join("sft_candor.jsonl")).unwrap();
+        assert_eq!(want.len(), 6);
+        for form in [
+            "sft_candor",
+            "sft_trl_prompt_completion",
+            "sft_trl_conversational",
+            "sft_trl_messages",
+        ] {
+            for ext in ["jsonl", "parquet"] {
+                let got = read_conversations(&dir.join(format!("{form}.{ext}"))).unwrap();
+                let got: Vec<_> = got.into_iter().map(|(_, c)| c).collect();
+                let want: Vec<_> = want.iter().map(|(_, c)| c.clone()).collect();
+                assert_eq!(got, want, "{form}.{ext}");
+            }
+        }
+    }
+
     use super::*;
     use crate::tokenizer::{EOT, IM_END};
 

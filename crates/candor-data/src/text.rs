@@ -1,5 +1,5 @@
 //! Pretraining text: files of plain text (one document each) or JSONL with a `text` field
-//! (one document per line), tokenised with an end-of-text token after each document,
+//! (one document per line; also JSON, Parquet, `.jsonl.gz`/`.zst` and `hf:` datasets), tokenised with an end-of-text token after each document,
 //! split into a training and a held-out stream, and packed into `ctx + 1`-token sequences
 //! (inputs are the first `ctx`, targets the last `ctx`).
 
@@ -31,7 +31,7 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 return Err(file_err(p, "directory has no .txt, .md or .jsonl files"));
             }
             out.extend(files);
-        } else if p.is_file() {
+        } else if p.is_file() || crate::dataset::is_hf_spec(p) {
             out.push(p.clone());
         } else {
             return Err(file_err(p, "no such file or directory"));
@@ -45,8 +45,30 @@ struct TextLine {
     text: Option<serde_json::Value>,
 }
 
-/// Read the documents of one file.
+/// Read the documents of one file: plain text, JSONL with `text`, or any other dataset file
+/// ([`crate::dataset`]: JSON, Parquet, compressed, `hf:`) whose records have `text`.
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    let name = path.to_string_lossy();
+    if crate::dataset::is_hf_spec(path)
+        || (crate::dataset::DATA_EXTENSIONS
+            .iter()
+            .any(|e| name.ends_with(e))
+            && !name.ends_with(".jsonl"))
+    {
+        let mut docs = vec![];
+        for r in crate::dataset::read_records(path, &Default::default())? {
+            match r.fields.get("text") {
+                Some(serde_json::Value::String(s)) => {
+                    if !s.trim().is_empty() {
+                        docs.push(s.clone())
+                    }
+                }
+                Some(_) => return Err(r.err("`text` must be a string")),
+                None => return Err(r.err("missing field `text`")),
+            }
+        }
+        return Ok(docs);
+    }
     let is_jsonl = path.extension().and_then(|e| e.to_str()) == Some("jsonl");
     let raw = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     let text = String::from_utf8(raw).map_err(|e| {

@@ -6,20 +6,41 @@
 //! (`3 1=2 4`, best first, `=` for ties) and the order judge scores give.
 //!
 //! Adding a judge: one file with a type that implements [`Judge`], and one line in
-//! [`JUDGES`].
+//! [`JUDGES`]. Users bring their own without Rust: `command:PROGRAM [ARGS…]` runs a program
+//! that answers JSON lines ([`command`]), `http://HOST:PORT/PATH` asks a server speaking
+//! OpenRLHF's remote reward protocol ([`remote`]); docs/judges.md has both protocols.
 
+pub mod command;
 mod length;
 mod math;
 pub mod rank;
 mod reference;
 mod regex;
+pub mod remote;
 mod sentiment;
+mod weighted;
 
+pub use command::CommandJudge;
 pub use length::LengthJudge;
 pub use math::MathJudge;
 pub use reference::ReferenceJudge;
 pub use regex::RegexJudge;
+pub use remote::RemoteJudge;
 pub use sentiment::SentimentJudge;
+pub use weighted::{parse_weighted, WeightedJudges};
+
+use std::time::Duration;
+
+/// How long a program or server judge may take over one request before it is an error:
+/// `CANDOR_JUDGE_TIMEOUT` seconds, 60 when unset.
+pub fn request_timeout() -> Duration {
+    std::env::var("CANDOR_JUDGE_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0 && s.is_finite())
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(60))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -118,6 +139,21 @@ pub const JUDGES: &[JudgeEntry] = &[
         about: "`length:MIN-MAX`: 1 when the response has MIN..=MAX characters (trimmed), else 0",
         build: |arg| LengthJudge::new(arg).map(|j| Box::new(j) as Box<dyn Judge>),
     },
+    JudgeEntry {
+        name: "command",
+        about: "a program you write: command:PROGRAM [ARGS…] gets one JSON request a line on stdin and answers {\"score\": x} a line (docs/judges.md)",
+        build: |arg| CommandJudge::start(arg).map(|j| Box::new(j) as Box<dyn Judge>),
+    },
+    JudgeEntry {
+        name: "http",
+        about: "a reward server: http://HOST:PORT/PATH, OpenRLHF's remote reward protocol (docs/judges.md)",
+        build: |arg| RemoteJudge::new(&format!("http:{}", arg.unwrap_or(""))).map(|j| Box::new(j) as Box<dyn Judge>),
+    },
+    JudgeEntry {
+        name: "https",
+        about: "a reward server over TLS: https://HOST/PATH, as http",
+        build: |arg| RemoteJudge::new(&format!("https:{}", arg.unwrap_or(""))).map(|j| Box::new(j) as Box<dyn Judge>),
+    },
 ];
 
 /// Build a judge from its spec: `NAME`, or `NAME:ARG` for judges that take an argument
@@ -166,19 +202,37 @@ mod tests {
 
     #[test]
     fn registry_builds_every_judge_under_its_name() {
-        let example_arg = |name| match name {
-            "regex" => "regex:^\\d+$",
-            "length" => "length:1-10",
-            other => other,
+        let example_arg = |name: &str| match name {
+            "regex" => "regex:^\\d+$".to_string(),
+            "length" => "length:1-10".to_string(),
+            "http" | "https" => format!("{name}://127.0.0.1:1/score"),
+            other => other.to_string(),
         };
-        for entry in JUDGES {
+        for entry in JUDGES.iter().filter(|j| j.name != "command") {
             let spec = example_arg(entry.name);
-            assert_eq!(judge_by_name(spec).unwrap().name(), entry.name);
+            let name = judge_by_name(&spec).unwrap().name().to_string();
+            match entry.name {
+                "http" | "https" => assert_eq!(name, spec),
+                _ => assert_eq!(name, entry.name),
+            }
         }
         assert_eq!(
             known_judges(),
-            vec!["sentiment", "reference", "math", "regex", "length"]
+            vec![
+                "sentiment",
+                "reference",
+                "math",
+                "regex",
+                "length",
+                "command",
+                "http",
+                "https"
+            ]
         );
+        let e = judge_by_name("command:").err().unwrap().to_string();
+        assert!(e.contains("needs a program"), "{e}");
+        let e = judge_by_name("http://").err().unwrap().to_string();
+        assert!(e.contains("expected http://HOST:PORT/PATH"), "{e}");
     }
 
     #[test]
@@ -206,7 +260,7 @@ mod tests {
         let e = judge_by_name("vibes").err().unwrap().to_string();
         assert_eq!(
             e,
-            "unknown judge `vibes`; known judges: sentiment, reference, math, regex, length"
+            "unknown judge `vibes`; known judges: sentiment, reference, math, regex, length, command, http, https"
         );
     }
 }

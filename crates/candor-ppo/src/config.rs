@@ -77,8 +77,10 @@ impl Default for PpoConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoData {
-    /// JSONL `{"prompt": ..., "reference"?: ...}` posed to the policy during training.
-    /// Default: none (required).
+    /// Prompts posed to the policy during training: `{"prompt": ..., "reference"?: ...}`
+    /// (a string or a TRL conversational message list; every other field goes to the
+    /// judges), in JSONL, JSON, Parquet, `.jsonl.gz`/`.zst` or `hf:ORG/NAME[@REV][:SPLIT]`
+    /// (docs/data.md). Default: none (required).
     pub prompts: PathBuf,
     /// Held-out prompts for `judge_score` / `eval_reward` (same format). Default: none
     /// (no evaluation).
@@ -86,6 +88,10 @@ pub struct PpoData {
     /// Pretraining text mixed into the loss when `ppo.ptx_coef > 0` (PPO-ptx, InstructGPT):
     /// text or JSONL files, as pretraining's `data.files`. Default: none.
     pub ptx_files: Vec<PathBuf>,
+    /// Column names of the prompt files, candor's name → theirs (`{prompt: question,
+    /// reference: answer}`). Default: none.
+    #[serde(skip_serializing_if = "candor_data::dataset::Columns::is_empty")]
+    pub columns: candor_data::dataset::Columns,
 }
 
 /// Sampling the responses of each iteration (`rollout:`).

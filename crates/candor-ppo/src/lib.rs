@@ -161,7 +161,10 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             (Some(r), None) => r.display().to_string(),
             (_, Some(j)) => format!("judge {j}"),
             _ => "-".into(),
-        },
+        } + &scorer
+            .judges_name()
+            .map(|w| format!(" + judges {w}"))
+            .unwrap_or_default(),
         critic_src.display(),
         prompts.len(),
         heldout.len(),
@@ -248,7 +251,15 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             stop: &stop,
             temperature,
         };
-        let (roll, times) = roll_out(&models, &how, mine, &mut state.rng, dist)?;
+        // a judge that fails (a program that died, a server that is gone) ends the run here,
+        // before anything of this iteration is written
+        let (roll, times) = roll_out(&models, &how, mine, &mut state.rng, dist).map_err(|e| {
+            err(format!(
+                "{e}; stopped at iteration {}, the last good checkpoint (if any) is kept in {}",
+                iteration + 1,
+                opts.out.display()
+            ))
+        })?;
         let time_generate = times.generate;
         // 4. per-token rewards, GAE, whitening, over the whole batch
         let Advantages {
@@ -324,10 +335,19 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             "lr" => lr, "time_generate" => time_generate, "time_score" => time_score, "time_train" => time_train,
             "early_stopped" => stats.early_stopped,
             "advantage_mean" => masked_mean_rows(&advantages, &mask_rows));
+        for (label, mean) in &times.judge_means {
+            rec.insert(format!("reward_{label}"), serde_json::json!(mean));
+        }
         if !(state.step as usize).is_multiple_of(cfg.train.log_every)
             && state.step as usize != cfg.train.steps
         {
-            rec.retain(|k, _| k == "step" || k == "reward_mean" || k == "kl");
+            let judged = |k: &str| {
+                times
+                    .judge_means
+                    .iter()
+                    .any(|(l, _)| k == format!("reward_{l}"))
+            };
+            rec.retain(|k, _| k == "step" || k == "reward_mean" || k == "kl" || judged(k));
         }
         metrics.push(rec);
         progress.set(

@@ -17,7 +17,7 @@ use candor_train::batch::LmExample;
 use candor_train::ckpt::RunOptions;
 use candor_train::err;
 use candor_train::precision::load_frozen;
-use candor_train::rollout::{load_prompts, Prompt};
+use candor_train::rollout::{load_prompts_with, Prompt};
 use candor_train::score::{check_judge_fields, judge, Judge, Scorer};
 
 use crate::{CriticInit, PpoConfig, Result};
@@ -79,8 +79,9 @@ impl Roles {
         let ctx = policy_config.max_position_embeddings;
         let max_new = cfg.rollout.max_new_tokens;
         let max_new_key = "rollout.max_new_tokens";
-        let prompts = load_prompts(
+        let prompts = load_prompts_with(
             &cfg.data.prompts,
+            &cfg.data.columns,
             &tok,
             &template,
             max_new,
@@ -95,7 +96,15 @@ impl Roles {
                 if let Some(j) = &eval_judge {
                     check_judge_fields(p, &[j.as_ref()])?;
                 }
-                let mut h = load_prompts(p, &tok, &template, max_new, max_new_key, ctx)?;
+                let mut h = load_prompts_with(
+                    p,
+                    &cfg.data.columns,
+                    &tok,
+                    &template,
+                    max_new,
+                    max_new_key,
+                    ctx,
+                )?;
                 h.truncate(cfg.eval.max_prompts.max(1));
                 h
             }

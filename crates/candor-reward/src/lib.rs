@@ -36,7 +36,7 @@ use candor_train::train_loop::{begin, train_loop, Loop};
 use serde::{Deserialize, Serialize};
 
 use crate::loss::{pair_stats, preference_loss};
-use candor_data::preference::{encode_comparisons, load_comparisons, pair_layout, Encoded};
+use candor_data::preference::{encode_comparisons, load_comparisons_with, pair_layout, Encoded};
 
 pub use candor_train::ckpt::RunOptions;
 pub type Error = candor_train::Error;
@@ -65,10 +65,15 @@ pub struct RewardConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardData {
-    /// Preference JSONL files (`candor rank` output: a prompt and its K responses ranked,
-    /// InstructGPT's K-way comparisons; or TRL's `chosen`/`rejected` pairs). Default: none
-    /// (required).
+    /// Preference files: `candor rank` output, chosen/rejected pairs, or TRL's preference
+    /// formats (standard or conversational, explicit or implicit prompt, unpaired), in
+    /// JSONL, JSON, Parquet, `.jsonl.gz`/`.zst` or `hf:ORG/NAME[@REV][:SPLIT]`
+    /// (docs/data.md). Default: none (required).
     pub files: Vec<PathBuf>,
+    /// Column names of the files, candor's name → theirs (`{prompt: question, chosen:
+    /// good, rejected: bad}`). Default: none.
+    #[serde(skip_serializing_if = "candor_data::dataset::Columns::is_empty")]
+    pub columns: candor_data::dataset::Columns,
     /// Fraction of prompts held out for `eval_accuracy` / `eval_margin` when `heldout` is
     /// not given. Default 0.1.
     pub heldout_fraction: f64,
@@ -83,6 +88,7 @@ impl Default for RewardData {
     fn default() -> Self {
         RewardData {
             files: vec![],
+            columns: Default::default(),
             heldout_fraction: 0.1,
             heldout: None,
             max_len: 0,
@@ -168,9 +174,12 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     };
 
     // 2. data: comparisons by prompt, a held-out split of prompts, tokenised exchanges
-    let all = load_comparisons(&cfg.data.files)?;
+    let all = load_comparisons_with(&cfg.data.files, &cfg.data.columns)?;
     let (train_cmp, heldout_cmp) = match &cfg.data.heldout {
-        Some(path) => (all, load_comparisons(std::slice::from_ref(path))?),
+        Some(path) => (
+            all,
+            load_comparisons_with(std::slice::from_ref(path), &cfg.data.columns)?,
+        ),
         // by prompt: the lines of a prompt are one `Comparisons`
         None => split_heldout(all, cfg.data.heldout_fraction, cfg.seed),
     };

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use candor_core::checkpoint::{parent_ref, CandorMeta, Head};
 use candor_core::record;
 use candor_core::rng::Rng;
-use candor_data::sft::{chat_tokenizer, load_sft, SftExample};
+use candor_data::sft::{chat_tokenizer, load_sft_with, SftExample};
 use candor_data::Tokenizer;
 use candor_model::io::{load_trainable, read_config};
 use candor_train::batch::{pack_examples, split_heldout, LmExample};
@@ -55,9 +55,16 @@ pub struct SftConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftData {
-    /// JSONL files of `{"prompt","response"}` or `{"messages":[{"role","content"},...]}`
-    /// lines (roles system, user, assistant; any number of turns). Default: none (required).
+    /// Instruction data: `{"prompt","response"}`, `{"messages":[{"role","content"},...]}`
+    /// (roles system, user, assistant; any number of turns) or TRL's prompt-completion
+    /// (`{"prompt","completion"}`, strings or message lists), in JSONL, JSON, Parquet,
+    /// `.jsonl.gz`/`.zst` files or `hf:ORG/NAME[@REV][:SPLIT]` (docs/data.md). Default: none
+    /// (required).
     pub files: Vec<PathBuf>,
+    /// Column names of the files, candor's name → theirs (`{prompt: question, completion:
+    /// answer}`). Default: none.
+    #[serde(skip_serializing_if = "candor_data::dataset::Columns::is_empty")]
+    pub columns: candor_data::dataset::Columns,
     /// Fraction of the conversations held out (chosen with the seed) for `eval_loss`, the
     /// mean loss per response token. Ignored with `heldout`. Default 0.05.
     pub heldout_fraction: f64,
@@ -86,6 +93,7 @@ impl Default for SftData {
     fn default() -> Self {
         SftData {
             files: vec![],
+            columns: Default::default(),
             heldout_fraction: 0.05,
             heldout: None,
             max_len: 0,
@@ -158,7 +166,14 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     // 2. data: conversations → tokens with their assistant tokens marked → split → rows
     let mut skipped = 0;
     let mut load = |files: &[PathBuf]| -> Result<Vec<LmExample>> {
-        let set = load_sft(files, &tokenizer, &template, max_len, cfg.data.skip_long)?;
+        let set = load_sft_with(
+            files,
+            &cfg.data.columns,
+            &tokenizer,
+            &template,
+            max_len,
+            cfg.data.skip_long,
+        )?;
         skipped += set.skipped;
         let mut out = vec![];
         for (e, path, line) in set.examples {

@@ -8,7 +8,8 @@ use std::path::Path;
 use candle_core::Device;
 use candor_core::rng::Rng;
 use candor_data::chat::ChatTemplate;
-use candor_data::prompts::{read_prompts, Fields};
+use candor_data::dataset::Columns;
+use candor_data::prompts::{read_prompts_with, Fields};
 use candor_data::Tokenizer;
 use candor_model::generate::{generate, SamplingParams};
 use candor_model::Model;
@@ -25,7 +26,7 @@ pub struct Prompt {
     pub ids: Vec<u32>,
 }
 
-/// Read a prompt file ([`read_prompts`]) and pose each prompt with the chat template. A
+/// Read a prompt file ([`candor_data::prompts::read_prompts`]) and pose each prompt with the chat template. A
 /// prompt that leaves fewer than `max_new` tokens of the policy's context `ctx` is refused
 /// with its file and line (`max_new_key` names the option that set `max_new`).
 pub fn load_prompts(
@@ -36,9 +37,30 @@ pub fn load_prompts(
     max_new_key: &str,
     ctx: usize,
 ) -> Result<Vec<Prompt>> {
+    load_prompts_with(
+        path,
+        &Columns::new(),
+        tok,
+        template,
+        max_new,
+        max_new_key,
+        ctx,
+    )
+}
+
+/// [`load_prompts`] of a file whose columns are renamed by `columns` (`data.columns`).
+pub fn load_prompts_with(
+    path: &Path,
+    columns: &Columns,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_new: usize,
+    max_new_key: &str,
+    ctx: usize,
+) -> Result<Vec<Prompt>> {
     let mut out = vec![];
-    for (line, p) in read_prompts(path)? {
-        let ids = tok.encode(&template.render_prompt(&p.prompt)?)?;
+    for (line, p) in read_prompts_with(path, columns)? {
+        let ids = tok.encode(&p.render(template)?)?;
         if ids.len() + max_new > ctx {
             return Err(Error::Msg(format!(
                 "{}:{line}: prompt is {} tokens; with {max_new_key} {max_new} it exceeds the policy's context of {ctx}",

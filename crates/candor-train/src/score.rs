@@ -31,6 +31,12 @@ pub struct ScoreConfig {
     pub judge: Option<String>,
     /// Weight of the judge's score. Default 0.
     pub judge_weight: f64,
+    /// More judges beside the reward model (and `judge`), each `{name, weight, label?}`:
+    /// `name` any judge spec (`sentiment`, `command:PROGRAM ARGS`, `http://HOST:PORT/PATH`;
+    /// docs/judges.md), its score added × `weight` (default 1), its batch mean logged as
+    /// `reward_<label>` (`label` defaults to `name`). Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub judges: Vec<WeightedJudge>,
     /// Normalise reward-model scores with the mean/std the reward stage stored in its
     /// candor.json (`reward_mean`, `reward_std`). Default true.
     pub normalize: bool,
@@ -41,12 +47,31 @@ pub struct ScoreConfig {
     pub missing_eos_penalty: f64,
 }
 
+/// One entry of `score.judges`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedJudge {
+    /// The judge spec.
+    pub name: String,
+    /// Its score's weight in the combined score. Default 1.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// What its score is logged as (`reward_<label>`). Default: `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
 impl Default for ScoreConfig {
     fn default() -> Self {
         ScoreConfig {
             reward_model_weight: 1.0,
             judge: None,
             judge_weight: 0.0,
+            judges: vec![],
             normalize: true,
             clip: 0.0,
             missing_eos_penalty: 0.0,
@@ -66,13 +91,9 @@ pub fn judge(name: &str) -> Result<Box<dyn candor_judge::Judge>> {
     candor_judge::judge_by_name(name).map_err(|e| Error::Msg(e.to_string()))
 }
 
-/// A judge's scores of responses to prompts (each judge sees every field of the line).
-pub fn judge_scores(
-    judge: &dyn candor_judge::Judge,
-    prompts: &[&Prompt],
-    responses: &[String],
-) -> Result<Vec<f64>> {
-    let batch: Vec<candor_judge::Sample> = prompts
+/// Responses to prompts as a judge sees them (each with every field of its prompt line).
+fn samples<'a>(prompts: &[&'a Prompt], responses: &'a [String]) -> Vec<candor_judge::Sample<'a>> {
+    prompts
         .iter()
         .zip(responses)
         .map(|(p, r)| candor_judge::Sample {
@@ -80,10 +101,32 @@ pub fn judge_scores(
             response: r,
             fields: &p.fields,
         })
-        .collect();
+        .collect()
+}
+
+/// A judge's scores of responses to prompts (each judge sees every field of the line).
+pub fn judge_scores(
+    judge: &dyn candor_judge::Judge,
+    prompts: &[&Prompt],
+    responses: &[String],
+) -> Result<Vec<f64>> {
     judge
-        .score_batch(&batch)
+        .score_batch(&samples(prompts, responses))
         .map_err(|e| Error::Msg(e.to_string()))
+}
+
+/// Build `score.judges` (none when the list is empty).
+pub fn weighted_judges(list: &[WeightedJudge]) -> Result<Option<candor_judge::WeightedJudges>> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let specs: Vec<(String, Option<String>, f64)> = list
+        .iter()
+        .map(|j| (j.name.clone(), j.label.clone(), j.weight))
+        .collect();
+    candor_judge::WeightedJudges::new(&specs)
+        .map(Some)
+        .map_err(|e| Error::Msg(format!("score.judges: {e}")))
 }
 
 /// Mean and std a reward checkpoint recorded over its training responses.
@@ -104,6 +147,8 @@ pub struct Scorer {
     /// The reward model's recorded (mean, std), when scores are normalised.
     pub stats: Option<(f64, f64)>,
     pub judge: Option<Box<dyn candor_judge::Judge>>,
+    /// `score.judges`, with their weights.
+    pub judges: Option<candor_judge::WeightedJudges>,
     pub cfg: ScoreConfig,
 }
 
@@ -111,8 +156,11 @@ pub struct Scorer {
 pub struct Scores {
     /// The combined, normalised, clipped score the stage optimises.
     pub combined: Vec<f64>,
-    /// The reward model's raw score (or the judge's when there is no reward model).
+    /// The reward model's raw score (or the judge's when there is no reward model, or the
+    /// weighted sum of `score.judges` when there is neither).
     pub raw: Vec<f64>,
+    /// Each of `score.judges`' scores, by label (what is logged as `reward_<label>`).
+    pub per_judge: Vec<(String, Vec<f64>)>,
 }
 
 impl Scorer {
@@ -151,8 +199,8 @@ impl Scorer {
             }
             _ => None,
         };
-        if reward_model.is_none() && cfg.judge.is_none() {
-            return Err(Error::Msg(format!("{origin}: no reward: give --reward REWARD_DIR (with score.reward_model_weight ≠ 0) or score.judge")));
+        if reward_model.is_none() && cfg.judge.is_none() && cfg.judges.is_empty() {
+            return Err(Error::Msg(format!("{origin}: no reward: give --reward REWARD_DIR (with score.reward_model_weight ≠ 0), score.judge or score.judges")));
         }
         let stats = match (reward, cfg.normalize) {
             (Some(dir), true) if reward_model.is_some() => {
@@ -171,8 +219,15 @@ impl Scorer {
             reward_model,
             stats,
             judge: cfg.judge.as_deref().map(judge).transpose()?,
+            judges: weighted_judges(&cfg.judges)?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// `score.judges` as one name (`a + b=0.5`), when there are any.
+    pub fn judges_name(&self) -> Option<&str> {
+        use candor_judge::Judge;
+        self.judges.as_ref().map(|w| w.name())
     }
 
     /// Score responses (`sb`: the prompts and responses as one batch, for the reward model;
@@ -206,6 +261,25 @@ impl Scorer {
                 raw = js;
             }
         }
+        let mut per_judge = vec![];
+        if let Some(w) = &self.judges {
+            let each = w
+                .score_each(&samples(prompts, responses))
+                .map_err(|e| Error::Msg(e.to_string()))?;
+            let sum = w.combine(&each);
+            for i in 0..n {
+                combined[i] += sum[i];
+            }
+            if self.reward_model.is_none() && self.judge.is_none() {
+                raw = sum;
+            }
+            per_judge = w
+                .judges
+                .iter()
+                .map(|(l, _, _)| l.clone())
+                .zip(each)
+                .collect();
+        }
         for i in 0..n {
             if !stopped[i] {
                 combined[i] += self.cfg.missing_eos_penalty;
@@ -214,7 +288,11 @@ impl Scorer {
                 combined[i] = combined[i].clamp(-self.cfg.clip, self.cfg.clip);
             }
         }
-        Ok(Scores { combined, raw })
+        Ok(Scores {
+            combined,
+            raw,
+            per_judge,
+        })
     }
 }
 
@@ -273,6 +351,7 @@ mod tests {
             reward_model: None,
             stats: None,
             judge: Some(judge("reference").unwrap()),
+            judges: None,
             cfg,
         };
         let (a, b) = (prompt("2+2?", "4"), prompt("q", "a b"));
@@ -312,5 +391,56 @@ mod tests {
         );
         let sentiment = judge("sentiment").unwrap();
         check_judge_fields(&path, &[sentiment.as_ref()]).unwrap();
+    }
+
+    /// `score.judges`: each judge weighted into the combined score and kept by its label.
+    /// By hand, with the scores above (1 and 0.6): labels `exact` (weight 2) and `half`
+    /// (weight −0.5): combined 2·1 − 0.5·1 = 1.5 and 2·0.6 − 0.5·0.6 = 0.9; raw = the same sum
+    /// (no reward model, no `judge`).
+    #[test]
+    fn several_judges_add_with_weights_and_are_kept_apart() {
+        let list: Vec<WeightedJudge> = serde_json::from_str(
+            r#"[{"name": "reference", "weight": 2, "label": "exact"}, {"name": "reference", "weight": -0.5, "label": "half"}]"#,
+        )
+        .unwrap();
+        let cfg = ScoreConfig {
+            reward_model_weight: 0.0,
+            judges: list.clone(),
+            ..Default::default()
+        };
+        let scorer = Scorer {
+            reward_model: None,
+            stats: None,
+            judge: None,
+            judges: weighted_judges(&list).unwrap(),
+            cfg,
+        };
+        let (a, b) = (prompt("2+2?", "4"), prompt("q", "a b"));
+        let texts: Vec<String> = vec!["4".into(), "a".into()];
+        let sb =
+            crate::seq::seq_batch(&[&[1, 2], &[3]], &[&[4], &[5, 6]], 0, &Device::Cpu).unwrap();
+        let s = scorer.score(&sb, &[&a, &b], &texts, &[true, true]).unwrap();
+        assert!(
+            (s.combined[0] - 1.5).abs() < 1e-12 && (s.combined[1] - 0.9).abs() < 1e-12,
+            "{:?}",
+            s.combined
+        );
+        assert_eq!(s.raw, s.combined);
+        assert_eq!(s.per_judge.len(), 2);
+        assert_eq!(
+            (s.per_judge[0].0.as_str(), s.per_judge[1].0.as_str()),
+            ("exact", "half")
+        );
+        assert!((s.per_judge[1].1[1] - 0.6).abs() < 1e-12);
+        let dup: Vec<WeightedJudge> =
+            serde_json::from_str(r#"[{"name": "reference"}, {"name": "reference"}]"#).unwrap();
+        let e = weighted_judges(&dup).err().unwrap().to_string();
+        assert!(
+            e.contains("score.judges: judge `reference` is given twice"),
+            "{e}"
+        );
+        assert!(
+            serde_json::from_str::<Vec<WeightedJudge>>(r#"[{"name": "x", "wieght": 1}]"#).is_err()
+        );
     }
 }

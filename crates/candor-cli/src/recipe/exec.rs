@@ -39,7 +39,9 @@ pub fn check_config(p: &Planned, out: &Path) -> Result<()> {
         };
         for f in paths {
             let f = Path::new(f);
-            let there = if *dirs { f.exists() } else { f.is_file() };
+            // hf:ORG/NAME datasets are resolved in the cache when the stage reads them
+            let there =
+                candor_data::dataset::is_hf_spec(f) || if *dirs { f.exists() } else { f.is_file() };
             let made_here = *made_in_run && f.starts_with(out);
             if !(there || made_here) {
                 bail!("{}: {key}: {} does not exist", p.origin, f.display());
