@@ -260,7 +260,7 @@ fn bad_input_is_a_clear_error() {
     );
     assert_eq!(
         e,
-        "error: unknown judge `vibes`; known judges: sentiment, reference, math, regex, length"
+        "error: unknown judge `vibes`; known judges: sentiment, reference, math, regex, length, command, http, https"
     );
 
     let bad = tmp.path().join("bad.jsonl");

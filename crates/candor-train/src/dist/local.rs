@@ -1,4 +1,5 @@
-//! Ranks as threads of one process: tests, and simulating a world on one machine.
+//! The in-process transport: every rank a thread, each collective gathered in one
+//! mutex-guarded table of per-rank slots.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
