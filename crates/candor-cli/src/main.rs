@@ -10,6 +10,7 @@ mod bench;
 mod eval;
 mod generate;
 mod import;
+mod label;
 mod launch;
 mod ppo;
 mod rank;
@@ -48,6 +49,9 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Rank candidate responses: typed in the terminal, or by a rule judge (--judge).
     Rank(rank::RankArgs),
+    /// The ranking loop as a web page for a team of labellers (serve), and its figures (stats).
+    #[command(subcommand)]
+    Label(label::LabelCommand),
     /// Train a reward model from ranked responses.
     Reward(reward::RewardArgs),
     /// Print a reward model's rewards for prompt/response lines.
@@ -105,6 +109,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Rank(args) => rank::run(args),
+        Command::Label(cmd) => label::run(cmd),
         Command::Reward(args) => reward::run(args),
         Command::Score(args) => score::run(args),
         Command::Ppo(args) => ppo::run(args),

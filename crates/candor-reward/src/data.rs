@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candor_data::chat::ChatTemplate;
-use candor_data::preference::read_preferences;
+use candor_data::preference::{read_preferences, Labellers};
 use candor_data::Tokenizer;
 use candor_train::sample::encode_exchanges;
 
@@ -23,37 +23,40 @@ pub struct Comparisons {
 /// Read preference files and merge the lines of each prompt into one [`Comparisons`]
 /// (responses united, every line's pairs kept once), in order of first appearance, so all
 /// pairs of a prompt land in the same batch (InstructGPT) even when they come as several
-/// chosen/rejected lines.
-pub fn load_comparisons(files: &[PathBuf]) -> Result<Vec<Comparisons>> {
+/// chosen/rejected lines. A team's rankings of the same responses are first combined as
+/// `labellers` says.
+pub fn load_comparisons(files: &[PathBuf], labellers: Labellers) -> Result<Vec<Comparisons>> {
     let mut out: Vec<Comparisons> = vec![];
     let mut by_prompt: HashMap<String, usize> = HashMap::new();
+    let mut prefs = vec![];
     for file in files {
-        for (_, pref) in read_preferences(file)? {
-            let slot = *by_prompt.entry(pref.prompt.clone()).or_insert_with(|| {
-                out.push(Comparisons {
-                    prompt: pref.prompt.clone(),
-                    responses: vec![],
-                    pairs: vec![],
-                });
-                out.len() - 1
+        prefs.extend(read_preferences(file)?.into_iter().map(|(_, p)| p));
+    }
+    for pref in labellers.combine(prefs) {
+        let slot = *by_prompt.entry(pref.prompt.clone()).or_insert_with(|| {
+            out.push(Comparisons {
+                prompt: pref.prompt.clone(),
+                responses: vec![],
+                pairs: vec![],
             });
-            let c = &mut out[slot];
-            let index: Vec<usize> = pref
-                .responses
-                .iter()
-                .map(|r| match c.responses.iter().position(|x| x == r) {
-                    Some(i) => i,
-                    None => {
-                        c.responses.push(r.clone());
-                        c.responses.len() - 1
-                    }
-                })
-                .collect();
-            for (b, w) in expand_pairs(&pref.ranks) {
-                let pair = (index[b], index[w]);
-                if !c.pairs.contains(&pair) {
-                    c.pairs.push(pair);
+            out.len() - 1
+        });
+        let c = &mut out[slot];
+        let index: Vec<usize> = pref
+            .responses
+            .iter()
+            .map(|r| match c.responses.iter().position(|x| x == r) {
+                Some(i) => i,
+                None => {
+                    c.responses.push(r.clone());
+                    c.responses.len() - 1
                 }
+            })
+            .collect();
+        for (b, w) in expand_pairs(&pref.ranks) {
+            let pair = (index[b], index[w]);
+            if !c.pairs.contains(&pair) {
+                c.pairs.push(pair);
             }
         }
     }
@@ -150,7 +153,7 @@ mod tests {
             .join("\n"),
         )
         .unwrap();
-        let c = load_comparisons(&[path]).unwrap();
+        let c = load_comparisons(&[path], Labellers::Each).unwrap();
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].responses, vec!["a", "b", "c"]);
         assert_eq!(c[0].pairs, vec![(0, 1), (2, 0)]);

@@ -12,6 +12,7 @@ use candor_train::sample::encode_exchanges;
 
 use crate::data::{encode_comparisons, load_comparisons};
 use crate::{evaluate, rewards_of, Error, EvalStats, Result};
+use candor_data::preference::Labellers;
 
 pub struct RewardModel {
     pub model: Model,
@@ -65,7 +66,7 @@ impl RewardModel {
 
     /// Pairwise accuracy, margin and loss on a preference file (every pair of every prompt).
     pub fn evaluate_file(&self, path: &Path, batch_size: usize) -> Result<EvalStats> {
-        let comparisons = load_comparisons(&[path.to_path_buf()])?;
+        let comparisons = load_comparisons(&[path.to_path_buf()], Labellers::Each)?;
         let (encoded, _) = encode_comparisons(
             &comparisons,
             &self.tokenizer,
