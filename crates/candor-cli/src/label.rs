@@ -81,5 +81,5 @@ fn serve(a: ServeArgs) -> Result<()> {
             server.url()
         );
     }
-    server.wait()
+    Ok(server.wait()?)
 }

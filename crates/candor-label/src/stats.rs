@@ -327,7 +327,7 @@ impl Stats {
             );
             let _ = writeln!(
                 o,
-                "{:<33} {:>7} {:>6} {:>9} {:>6}",
+                "{:<35} {:>7} {:>6} {:>9} {:>6}",
                 "labellers", "prompts", "pairs", "agreement", "tau-b"
             );
             for a in self.pairwise.iter().chain(&self.team) {
@@ -338,7 +338,7 @@ impl Stats {
                 };
                 let _ = writeln!(
                     o,
-                    "{:<33} {:>7} {:>6} {:>9} {:>6}",
+                    "{:<35} {:>7} {:>6} {:>9} {:>6}",
                     who,
                     a.prompts,
                     a.pairs,
