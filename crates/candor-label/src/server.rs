@@ -259,7 +259,7 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-fn who(app: &App, headers: &HeaderMap) -> Result<Who, Response> {
+fn who(app: &App, headers: &HeaderMap) -> Result<Who, (StatusCode, String)> {
     let Some(team) = &app.team else {
         return Ok(Who {
             name: LOCAL.into(),
@@ -276,16 +276,16 @@ fn who(app: &App, headers: &HeaderMap) -> Result<Who, Response> {
             name: l.name.clone(),
             lead: l.lead,
         }),
-        None => Err(error(
+        None => Err((
             StatusCode::UNAUTHORIZED,
-            "a labeller's token is needed: open the link you were given (it ends in #token=...)",
+            "a labeller's token is needed: open the link you were given (it ends in #token=...)"
+                .into(),
         )),
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request: {e}")))
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, (StatusCode, String)> {
+    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("bad request: {e}")))
 }
 
 fn lock(app: &App) -> std::sync::MutexGuard<'_, Book> {
@@ -297,7 +297,7 @@ fn lock(app: &App) -> std::sync::MutexGuard<'_, Book> {
 async fn next(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let who = match who(&app, &headers) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err((status, msg)) => return error(status, msg),
     };
     let mut book = lock(&app);
     let item = book.next(&who.name, Instant::now()).map(|id| {
@@ -316,11 +316,11 @@ async fn next(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 async fn answer(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let who = match who(&app, &headers) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err((status, msg)) => return error(status, msg),
     };
     let answer: Answer = match parse(&body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err((status, msg)) => return error(status, msg),
     };
     // the write and its fsync block: off the async workers
     let result = tokio::task::spawn_blocking(move || {
@@ -353,11 +353,11 @@ struct SkipRequest {
 async fn skip(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let who = match who(&app, &headers) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err((status, msg)) => return error(status, msg),
     };
     let req: SkipRequest = match parse(&body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err((status, msg)) => return error(status, msg),
     };
     let mut book = lock(&app);
     match book.skip(&who.name, req.id) {
@@ -372,7 +372,7 @@ async fn skip(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
 async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let who = match who(&app, &headers) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err((status, msg)) => return error(status, msg),
     };
     if !who.lead {
         return error(
