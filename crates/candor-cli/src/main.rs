@@ -10,6 +10,7 @@ mod bench;
 mod eval;
 mod generate;
 mod import;
+mod label;
 mod launch;
 mod rank;
 mod recipe;
@@ -51,6 +52,9 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Rank candidate responses: typed in the terminal, or by a rule judge (--judge).
     Rank(rank::RankArgs),
+    /// The ranking loop as a web page for a team of labellers (serve), and its figures (stats).
+    #[command(subcommand)]
+    Label(label::LabelCommand),
     /// Train a reward model from ranked responses.
     Reward(stage::RewardArgs),
     /// Print a reward model's rewards for prompt/response lines.
@@ -108,6 +112,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Rank(args) => rank::run(args),
+        Command::Label(cmd) => label::run(cmd),
         Command::Reward(args) => stage::command("reward", &args.common, &[("init", &args.init)]),
         Command::Score(args) => score::run(args),
         Command::Ppo(args) => stage::command(

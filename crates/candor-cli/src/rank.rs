@@ -40,25 +40,9 @@ fn key(prompt: &str, responses: &[String]) -> (String, Vec<String>) {
 /// (no newline, not valid JSON) is removed, so that prompt is asked again.
 fn answered(out: &Path) -> Result<HashMap<(String, Vec<String>), usize>> {
     let mut done = HashMap::new();
-    if !out.exists() {
-        return Ok(done);
-    }
-    let mut text = std::fs::read_to_string(out).with_context(|| format!("{}", out.display()))?;
-    if !text.is_empty() && !text.ends_with('\n') {
-        let cut = text.rfind('\n').map_or(0, |i| i + 1);
-        if serde_json::from_str::<PreferenceLine>(&text[cut..]).is_err() {
-            eprintln!("[rank] {}: removed an incomplete last line (an answer cut off mid-write); its prompt is asked again", out.display());
-            let f = OpenOptions::new()
-                .write(true)
-                .open(out)
-                .with_context(|| format!("{}", out.display()))?;
-            f.set_len(cut as u64)?;
-            f.sync_all()?;
-            text.truncate(cut);
-        } else {
-            let mut f = OpenOptions::new().append(true).open(out)?;
-            f.write_all(b"\n")?;
-        }
+    let (text, cut) = candor_data::jsonl::repair_tail::<PreferenceLine>(out)?;
+    if cut {
+        eprintln!("[rank] {}: removed an incomplete last line (an answer cut off mid-write); its prompt is asked again", out.display());
     }
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

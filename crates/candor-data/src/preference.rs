@@ -12,12 +12,16 @@
 //! candidates  {"prompt": "...", "responses": ["...", ...], "reference": "..."?}      (candor sample)
 //! preferences {"prompt": "...", "responses": [best, ..., worst], "ranks": [1, 2, 2, 3]?,
 //!              "reference"?, "scores"?, "judge"?}                                  (candor rank)
+//!             {..., "labeller": "ana", "seconds": 41.5, "flags": [[], ["harmful"]],
+//!              "comment": "..."}                                                   (candor label)
 //!          or {"prompt": "...", "chosen": "...", "rejected": "..."}
 //! ```
 //!
 //! `ranks` gives each response's dense rank, 1 = best, equal numbers tied (it must not
 //! decrease down the list); without it the responses are strictly ordered best → worst.
-//! `scores` and `judge` record what a rule judge gave; readers of preferences ignore them.
+//! `scores` and `judge` record what a rule judge gave; `labeller`, `seconds`, `flags` and
+//! `comment` what a person gave through `candor label`; training ignores them. Several
+//! lines of one prompt (a team's rankings) are combined by [`Labellers`].
 //! Every bad line is reported as `file:line: what is wrong`.
 
 use std::collections::HashMap;
@@ -64,6 +68,19 @@ pub struct PreferenceLine {
     /// The judge that ranked this line (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge: Option<String>,
+    /// The person who ranked this line (`candor label`; informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labeller: Option<String>,
+    /// Seconds the labeller spent on this prompt (informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// Flags per response, aligned with `responses`: any of `harmful`, `untruthful`,
+    /// `off_topic` (InstructGPT's labelling flags; informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<Vec<Vec<String>>>,
+    /// The labeller's free-text comment (informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
 }
 
 /// A validated ranking of one prompt's responses.
@@ -171,6 +188,15 @@ impl PreferenceLine {
                 ));
             }
         }
+        if let Some(f) = &self.flags {
+            if f.len() != responses.len() {
+                return Err(format!(
+                    "`flags` has {} entries for {} responses (one list of flags per response)",
+                    f.len(),
+                    responses.len()
+                ));
+            }
+        }
         Ok(Preference {
             prompt: self.prompt,
             responses,
@@ -189,6 +215,83 @@ pub(crate) fn single_turn(p: &Prompt) -> std::result::Result<String, String> {
             p.context.len()
         ))
     }
+}
+
+/// How several rankings of the same prompt and responses (a team's, from `candor label`)
+/// become training pairs: the reward stage's `data.labellers`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Labellers {
+    /// Every ranking is used as given: the pairs of all lines of a prompt are united (a pair
+    /// two labellers agree on counts once; pairs they disagree on are both kept).
+    #[default]
+    Each,
+    /// The rankings of one prompt's responses are first combined into one order by Borda
+    /// count (see [`borda`]).
+    Borda,
+}
+
+impl Labellers {
+    /// Apply the choice to preferences read from files (in order of appearance).
+    pub fn combine(self, prefs: Vec<Preference>) -> Vec<Preference> {
+        match self {
+            Labellers::Each => prefs,
+            Labellers::Borda => borda(prefs),
+        }
+    }
+}
+
+/// Combine the rankings that share a prompt and a set of responses into one by Borda count
+/// (de Borda 1781, the tie-averaged variant): in each ranking a response scores one point
+/// for every response ranked below it and half a point for every other response tied with
+/// it; the combined order sorts by total points, equal totals tied. A group is placed where
+/// its first ranking was; a ranking alone in its group is kept as it is.
+pub fn borda(prefs: Vec<Preference>) -> Vec<Preference> {
+    let mut groups: Vec<Vec<Preference>> = vec![];
+    let mut index: std::collections::HashMap<(String, Vec<String>), usize> = Default::default();
+    for p in prefs {
+        let mut set = p.responses.clone();
+        set.sort();
+        let slot = *index.entry((p.prompt.clone(), set)).or_insert_with(|| {
+            groups.push(vec![]);
+            groups.len() - 1
+        });
+        groups[slot].push(p);
+    }
+    groups
+        .into_iter()
+        .map(|mut group| {
+            if group.len() == 1 {
+                return group.pop().unwrap();
+            }
+            // points doubled, so half points stay integers
+            let first = &group[0];
+            let mut points = vec![0u64; first.responses.len()];
+            for p in &group {
+                for (i, r) in p.responses.iter().enumerate() {
+                    let below = p.ranks.iter().filter(|&&x| x > p.ranks[i]).count() as u64;
+                    let tied = p.ranks.iter().filter(|&&x| x == p.ranks[i]).count() as u64 - 1;
+                    let at = first.responses.iter().position(|x| x == r).unwrap();
+                    points[at] += 2 * below + tied;
+                }
+            }
+            let mut order: Vec<usize> = (0..points.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(points[i])); // stable: ties keep first's order
+            let mut ranks = Vec::with_capacity(order.len());
+            for (n, &i) in order.iter().enumerate() {
+                ranks.push(match n {
+                    0 => 1,
+                    _ if points[i] == points[order[n - 1]] => ranks[n - 1],
+                    _ => ranks[n - 1] + 1,
+                });
+            }
+            Preference {
+                prompt: first.prompt.clone(),
+                responses: order.iter().map(|&i| first.responses[i].clone()).collect(),
+                ranks,
+            }
+        })
+        .collect()
 }
 
 /// Deserialize a record as `T` (candor's own shapes), or say what is wrong.
@@ -366,15 +469,28 @@ pub struct Comparisons {
 /// pairs of a prompt land in the same batch (InstructGPT) even when they come as several
 /// chosen/rejected lines.
 pub fn load_comparisons(files: &[PathBuf]) -> Result<Vec<Comparisons>> {
-    load_comparisons_with(files, &Columns::new())
+    load_comparisons_with(files, &Columns::new(), Labellers::Each)
 }
 
-/// [`load_comparisons`] of files whose columns are renamed by `columns` (`data.columns`).
-pub fn load_comparisons_with(files: &[PathBuf], columns: &Columns) -> Result<Vec<Comparisons>> {
+/// [`load_comparisons`] of files whose columns are renamed by `columns` (`data.columns`); a
+/// team's rankings of the same responses are first combined as `labellers` says.
+pub fn load_comparisons_with(
+    files: &[PathBuf],
+    columns: &Columns,
+    labellers: Labellers,
+) -> Result<Vec<Comparisons>> {
     let mut out: Vec<Comparisons> = vec![];
     let mut by_prompt: HashMap<String, usize> = HashMap::new();
+    let mut prefs = vec![];
     for file in files {
-        for (_, pref) in read_preferences_with(file, columns)? {
+        prefs.extend(
+            read_preferences_with(file, columns)?
+                .into_iter()
+                .map(|(_, p)| p),
+        );
+    }
+    {
+        for pref in labellers.combine(prefs) {
             let slot = *by_prompt.entry(pref.prompt.clone()).or_insert_with(|| {
                 out.push(Comparisons {
                     prompt: pref.prompt.clone(),
@@ -639,6 +755,63 @@ mod tests {
         ]);
         let e = read_preferences(&path).unwrap_err().to_string();
         assert!(e.contains("single-turn prompts only"), "{e}");
+    }
+
+    #[test]
+    fn labelling_fields_are_read_and_flags_must_align() {
+        let (_d, path) = write(&[
+            r#"{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2], "labeller": "ana", "seconds": 12.5, "flags": [[], ["harmful", "off_topic"]], "comment": "b is rude"}"#,
+        ]);
+        assert_eq!(read_preferences(&path).unwrap()[0].1.ranks, vec![1, 2]);
+        let (_d, path) =
+            write(&[r#"{"prompt": "p", "responses": ["a", "b"], "flags": [["harmful"]]}"#]);
+        let e = read_preferences(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(":1: `flags` has 1 entries for 2 responses"),
+            "{e}"
+        );
+    }
+
+    fn pref(prompt: &str, responses: &[&str], ranks: &[u32]) -> Preference {
+        Preference {
+            prompt: prompt.into(),
+            responses: responses.iter().map(|s| s.to_string()).collect(),
+            ranks: ranks.to_vec(),
+        }
+    }
+
+    #[test]
+    fn borda_combines_rankings_of_the_same_responses() {
+        // By hand, doubled points (2 per response below, 1 per other response tied):
+        //   ana  a > b > c        a 4, b 2, c 0
+        //   ben  b > a = c        b 4, a 1, c 1
+        //   cy   a = b > c        a 3, b 3, c 0
+        //   total                 a 8, b 9, c 1   →  b > a > c
+        // A fourth ranking with a different response set (a, d) is its own group, and
+        // prompt q's single ranking stays as it is.
+        let prefs = vec![
+            pref("p", &["a", "b", "c"], &[1, 2, 3]),
+            pref("q", &["x", "y"], &[1, 1]),
+            pref("p", &["b", "a", "c"], &[1, 2, 2]),
+            pref("p", &["a", "d"], &[1, 2]),
+            pref("p", &["a", "b", "c"], &[1, 1, 2]),
+        ];
+        let combined = Labellers::Borda.combine(prefs.clone());
+        assert_eq!(
+            combined,
+            vec![
+                pref("p", &["b", "a", "c"], &[1, 2, 3]),
+                pref("q", &["x", "y"], &[1, 1]),
+                pref("p", &["a", "d"], &[1, 2]),
+            ]
+        );
+        // equal totals tie: a > b and b > a give a = b
+        let tie = borda(vec![
+            pref("p", &["a", "b"], &[1, 2]),
+            pref("p", &["b", "a"], &[1, 2]),
+        ]);
+        assert_eq!(tie, vec![pref("p", &["a", "b"], &[1, 1])]);
+        assert_eq!(Labellers::Each.combine(prefs.clone()), prefs);
     }
 
     #[test]

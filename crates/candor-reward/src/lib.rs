@@ -21,6 +21,7 @@ use candor_core::metrics::MetricsLog;
 use candor_core::record;
 use candor_core::rng::Rng;
 use candor_data::chat::ChatTemplate;
+use candor_data::preference::Labellers;
 use candor_data::Tokenizer;
 use candor_model::io::{load_trainable, read_config};
 use candor_model::Model;
@@ -82,6 +83,10 @@ pub struct RewardData {
     /// Longest exchange in tokens; a longer one keeps its last `max_len` tokens (the reward
     /// is read at the end). 0 = the model's `max_position_embeddings`. Default 0.
     pub max_len: usize,
+    /// Several people's rankings of one prompt (`candor label` with `--overlap`): `each`
+    /// trains on every labeller's ranking, `borda` on their Borda-combined order (ties
+    /// where the points tie). Default `each`.
+    pub labellers: Labellers,
 }
 
 impl Default for RewardData {
@@ -92,6 +97,7 @@ impl Default for RewardData {
             heldout_fraction: 0.1,
             heldout: None,
             max_len: 0,
+            labellers: Labellers::Each,
         }
     }
 }
@@ -174,11 +180,15 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     };
 
     // 2. data: comparisons by prompt, a held-out split of prompts, tokenised exchanges
-    let all = load_comparisons_with(&cfg.data.files, &cfg.data.columns)?;
+    let all = load_comparisons_with(&cfg.data.files, &cfg.data.columns, cfg.data.labellers)?;
     let (train_cmp, heldout_cmp) = match &cfg.data.heldout {
         Some(path) => (
             all,
-            load_comparisons_with(std::slice::from_ref(path), &cfg.data.columns)?,
+            load_comparisons_with(
+                std::slice::from_ref(path),
+                &cfg.data.columns,
+                cfg.data.labellers,
+            )?,
         ),
         // by prompt: the lines of a prompt are one `Comparisons`
         None => split_heldout(all, cfg.data.heldout_fraction, cfg.seed),
