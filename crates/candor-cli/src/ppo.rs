@@ -33,6 +33,13 @@ pub fn run(args: PpoArgs) -> Result<()> {
         print!("{}", serde_yaml::to_string(&cfg)?);
         return Ok(());
     }
+    crate::stage::check_parents(
+        c,
+        &[
+            ("policy", cfg.policy.as_ref()),
+            ("reward", cfg.reward.as_ref()),
+        ],
+    )?;
     let Some(opts) = crate::stage::run_options(c, "ppo")? else {
         return Ok(());
     };

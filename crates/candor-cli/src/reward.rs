@@ -26,6 +26,7 @@ pub fn run(args: RewardArgs) -> Result<()> {
         print!("{}", serde_yaml::to_string(&cfg)?);
         return Ok(());
     }
+    crate::stage::check_parents(c, &[("init", cfg.init.as_ref())])?;
     let Some(opts) = crate::stage::run_options(c, "reward")? else {
         return Ok(());
     };

@@ -56,6 +56,17 @@ pub fn run_options(c: &CommonStage, stage: &str) -> Result<Option<RunOptions>> {
     }))
 }
 
+/// Refuse parents (`(key, dir)`: `init`, `policy`, `reward`) whose runs have not finished,
+/// unless `--allow-incomplete`.
+pub fn check_parents(c: &CommonStage, parents: &[(&str, Option<&PathBuf>)]) -> Result<()> {
+    for (key, dir) in parents {
+        if let Some(dir) = dir {
+            candor_core::checkpoint::require_complete(dir, key, c.allow_incomplete)?;
+        }
+    }
+    Ok(())
+}
+
 /// `<stage>: <dir> (step N, eval_loss X)`: the line a finished LM stage prints (on rank 0).
 fn print_summary(stage: &str, opts: &RunOptions, meta: &CandorMeta) {
     if !opts.dist.is_main() {
@@ -95,6 +106,7 @@ pub fn sft(args: SftArgs) -> Result<()> {
     if c.show_config {
         return print_config(&cfg);
     }
+    check_parents(c, &[("init", cfg.init.as_ref())])?;
     let Some(opts) = run_options(c, "sft")? else {
         return Ok(());
     };

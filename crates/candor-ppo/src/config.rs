@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candor_model::generate::SamplingParams;
 use candor_train::config::TrainConfig;
+use candor_train::health::HealthConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,6 +29,10 @@ pub struct PpoConfig {
     pub ppo: PpoAlgo,
     pub critic: CriticConfig,
     pub eval: EvalConfig,
+    /// Run-health thresholds: warnings for entropy collapse, runaway KL, response-length
+    /// drift, reward hacking, a persistently high clip fraction, gradient spikes
+    /// (`train.stop_on_health` stops the run instead).
+    pub health: HealthConfig,
     /// Optimiser and cadence. In PPO `steps` counts iterations (rollout batches), the
     /// learning-rate schedule runs over iterations, and `batch_size` is the minibatch size
     /// of the PPO updates. `grad_accum` must be 1.
@@ -47,6 +52,7 @@ impl Default for PpoConfig {
             ppo: PpoAlgo::default(),
             critic: CriticConfig::default(),
             eval: EvalConfig::default(),
+            health: HealthConfig::default(),
             train: TrainConfig {
                 steps: 20,
                 batch_size: 8,

@@ -13,6 +13,8 @@
 //! - [`progress::Progress`]: the progress bar and log lines.
 //! - [`precision`]: bf16 mixed precision (f32 master weights and optimiser state).
 //! - [`dist`]: data parallel — sharding, gradient all-reduce (threads, TCP, NCCL), launcher env.
+//! - [`fault`]: a NaN on demand at a chosen step, for tests (debug builds only).
+//! - [`health`]: run-health signals of RL stages (entropy collapse, runaway KL, reward hacking, ...).
 //! - [`sample`]: chat prompts → K distinct candidate responses; the token ids a reward model reads.
 
 pub mod batch;
@@ -21,6 +23,8 @@ pub mod ckpt;
 pub mod config;
 pub mod dist;
 pub mod error;
+pub mod fault;
+pub mod health;
 pub mod lm;
 pub mod loss;
 pub mod optim;

@@ -236,6 +236,8 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
     let device = if args.dry_run {
         None
     } else {
+        // one `candor run` per run directory: a second is refused at once
+        candor_core::output::lock_output(&recipe.out)?;
         Some(crate::device(&device_spec)?)
     };
     let started = Instant::now();
@@ -333,10 +335,10 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
                     output_hash: h.clone(),
                     elapsed_sec: elapsed,
                 };
-                std::fs::create_dir_all(rec_path.parent().unwrap())?;
-                let tmp = rec_path.with_extension("json.tmp");
-                std::fs::write(&tmp, serde_json::to_string_pretty(&rec)?)?;
-                std::fs::rename(&tmp, &rec_path)?;
+                candor_core::output::write_atomic(
+                    &rec_path,
+                    serde_json::to_string_pretty(&rec)?.as_bytes(),
+                )?;
                 hashes[i] = Some(h);
                 reruns[i] = true;
                 summary.push((p.id.clone(), "ran", elapsed));
@@ -490,7 +492,7 @@ fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<
                         .filter(|l| !l.trim().is_empty())
                         .take(n)
                         .collect();
-                    std::fs::write(&path, lines.join("\n") + "\n")?;
+                    candor_core::output::write_atomic(&path, (lines.join("\n") + "\n").as_bytes())?;
                     path
                 }
             };
@@ -499,6 +501,7 @@ fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<
                 prompts,
                 k: s.k,
                 out: out.join("samples.jsonl"),
+                overwrite: true, // the stage reruns because its output is stale
                 temperature: s.temperature,
                 top_k: s.top_k,
                 top_p: s.top_p,
