@@ -20,9 +20,10 @@ pub struct HealthConfig {
     pub entropy_floor: f64,
     /// Runaway KL: warn when the KL to the reference grows faster than this many nats per
     /// iteration (least-squares slope over the last `window` logged iterations) while
-    /// already above `kl_min` (default 0.5).
+    /// already above `kl_min` (default 1.5; the shipped tiny PPO's KL climbs to ~8 at
+    /// under 1 nat per iteration).
     pub kl_growth: f64,
-    /// KL below this never trips `kl_growth` (early noise; default 1.0 nat).
+    /// KL below this never trips `kl_growth` (default 5 nats).
     pub kl_min: f64,
     /// Response-length drift: warn when the mean response length moves more than this
     /// fraction away from its first value, up or down (default 0.75: ±75 %).
@@ -45,8 +46,8 @@ impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             entropy_floor: 0.25,
-            kl_growth: 0.5,
-            kl_min: 1.0,
+            kl_growth: 1.5,
+            kl_min: 5.0,
             length_drift: 0.75,
             judge_drop: 0.05,
             clip_frac: 0.4,
