@@ -7,14 +7,12 @@
 //! - [`metrics`]: the `metrics.jsonl` log.
 //! - [`output`]: atomic output files, the output probed before work, one writer per output.
 //! - [`device`]: `auto|cpu|cuda[:N]|metal` parsing.
-//! - [`fuzz`]: seed mutation for the parsers' property tests.
 //! - [`rng`]: a small, serialisable, deterministic RNG (exact resume needs its state on disk).
 
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
-pub mod fuzz;
 pub mod memory;
 pub mod metrics;
 pub mod output;
