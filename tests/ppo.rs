@@ -58,6 +58,16 @@ fn ppo_with_the_sentiment_judge_raises_the_heldout_judge_score() {
         "judge score did not rise: {before} -> {after}"
     );
     assert!(max_kl < 15.0, "KL to the reference not bounded: {max_kl}");
+    let health: Vec<&serde_json::Value> = m
+        .iter()
+        .filter(|r| {
+            r.as_object()
+                .unwrap()
+                .keys()
+                .any(|k| k.starts_with("health_"))
+        })
+        .collect();
+    assert!(health.is_empty(), "a healthy run tripped: {health:?}");
     // the contract: an lm checkpoint any stage loads, the critic beside it
     for f in [
         "config.json",
@@ -320,4 +330,110 @@ fn show_config_prints_the_effective_config_and_resolved_paths() {
         )),
         "{out}"
     );
+}
+
+/// Issue 16, case 9: a NaN well after a save (the fault hook makes iteration 3's loss NaN;
+/// debug builds only) stops the run, and the checkpoint it keeps is iteration 2's: it loads,
+/// and its policy and critic equal those of the same run ended cleanly at iteration 2 (the
+/// tiny config's learning rate is constant, so the two runs' first iterations are the same).
+#[test]
+fn a_nan_after_a_save_keeps_exactly_the_saved_step() {
+    let sft = tiny_sft();
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = [
+        "score.reward_model_weight=0",
+        "score.judge=sentiment",
+        "score.judge_weight=1",
+        "train.save_every=2",
+        "train.eval_every=0",
+        "rollout.prompts_per_iteration=8",
+    ];
+    let clean = tmp.path().join("clean");
+    ok(ppo(&sft, &clean, &sets).args(["--set", "train.steps=2"]));
+    let out = tmp.path().join("faulted");
+    let e = fails(
+        ppo(&sft, &out, &sets)
+            .args(["--set", "train.steps=6"])
+            .env("CANDOR_FAULT_NAN_STEP", "3"),
+    );
+    assert!(
+        e.contains("PPO loss became NaN at iteration 3") && e.contains("last good checkpoint"),
+        "{e}"
+    );
+    let meta = read_json(&out.join("candor.json"));
+    assert_eq!(
+        (meta["step"].as_u64(), &meta["complete"]),
+        (Some(2), &false.into())
+    );
+    for f in ["model.safetensors", "critic/model.safetensors"] {
+        assert!(
+            std::fs::read(clean.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap(),
+            "{f}: the kept checkpoint is not iteration 2's"
+        );
+    }
+    ok(candor()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "3",
+            "--prompt",
+            "x",
+            "--model",
+        ])
+        .arg(&out));
+    assert!(!tmp.path().read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+}
+
+/// Run health: a deliberately broken run — no KL penalty and a learning rate 100x the tiny
+/// config's — trips health signals (a warning line each, `health_*` in metrics.jsonl), and
+/// with `train.stop_on_health` stops, keeping its last checkpoint. (The tiny config itself
+/// stays quiet: see the recipe test.)
+#[test]
+fn health_signals_trip_on_a_broken_run() {
+    let sft = tiny_sft();
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = [
+        "score.reward_model_weight=0",
+        "score.judge=sentiment",
+        "score.judge_weight=4",
+        "kl.coef=0",
+        "train.lr=1e-2",
+        "train.min_lr=1e-2",
+        "train.steps=10",
+        "train.eval_every=5",
+        "train.save_every=2",
+        "rollout.prompts_per_iteration=8",
+    ];
+    let out = tmp.path().join("broken");
+    let run = ppo(&sft, &out, &broken).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning: ")).collect();
+    let tripped: std::collections::BTreeSet<String> = metrics(&out)
+        .iter()
+        .flat_map(|r| r.as_object().unwrap().keys().cloned().collect::<Vec<_>>())
+        .filter(|k| k.starts_with("health_"))
+        .collect();
+    println!("broken run: tripped {tripped:?}\n{}", warnings.join("\n"));
+    assert!(!tripped.is_empty(), "no health signal tripped: {stderr}");
+    assert_eq!(
+        warnings.len(),
+        tripped.len(),
+        "one warning line per signal: {stderr}"
+    );
+
+    let stopped = tmp.path().join("stopped");
+    let e = fails(ppo(&sft, &stopped, &broken).args(["--set", "train.stop_on_health=true"]));
+    assert!(
+        e.contains("run health: ") && e.contains("train.stop_on_health"),
+        "{e}"
+    );
+    let meta = read_json(&stopped.join("candor.json"));
+    assert_eq!(meta["complete"], false);
 }

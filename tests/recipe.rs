@@ -173,10 +173,36 @@ fn tiny_recipe_end_to_end_then_skips_then_reruns_only_downstream_of_a_change() {
         "PPO did not raise the held-out judge score: {j0} -> {j1}"
     );
 
+    // the tiny recipe is a healthy run: no run-health signal trips
+    let tripped: Vec<String> = metrics(&out.join("ppo"))
+        .iter()
+        .flat_map(|r| r.as_object().unwrap().keys().cloned().collect::<Vec<_>>())
+        .filter(|k| k.starts_with("health_"))
+        .collect();
+    assert!(tripped.is_empty(), "{tripped:?}");
+
     // the same command again: nothing to do
     let second = run_recipe(&out, &[]);
     assert!(ran(&second).is_empty(), "{second}");
     assert_eq!(plan(&second).len(), stages.len());
+
+    // an edited critic (a model directory inside the PPO checkpoint) is an edited output:
+    // PPO, and only PPO, would rerun
+    let critic = out.join("ppo/critic/model.safetensors");
+    let original = file_bytes(critic.clone());
+    let mut edited = original.clone();
+    *edited.last_mut().unwrap() ^= 1;
+    std::fs::write(&critic, &edited).unwrap();
+    let dry = ok(candor().args([
+        "run",
+        "configs/recipes/tiny.yaml",
+        "--dry-run",
+        "--set",
+        &format!("out={}", out.display()),
+    ]));
+    assert_eq!(ran(&dry), ["ppo"], "{dry}");
+    assert!(dry.contains("output changed since it was made"), "{dry}");
+    std::fs::write(&critic, &original).unwrap();
 
     // one SFT config value changed: SFT and everything after it reruns, pretraining does not
     let pre_weights = file_bytes(out.join("pretrain/model.safetensors"));

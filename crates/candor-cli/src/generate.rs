@@ -35,12 +35,13 @@ pub struct GenerateArgs {
     pub prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
+    /// Finite and >= 0; 0 = greedy.
     #[arg(long, default_value_t = 0.8)]
     pub temperature: f64,
     /// 0 = off.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Nucleus sampling: a probability in (0, 1] (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
@@ -53,6 +54,13 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+    };
+    params.check().map_err(|e| anyhow::anyhow!(e.option()))?;
     let dev = device(&args.device)?;
     let mut prompts: Vec<String> = args.prompt.clone();
     let from_file = args.prompts.is_some();
@@ -89,12 +97,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(i) = ids.iter().position(Vec::is_empty) {
         bail!("prompt {} is empty", i + 1);
     }
-    let params = SamplingParams {
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-    };
     let mut rng = Rng::new(args.seed);
     let samples = generate(&model, &ids, &params, &stop, tok.pad_id(), &mut rng)?;
     let mut out = std::io::stdout().lock();

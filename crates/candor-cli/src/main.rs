@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod bench;
 mod eval;
@@ -93,6 +93,10 @@ pub struct CommonStage {
     /// Replace an existing checkpoint in --out.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// Start from a parent checkpoint (init, policy, reward) whose run has not finished
+    /// (`complete: false`); refused without it.
+    #[arg(long)]
+    pub allow_incomplete: bool,
     /// Print the resolved config (defaults and --set applied) as YAML and exit.
     #[arg(long)]
     pub show_config: bool,
@@ -156,14 +160,52 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("error: internal error (please report): {msg}{at}");
     }));
-    let cli = Cli::parse();
-    match run(cli) {
+    let cli = parse_args();
+    let result = run(cli);
+    candor_core::output::release_outputs();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parse the command line. A negative number after an option that takes a value is that
+/// value (`--k -1`), so the error names the option (`invalid value '-1' for '--k <K>'`)
+/// rather than taking `-1` for an unknown flag. A usage error is one `error:` line (exit 2);
+/// `--help` and `--version` print as usual.
+fn parse_args() -> Cli {
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(negatives)
+    }
+    let exit = |e: clap::Error| -> ! {
+        use clap::error::ErrorKind;
+        if matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            e.exit();
+        }
+        let text = e.render().to_string();
+        let line = text.lines().next().unwrap_or("error: invalid arguments");
+        eprintln!("{line} (see --help)");
+        std::process::exit(2);
+    };
+    let matches = negatives(Cli::command())
+        .try_get_matches()
+        .unwrap_or_else(|e| exit(e));
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| exit(e))
 }
 
 /// The error chain on one line, without repeating a cause its context already quotes.

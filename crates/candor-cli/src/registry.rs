@@ -672,7 +672,7 @@ fn run_sample(config: &Value, opts: &RunOptions) -> Result<Option<CandorMeta>> {
                 .filter(|l| !l.trim().is_empty())
                 .take(n)
                 .collect();
-            std::fs::write(&path, lines.join("\n") + "\n")?;
+            candor_core::output::write_atomic(&path, (lines.join("\n") + "\n").as_bytes())?;
             path
         }
     };
@@ -681,6 +681,7 @@ fn run_sample(config: &Value, opts: &RunOptions) -> Result<Option<CandorMeta>> {
         prompts,
         k: s.k,
         out: out.join("samples.jsonl"),
+        overwrite: true, // the stage reruns because its output is stale
         temperature: s.temperature,
         top_k: s.top_k,
         top_p: s.top_p,

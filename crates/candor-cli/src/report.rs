@@ -80,12 +80,14 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
-/// One SVG line chart of named series.
+/// One SVG line chart of named series; `marks` are the steps where a run-health signal tripped, drawn as red
+/// vertical lines.
 fn plot(
     path: &Path,
     title: &str,
     x_desc: &str,
     lines: &[(String, Vec<(f64, f64)>)],
+    marks: &[f64],
 ) -> Result<bool> {
     let lines: Vec<&(String, Vec<(f64, f64)>)> =
         lines.iter().filter(|(_, s)| !s.is_empty()).collect();
@@ -114,6 +116,17 @@ fn plot(
             .y_label_area_size(56)
             .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
         chart.configure_mesh().x_desc(x_desc).draw()?;
+        for (i, &x) in marks.iter().enumerate() {
+            let series = chart.draw_series(LineSeries::new(
+                [(x, y0 - pad), (x, y1 + pad)],
+                RED.mix(0.5).stroke_width(1),
+            ))?;
+            if i == 0 {
+                series.label("health warning").legend(|(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], RED.mix(0.5).stroke_width(1))
+                });
+            }
+        }
         for (i, (name, s)) in lines.iter().enumerate() {
             let c = COLORS[i % COLORS.len()];
             chart
@@ -246,6 +259,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
             }
         }
         writeln!(md)?;
+        let marks = health_summary(&mut md, &s.metrics)?;
         let slug = s.id.replace(['/', '.'], "_");
         let mut figures = vec![];
         // what the registry draws for this kind (nothing for a kind it does not know)
@@ -258,7 +272,13 @@ pub fn run(args: ReportArgs) -> Result<()> {
                 .map(|k| (k.to_string(), series(&s.metrics, k)))
                 .collect();
             let file = plots.join(format!("{slug}-{name}.svg"));
-            if plot(&file, &format!("{} — {title}", s.id), kind.report.x, &lines)? {
+            if plot(
+                &file,
+                &format!("{} — {title}", s.id),
+                kind.report.x,
+                &lines,
+                &marks,
+            )? {
                 figures.push(format!("![{title}](plots/{slug}-{name}.svg)"));
             }
         }
@@ -271,9 +291,45 @@ pub fn run(args: ReportArgs) -> Result<()> {
     }
     policies_compared(&mut md, root)?;
     let path = root.join("report.md");
-    std::fs::write(&path, md).with_context(|| path.display().to_string())?;
+    candor_core::output::write_atomic(&path, md.as_bytes())?;
     println!("report: {}", path.display());
     Ok(())
+}
+
+/// A "Run health" table for a stage whose log has tripped `health_*` signals (each: the
+/// first and last step it tripped at, how often, its last value); returns the steps where
+/// any tripped, for the plots.
+fn health_summary(md: &mut String, m: &MetricsLog) -> Result<Vec<f64>> {
+    let mut steps = vec![];
+    let mut rows = vec![];
+    for key in candor_train::health::HEALTH_KEYS {
+        let hits = series(m, key);
+        if hits.is_empty() {
+            continue;
+        }
+        steps.extend(hits.iter().map(|&(x, _)| x));
+        rows.push(format!(
+            "| {key} | {} | {} | {} | {:.4} |",
+            hits[0].0,
+            hits.last().unwrap().0,
+            hits.len(),
+            hits.last().unwrap().1
+        ));
+    }
+    if !rows.is_empty() {
+        writeln!(
+            md,
+            "**Run health: {} signal(s) tripped** (red lines on the plots).\n\n| signal | first at | last at | times | last value |\n|---|---:|---:|---:|---:|",
+            rows.len()
+        )?;
+        for r in rows {
+            writeln!(md, "{r}")?;
+        }
+        writeln!(md)?;
+    }
+    steps.sort_by(f64::total_cmp);
+    steps.dedup();
+    Ok(steps)
 }
 
 /// The held-out responses PPO logged before training (the SFT policy) and at its last

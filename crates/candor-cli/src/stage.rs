@@ -109,6 +109,17 @@ pub fn command(kind: &str, c: &CommonStage, paths: &[(&str, &Option<PathBuf>)]) 
         print!("{}", resolved_paths(entry, &effective));
         return Ok(());
     }
+    // parents whose runs have not finished are refused, unless --allow-incomplete
+    for (key, _) in paths {
+        let named = key.split('.').try_fold(&effective, |v, k| v.get(k));
+        if let Some(dir) = named.and_then(|v| v.as_str()) {
+            candor_core::checkpoint::require_complete(
+                std::path::Path::new(dir),
+                key,
+                c.allow_incomplete,
+            )?;
+        }
+    }
     let Some(opts) = run_options(c, kind)? else {
         return Ok(());
     };

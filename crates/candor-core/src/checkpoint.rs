@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{io_err, Error, Result};
+use crate::output::sibling;
 
 pub const META_FILE: &str = "candor.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -133,25 +134,37 @@ pub fn parent_ref(role: &str, dir: &Path) -> Result<ParentRef> {
     })
 }
 
-/// The files whose bytes define a model: top-level `*.json` and `*.safetensors` except the
-/// bookkeeping ones (`candor.json`), sorted by name. Training logs and resume state are not
-/// part of what a model *is*, so they do not change its hash.
-fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The files whose bytes define a model: `*.json` and `*.safetensors` at the top level
+/// except the bookkeeping ones (`candor.json`), and the same in every directory inside
+/// (PPO's `critic/`, an adapter's directory, recursively) except `trainer/`; as (name
+/// relative to `dir`, path), sorted by name. Training logs and resume state are not part of
+/// what a model *is*, so they do not change its hash; a checkpoint without directories
+/// hashes exactly as it did when only the top level counted.
+fn model_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut files = vec![];
+    collect_model_files(dir, "", &mut files)?;
+    files.sort();
+    Ok(files)
+}
+
+fn collect_model_files(dir: &Path, prefix: &str, files: &mut Vec<(String, PathBuf)>) -> Result<()> {
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let name = entry.file_name().to_string_lossy().to_string();
+        let path = entry.path();
         // follows symlinks: a Hugging Face cache snapshot links its files to blobs/
-        let is_file = entry.path().is_file();
-        if is_file
-            && name != META_FILE
-            && (name.ends_with(".json") || name.ends_with(".safetensors"))
+        if path.is_file() {
+            if name != META_FILE && (name.ends_with(".json") || name.ends_with(".safetensors")) {
+                files.push((format!("{prefix}{name}"), path));
+            }
+        } else if path.is_dir()
+            && !(prefix.is_empty() && name == TRAINER_DIR)
+            && !name.starts_with('.')
         {
-            files.push(entry.path());
+            collect_model_files(&path, &format!("{prefix}{name}/"), files)?;
         }
     }
-    files.sort();
-    Ok(files)
+    Ok(())
 }
 
 /// sha256 over (name, length, bytes) of each model-defining file; `sha256:<hex>`.
@@ -165,8 +178,7 @@ pub fn content_hash(dir: &Path) -> Result<String> {
     }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    for path in files {
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
+    for (name, path) in files {
         let mut file = fs::File::open(&path).map_err(io_err(&path))?;
         let len = file.metadata().map_err(io_err(&path))?.len();
         hasher.update(name.as_bytes());
@@ -199,17 +211,13 @@ pub struct CheckpointWriter {
     committed: bool,
 }
 
-fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::Checkpoint {
-            path: dir.to_path_buf(),
-            msg: "checkpoint path has no directory name".into(),
-        })?
-        .to_string_lossy()
-        .to_string();
-    let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
-    Ok(parent.join(format!(".{name}.{tag}-{}", std::process::id())))
+/// An I/O error while writing the checkpoint at `dir`: named by the user's path, not the
+/// temporary sibling it happened in.
+fn ckpt_err(dir: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Checkpoint {
+        path: dir.to_path_buf(),
+        msg: format!("cannot write the checkpoint: {e}"),
+    }
 }
 
 impl CheckpointWriter {
@@ -217,9 +225,9 @@ impl CheckpointWriter {
         recover_interrupted(final_dir)?;
         let tmp_dir = sibling(final_dir, "tmp")?;
         if tmp_dir.exists() {
-            fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+            fs::remove_dir_all(&tmp_dir).map_err(ckpt_err(final_dir))?;
         }
-        fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        fs::create_dir_all(&tmp_dir).map_err(ckpt_err(final_dir))?;
         Ok(CheckpointWriter {
             final_dir: final_dir.to_path_buf(),
             tmp_dir,
@@ -234,23 +242,23 @@ impl CheckpointWriter {
 
     /// fsync every file, then swap the temporary directory into place.
     pub fn commit(mut self) -> Result<()> {
-        fsync_tree(&self.tmp_dir)?;
+        let fail = ckpt_err(&self.final_dir);
+        fsync_tree(&self.tmp_dir).map_err(|e| match e {
+            Error::Io { source, .. } => fail(source),
+            e => e,
+        })?;
         if self.final_dir.exists() {
             let old = sibling(&self.final_dir, "old")?;
             if old.exists() {
-                fs::remove_dir_all(&old).map_err(io_err(&old))?;
+                fs::remove_dir_all(&old).map_err(&fail)?;
             }
-            fs::rename(&self.final_dir, &old).map_err(io_err(&self.final_dir))?;
-            fs::rename(&self.tmp_dir, &self.final_dir).map_err(io_err(&self.final_dir))?;
-            fs::remove_dir_all(&old).map_err(io_err(&old))?;
+            fs::rename(&self.final_dir, &old).map_err(&fail)?;
+            fs::rename(&self.tmp_dir, &self.final_dir).map_err(&fail)?;
+            fs::remove_dir_all(&old).map_err(&fail)?;
         } else {
-            fs::rename(&self.tmp_dir, &self.final_dir).map_err(io_err(&self.final_dir))?;
+            fs::rename(&self.tmp_dir, &self.final_dir).map_err(&fail)?;
         }
-        if let Some(parent) = self.final_dir.parent() {
-            if let Ok(d) = fs::File::open(parent) {
-                let _ = d.sync_all();
-            }
-        }
+        crate::output::sync_parent(&self.final_dir);
         self.committed = true;
         Ok(())
     }
@@ -322,6 +330,26 @@ fn pid_is_dead(pid: &str) -> bool {
     match pid.parse::<u32>() {
         Ok(p) => !Path::new(&format!("/proc/{p}")).exists() || !Path::new("/proc/self").exists(),
         Err(_) => false,
+    }
+}
+
+/// Refuse to start a stage from an incomplete checkpoint (`complete: false` in its
+/// candor.json: a run interrupted, or still going) unless `allow`; `key` names where the
+/// user gave it (`init`, `--policy`). A directory without candor.json (a Hugging Face
+/// model) is taken as complete.
+pub fn require_complete(dir: &Path, key: &str, allow: bool) -> Result<()> {
+    if allow {
+        return Ok(());
+    }
+    match CandorMeta::read(dir)? {
+        Some(meta) if !meta.complete => Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "({key}) is an incomplete checkpoint (step {} of {}: its run was interrupted or is still going); finish it with --resume, or pass --allow-incomplete to start from it anyway",
+                meta.step, meta.total_steps
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -399,6 +427,33 @@ mod tests {
         fs::write(d.join("model.safetensors"), "abd").unwrap();
         assert_ne!(h1, content_hash(d).unwrap());
         assert!(h1.starts_with("sha256:") && h1.len() == 7 + 64);
+    }
+
+    #[test]
+    fn content_hash_covers_model_dirs_inside_but_not_trainer_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        fs::write(d.join("config.json"), "{}").unwrap();
+        fs::write(d.join("model.safetensors"), "abc").unwrap();
+        let top_only = content_hash(d).unwrap();
+        // resume state and hidden temporaries are not the model
+        fs::create_dir_all(d.join("trainer")).unwrap();
+        fs::write(d.join("trainer/optimizer.safetensors"), "m").unwrap();
+        fs::create_dir_all(d.join(".x.tmp-1")).unwrap();
+        fs::write(d.join(".x.tmp-1/model.safetensors"), "m").unwrap();
+        assert_eq!(content_hash(d).unwrap(), top_only);
+        // a critic is
+        fs::create_dir_all(d.join("critic")).unwrap();
+        fs::write(d.join("critic/config.json"), "{}").unwrap();
+        fs::write(d.join("critic/model.safetensors"), "xyz").unwrap();
+        let with_critic = content_hash(d).unwrap();
+        assert_ne!(with_critic, top_only);
+        fs::write(d.join("critic/model.safetensors"), "xyw").unwrap();
+        let edited = content_hash(d).unwrap();
+        assert_ne!(edited, with_critic);
+        // the same bytes under another directory name are another model
+        fs::rename(d.join("critic"), d.join("adapter")).unwrap();
+        assert_ne!(content_hash(d).unwrap(), edited);
     }
 
     #[test]

@@ -69,14 +69,14 @@ impl MetricsLog {
         self.write_file(&dir.join(METRICS_FILE))
     }
 
+    /// Write the log to `path` atomically (the old file or the whole new one, never a part).
     pub fn write_file(&self, path: &Path) -> Result<()> {
-        let path = path.to_path_buf();
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io_err(&path))?);
+        let mut f = crate::output::AtomicFile::create(path)?;
         for r in &self.records {
             serde_json::to_writer(&mut f, r).map_err(|e| Error::Msg(e.to_string()))?;
-            f.write_all(b"\n").map_err(io_err(&path))?;
+            f.write_all(b"\n").map_err(io_err(path))?;
         }
-        f.flush().map_err(io_err(&path))
+        f.commit()
     }
 
     /// The last value logged under `key`.

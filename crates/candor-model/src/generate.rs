@@ -26,6 +26,79 @@ pub struct SamplingParams {
     pub top_p: f64,
 }
 
+/// A sampling setting out of its range: which one (`temperature`, `top_p`, `top_k`,
+/// `max_new_tokens`), the value given, and what was expected. [`option`](Self::option) and
+/// [`key`](Self::key) name it the way the user wrote it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BadSetting {
+    pub field: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+impl BadSetting {
+    /// As a command-line option: `--top-p 1.5: expected a probability in (0, 1]`.
+    pub fn option(&self) -> String {
+        format!(
+            "--{} {}: expected {}",
+            self.field.replace('_', "-"),
+            self.value,
+            self.expected
+        )
+    }
+
+    /// As a config key under `section`: `rollout.top_p: 1.5: expected ...`.
+    pub fn key(&self, section: &str) -> String {
+        format!(
+            "{section}.{}: {}: expected {}",
+            self.field, self.value, self.expected
+        )
+    }
+}
+
+impl std::fmt::Display for BadSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}: expected {}",
+            self.field, self.value, self.expected
+        )
+    }
+}
+
+impl SamplingParams {
+    /// The one check of sampling settings, wherever they come from (`generate`, `sample`,
+    /// RL rollouts): temperature finite and ≥ 0 (0 = greedy), top-p in (0, 1], at least
+    /// one new token. (top-k is unsigned; 0 = off.)
+    pub fn check(&self) -> std::result::Result<(), BadSetting> {
+        let bad = |field, value: String, expected| {
+            Err(BadSetting {
+                field,
+                value,
+                expected,
+            })
+        };
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "a finite number >= 0 (0 = greedy)",
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(
+                "top_p",
+                self.top_p.to_string(),
+                "a probability in (0, 1] (1 = off)",
+            );
+        }
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens", "0".into(), "at least 1");
+        }
+        Ok(())
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
@@ -120,6 +193,9 @@ pub fn generate(
     pad_id: u32,
     rng: &mut Rng,
 ) -> Result<Vec<Sample>> {
+    params
+        .check()
+        .map_err(|e| Error::Msg(format!("sampling settings: {e}")))?;
     let device = model.device().clone();
     let b = prompts.len();
     if b == 0 {
@@ -213,6 +289,37 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_refuses_each_out_of_range_setting() {
+        let ok = SamplingParams::default();
+        assert_eq!(ok.check(), Ok(()));
+        let with = |f: &dyn Fn(&mut SamplingParams)| {
+            let mut p = ok.clone();
+            f(&mut p);
+            p.check().err().map(|e| e.option())
+        };
+        for t in [-1.0, f64::NAN, f64::INFINITY] {
+            let e = with(&|p| p.temperature = t).unwrap();
+            assert!(e.starts_with("--temperature "), "{e}");
+        }
+        assert_eq!(with(&|p| p.temperature = 0.0), None);
+        for top_p in [1.5, 0.0, -0.5, f64::NAN] {
+            let e = with(&|p| p.top_p = top_p).unwrap();
+            assert!(e.starts_with("--top-p "), "{e}");
+        }
+        assert_eq!(with(&|p| p.top_p = 1e-9), None);
+        assert_eq!(
+            with(&|p| p.max_new_tokens = 0).unwrap(),
+            "--max-new-tokens 0: expected at least 1"
+        );
+        let mut p = ok.clone();
+        p.top_p = 2.0;
+        assert_eq!(
+            p.check().unwrap_err().key("rollout"),
+            "rollout.top_p: 2: expected a probability in (0, 1] (1 = off)"
+        );
+    }
 
     #[test]
     fn greedy_takes_argmax_and_reports_its_logprob() {

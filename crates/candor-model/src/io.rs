@@ -336,7 +336,11 @@ pub fn save_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&tensors, path)
-        .map_err(|e| file_err(path, format!("cannot write: {e}")))
+        .map_err(|e| file_err(path, format!("cannot write: {e}")))?;
+    // safetensors writes through a private temporary (mode 0600); give the weights the mode
+    // every other file of the checkpoint has (0666 less the umask)
+    candor_core::output::set_default_mode(path)?;
+    Ok(())
 }
 
 /// Read a checkpoint's `config.json`.

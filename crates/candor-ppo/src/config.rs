@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candor_model::generate::SamplingParams;
 use candor_train::config::TrainConfig;
+use candor_train::health::HealthConfig;
 pub use candor_train::score::ScoreConfig;
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,10 @@ pub struct PpoConfig {
     pub critic: CriticConfig,
     /// What each evaluation on the held-out prompts reports.
     pub eval: EvalConfig,
+    /// Run-health thresholds: warnings for entropy collapse, runaway KL, response-length
+    /// drift, reward hacking, a persistently high clip fraction, gradient spikes
+    /// (`train.stop_on_health` stops the run instead).
+    pub health: HealthConfig,
     /// Optimiser and cadence. In PPO `steps` counts iterations (rollout batches), the
     /// learning-rate schedule runs over iterations, and `batch_size` is the minibatch size
     /// of the PPO updates (TRL `mini_batch_size`). `grad_accum` must be 1. Defaults:
@@ -56,6 +61,7 @@ impl Default for PpoConfig {
             ppo: PpoAlgo::default(),
             critic: CriticConfig::default(),
             eval: EvalConfig::default(),
+            health: HealthConfig::default(),
             train: TrainConfig {
                 steps: 20,
                 batch_size: 8,

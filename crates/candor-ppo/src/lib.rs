@@ -38,6 +38,7 @@ use candor_model::Model;
 use candor_train::batch::{Cursor, Sampler};
 use candor_train::ckpt::{read_trainer, restore_optimizer, Start, TrainerState};
 use candor_train::err;
+use candor_train::health::{merged_step, observation_of, HealthMonitor};
 use candor_train::optim::{named_vars, AdamW};
 use candor_train::precision::inference_model;
 use candor_train::progress::Progress;
@@ -148,6 +149,7 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         samples_log = read_samples(&opts.out)?;
         state = s;
     }
+    let mut health = HealthMonitor::replay(cfg.health.clone(), &metrics.records);
     let mut prompt_sampler = Sampler::new(prompts.len(), cfg.seed, state.cursor.clone());
     let mut ptx_sampler =
         (!ptx.is_empty()).then(|| Sampler::new(ptx.len(), cfg.seed ^ 0x9e37, Cursor::default()));
@@ -354,21 +356,53 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             state.step,
             format!("reward {reward_mean:+.3} | kl {mean_kl:.3} | gen {time_generate:.2}s score {time_score:.2}s train {time_train:.2}s"),
         );
-        if !dist.is_main() {
-            continue; // rank 0 alone evaluates and writes
-        }
         let last = state.step as usize == cfg.train.steps;
-        if (cfg.train.eval_every > 0 && (state.step as usize).is_multiple_of(cfg.train.eval_every))
-            || last
-        {
-            if let Some(j) = evaluate(
-                &*inference_model(&policy, &policy_vars, dtype)?,
-                state.step,
-                &mut metrics,
-                &mut samples_log,
-            )? {
-                progress.log(&format!("iteration {} | reward {reward_mean:+.4} | kl {mean_kl:.4} | judge_score {j:.4}", state.step));
+        let mut stop = None;
+        if dist.is_main() {
+            // rank 0 alone evaluates and writes
+            if (cfg.train.eval_every > 0
+                && (state.step as usize).is_multiple_of(cfg.train.eval_every))
+                || last
+            {
+                if let Some(j) = evaluate(
+                    &*inference_model(&policy, &policy_vars, dtype)?,
+                    state.step,
+                    &mut metrics,
+                    &mut samples_log,
+                )? {
+                    progress.log(&format!("iteration {} | reward {reward_mean:+.4} | kl {mean_kl:.4} | judge_score {j:.4}", state.step));
+                }
             }
+            // run health, from what this iteration logged: a tripped signal is logged as
+            // `health_*` and warned about once; with train.stop_on_health it stops the run
+            let obs = observation_of(&merged_step(&metrics.records, state.step));
+            let tripped = health.observe(&obs);
+            if !tripped.is_empty() {
+                let mut rec = record!(state.step;);
+                for t in &tripped {
+                    rec.insert(t.key.into(), serde_json::json!(t.value));
+                    if health.first_warning(t.key) || cfg.train.stop_on_health {
+                        progress.log(&format!("warning: {}", t.message));
+                    }
+                }
+                metrics.push(rec);
+                if cfg.train.stop_on_health {
+                    stop = Some(tripped[0].message.clone());
+                }
+            }
+        }
+        if cfg.train.stop_on_health {
+            stop = dist.broadcast_value(&stop)?;
+        }
+        if let Some(why) = stop {
+            return Err(err(format!(
+                "run health: {why}; stopped at iteration {} (train.stop_on_health), the last good checkpoint (if any) is kept in {}",
+                state.step,
+                opts.out.display()
+            )));
+        }
+        if !dist.is_main() {
+            continue;
         }
         if cfg.train.save_every > 0
             && (state.step as usize).is_multiple_of(cfg.train.save_every)
@@ -423,12 +457,13 @@ fn validate(cfg: &PpoConfig, origin: &str) -> Result<()> {
     if cfg.rollout.prompts_per_iteration == 0 {
         return bad("rollout.prompts_per_iteration", "must be at least 1");
     }
-    if cfg.rollout.max_new_tokens == 0 {
-        return bad("rollout.max_new_tokens", "must be at least 1");
+    if let Err(e) = cfg.rollout.sampling().check() {
+        return Err(err(format!("{origin}: {}", e.key("rollout"))));
     }
     if cfg.ppo.epochs == 0 {
         return bad("ppo.epochs", "must be at least 1");
     }
+    cfg.health.validate(origin)?;
     if cfg.ppo.ptx_coef > 0.0 && cfg.data.ptx_files.is_empty() {
         return bad(
             "data.ptx_files",

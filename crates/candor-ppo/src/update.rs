@@ -164,6 +164,9 @@ pub(crate) fn ppo_epochs(
                 e.pad,
                 e.dist,
             )?;
+            if candor_train::fault::nan_at(e.iteration as u64 + 1) {
+                u.loss = f64::NAN;
+            }
             if !u.loss.is_finite() {
                 return Err(err(format!(
                     "PPO loss became {} at iteration {}; stopped, the last good checkpoint (if any) is kept in {}",

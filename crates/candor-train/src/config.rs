@@ -56,6 +56,9 @@ pub struct TrainConfig {
     /// and AdamW state (Micikevicius et al. 2018; bf16 needs no loss scaling; TRL `bf16`).
     /// Meant for GPUs; candle's CPU backend runs it too, more slowly than f32. Default `f32`.
     pub dtype: crate::precision::Precision,
+    /// RL stages: stop the run when a run-health signal trips (see `health:`), keeping the
+    /// last good checkpoint; otherwise a tripped signal only warns (default false).
+    pub stop_on_health: bool,
 }
 
 impl Default for TrainConfig {
@@ -77,6 +80,7 @@ impl Default for TrainConfig {
             save_every: 0,
             log_every: 10,
             dtype: Default::default(),
+            stop_on_health: false,
         }
     }
 }

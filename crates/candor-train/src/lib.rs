@@ -17,6 +17,8 @@
 //! - [`progress::Progress`]: the progress bar and log lines.
 //! - [`precision`]: bf16 mixed precision (f32 master weights and optimiser state).
 //! - [`dist`]: data parallel — sharding, gradient all-reduce (threads, TCP, NCCL), launcher env.
+//! - [`fault`]: a NaN on demand at a chosen step, for tests (debug builds only).
+//! - [`health`]: run-health signals of RL stages (entropy collapse, runaway KL, reward hacking, ...).
 //! - [`step`]: one optimiser step's gradients over its micro-batches, sharded over the ranks.
 //! - [`sample`]: chat prompts → K distinct candidate responses; a reward model's last-token
 //!   scores of whole exchanges.
@@ -33,6 +35,8 @@ pub mod ckpt;
 pub mod config;
 pub mod dist;
 pub mod error;
+pub mod fault;
+pub mod health;
 pub mod lm;
 pub mod loss;
 pub mod optim;

@@ -25,10 +25,13 @@ pub struct RunOptions {
 
 impl RunOptions {
     /// [`plan_start`] on every rank of the run: rank 0 decides first (with `--overwrite` it
-    /// may clear `out`), then the others look at what it left.
+    /// may clear `out`), then the others look at what it left. Rank 0 first takes the lock
+    /// on `out` (a second run writing there is refused at once, naming this one) and checks
+    /// that it can write there, so a bad `--out` fails before any training.
     pub fn plan_start(&self, effective: &serde_json::Value) -> Result<Start> {
         let dist = &self.dist;
         let mine = if dist.is_main() {
+            candor_core::output::lock_output(&self.out)?;
             Some(plan_start(
                 &self.out,
                 self.resume,

@@ -13,7 +13,7 @@ use candor_core::rng::Rng;
 use candor_data::chat::stop_tokens;
 use candor_data::Tokenizer;
 use candor_model::generate::{generate, SamplingParams};
-use candor_model::Model;
+use candor_model::{Head, Model, ModelConfig};
 
 use crate::error::{Error, Result};
 
@@ -59,6 +59,72 @@ pub struct CandidateParams {
     pub max_resample_rounds: usize,
 }
 
+impl CandidateParams {
+    /// The settings' one check (see [`SamplingParams::check`]), plus what drawing distinct
+    /// candidates needs: K ≥ 2 (a ranking compares), a temperature above 0 (greedy decoding
+    /// gives one response every time), a batch of at least one. Messages name the options
+    /// of `candor sample` (`--k`, `--temperature`, ...).
+    pub fn check(&self) -> Result<()> {
+        self.sampling.check().map_err(|e| Error::Msg(e.option()))?;
+        if self.k < 2 {
+            return Err(Error::Msg(format!(
+                "--k {}: a ranking needs at least 2 responses per prompt",
+                self.k
+            )));
+        }
+        if self.sampling.temperature == 0.0 {
+            return Err(Error::Msg("--temperature 0: greedy decoding gives the same response every time; expected a temperature above 0".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::Msg("--batch-size 0: expected at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Bytes [`sample_candidates`] needs for `n_prompts` prompts of at most `longest`
+    /// tokens from a model of `config` (f32), weights included: an upper estimate, in
+    /// checked arithmetic (`None` = more than a u64 can count). Parts: the weights; each
+    /// generate batch's KV cache, prefill attention scores and activations, and logits;
+    /// the list of n·K draws and the n·K responses kept (at most `max_new_tokens` tokens of
+    /// at most [`BYTES_PER_TOKEN`] bytes of text each, plus a `String`).
+    pub fn memory_needed(
+        &self,
+        n_prompts: usize,
+        longest: usize,
+        config: &ModelConfig,
+    ) -> Option<u64> {
+        let m = |a: u64, b: u64| a.checked_mul(b);
+        let u = |x: usize| x as u64;
+        let f32s = 4u64;
+        let draws = m(u(n_prompts), u(self.k))?;
+        let batch = draws.min(u(self.batch_size));
+        let len = u(longest).checked_add(u(self.sampling.max_new_tokens))?;
+        let weights = m(u(config.param_count(Head::Lm)), f32s)?;
+        let kv_per_token = m(
+            m(u(config.num_hidden_layers), 2)?,
+            m(u(config.kv_heads()), u(config.head_dim()))?,
+        )?;
+        let kv_cache = m(m(m(kv_per_token, len)?, batch)?, f32s)?;
+        let scores = m(
+            m(m(batch, u(config.num_attention_heads))?, m(len, len)?)?,
+            f32s,
+        )?;
+        let width = u(config.hidden_size.max(config.intermediate_size));
+        let activations = m(m(m(batch, len)?, width)?, 4 * f32s)?;
+        let logits = m(m(batch, u(config.vocab_size))?, 3 * f32s)?;
+        let per_response = u(std::mem::size_of::<String>() + std::mem::size_of::<usize>())
+            .checked_add(m(u(self.sampling.max_new_tokens), BYTES_PER_TOKEN)?)?;
+        let kept = m(draws, per_response)?;
+        [kv_cache, scores, activations, logits, kept]
+            .into_iter()
+            .try_fold(weights, u64::checked_add)
+    }
+}
+
+/// Most bytes of text a sampled token decodes to, for [`CandidateParams::memory_needed`]
+/// (byte-level BPE tokens of English average about 4).
+pub const BYTES_PER_TOKEN: u64 = 16;
+
 /// The candidates drawn, and how much resampling it took.
 #[derive(Clone, Debug)]
 pub struct Candidates {
@@ -92,6 +158,13 @@ pub fn sample_candidates(
     if params.k == 0 || params.batch_size == 0 {
         return Err(Error::Msg("k and batch_size must be at least 1".into()));
     }
+    prompt_ids.len().checked_mul(params.k).ok_or_else(|| {
+        Error::Msg(format!(
+            "{} prompts x --k {} draws overflow",
+            prompt_ids.len(),
+            params.k
+        ))
+    })?;
     let stop = stop_tokens(tok);
     let pad = tok.pad_id();
     let mut out: Vec<Vec<String>> = vec![vec![]; prompt_ids.len()];
@@ -137,7 +210,6 @@ mod tests {
     use super::*;
     use candor_data::chat::{encode_prompts, ChatTemplate};
     use candor_model::io::{build_trainable, frozen_copy};
-    use candor_model::{Head, ModelConfig};
 
     fn tiny() -> (Model, Tokenizer) {
         let text =
@@ -241,6 +313,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(again.responses, c.responses);
+    }
+
+    #[test]
+    fn memory_estimate_counts_draws_and_overflows_to_none() {
+        let cfg = ModelConfig::llama(300, 32, 1, 2, 2, 64, 64, 10000.0, true);
+        let mut p = CandidateParams {
+            k: 4,
+            sampling: SamplingParams {
+                max_new_tokens: 8,
+                ..Default::default()
+            },
+            batch_size: 64,
+            max_resample_rounds: 4,
+        };
+        let small = p.memory_needed(10, 12, &cfg).unwrap();
+        // at least the weights, and more draws need more
+        assert!(small >= cfg.param_count(Head::Lm) as u64 * 4);
+        p.k = 100_000_000;
+        let big = p.memory_needed(10, 12, &cfg).unwrap();
+        assert!(big > 1_000_000_000 * (8 * BYTES_PER_TOKEN), "{big}");
+        p.k = usize::MAX;
+        assert_eq!(p.memory_needed(10, 12, &cfg), None);
+        assert!(p.check().is_ok());
+        p.k = 1;
+        assert!(p.check().unwrap_err().to_string().starts_with("--k 1:"));
     }
 
     #[test]

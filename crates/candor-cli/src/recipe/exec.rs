@@ -126,6 +126,8 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
     let device = if args.dry_run {
         None
     } else {
+        // one `candor run` per run directory: a second is refused at once
+        candor_core::output::lock_output(&recipe.out)?;
         Some(crate::device(&device_spec)?)
     };
     let started = Instant::now();
@@ -223,10 +225,10 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
                     output_hash: h.clone(),
                     elapsed_sec: elapsed,
                 };
-                std::fs::create_dir_all(rec_path.parent().unwrap())?;
-                let tmp = rec_path.with_extension("json.tmp");
-                std::fs::write(&tmp, serde_json::to_string_pretty(&rec)?)?;
-                std::fs::rename(&tmp, &rec_path)?;
+                candor_core::output::write_atomic(
+                    &rec_path,
+                    serde_json::to_string_pretty(&rec)?.as_bytes(),
+                )?;
                 hashes[i] = Some(h);
                 reruns[i] = true;
                 summary.push((p.id.clone(), "ran", elapsed));
