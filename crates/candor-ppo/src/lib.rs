@@ -486,9 +486,12 @@ mod tests {
     use candor_train::dist::Dist;
     use candor_train::dist::LocalGroup;
 
+    /// Per-row advantages and returns.
+    type AdvantagesReturns = [Vec<Vec<f64>>; 2];
+
     /// A rollout of 5 rows with responses of different lengths (one empty-ish, 1 token) and
     /// random per-token targets, and 4 pretraining examples for PPO-ptx.
-    fn rollout() -> (Vec<Vec<u32>>, Rollout, [Vec<Vec<f64>>; 2], Vec<LmExample>) {
+    fn rollout() -> (Vec<Vec<u32>>, Rollout, AdvantagesReturns, Vec<LmExample>) {
         let mut rng = Rng::new(21);
         let mut roll = Rollout::default();
         let mut prompts = vec![];
