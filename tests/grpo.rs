@@ -93,6 +93,13 @@ fn bad_input_is_refused_with_one_line_and_nothing_written() {
         "{e}"
     );
 
+    // the sampling settings get the one check PPO, sample and generate use, before anything loads
+    let e = fails(&mut grpo(&sft, &out, &["rollout.temperature=-1"]));
+    assert!(
+        e.contains("rollout.temperature: -1: expected a finite number >= 0"),
+        "{e}"
+    );
+
     let e = fails(&mut grpo(
         &sft,
         &out,

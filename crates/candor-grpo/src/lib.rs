@@ -661,8 +661,9 @@ pub fn validate(cfg: &GrpoConfig, origin: &str) -> Result<()> {
     if cfg.rollout.prompts_per_step == 0 {
         return bad("rollout.prompts_per_step", "must be at least 1".into());
     }
-    if cfg.rollout.max_new_tokens == 0 {
-        return bad("rollout.max_new_tokens", "must be at least 1".into());
+    // the one sampling-settings check (max_new_tokens ≥ 1, temperature, top-p), as PPO's
+    if let Err(e) = cfg.rollout.sampling().check() {
+        return Err(err(format!("{origin}: {}", e.key("rollout"))));
     }
     if !(g.epsilon > 0.0 && g.epsilon < 1.0) {
         return bad(
