@@ -107,9 +107,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let ctx = policy_config.max_position_embeddings;
     let (max_new, key) = (cfg.rollout.max_new_tokens, "rollout.max_new_tokens");
     let prompts = load_prompts(&cfg.data.prompts, &tok, &template, max_new, key, ctx)?;
-    let score_judges: Vec<&dyn candor_judge::Judge> =
-        scorer.judge.iter().map(|j| j.as_ref()).collect();
-    check_judge_fields(&cfg.data.prompts, &score_judges)?;
+    check_judge_fields(&cfg.data.prompts, &scorer.judges())?;
     let heldout = match &cfg.data.heldout_prompts {
         Some(p) => {
             if let Some(j) = &eval_judge {

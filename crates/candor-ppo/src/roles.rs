@@ -89,8 +89,7 @@ impl Roles {
             ctx,
         )?;
         // every prompt line carries the fields the judges read (named by file and line)
-        let score_judges: Vec<_> = scorer.judge.iter().map(|j| j.as_ref()).collect();
-        check_judge_fields(&cfg.data.prompts, &score_judges)?;
+        check_judge_fields(&cfg.data.prompts, &scorer.judges())?;
         let heldout = match &cfg.data.heldout_prompts {
             Some(p) => {
                 if let Some(j) = &eval_judge {

@@ -164,6 +164,17 @@ pub struct Scores {
 }
 
 impl Scorer {
+    /// Every judge the score is made from (`score.judge` and `score.judges`): what the
+    /// prompt lines must carry fields for ([`check_judge_fields`]).
+    pub fn judges(&self) -> Vec<&dyn candor_judge::Judge> {
+        let weighted = self.judges.as_ref().map(|w| w as &dyn candor_judge::Judge);
+        self.judge
+            .iter()
+            .map(|j| j.as_ref())
+            .chain(weighted)
+            .collect()
+    }
+
     /// Load what `cfg` asks for: the reward model in `reward` (frozen, in `dtype`, on
     /// `opts.device`; it must have a score head and the policy's tokenizer `policy_tok`), its
     /// normalising stats, the judge. `stage` prefixes the notice printed when the stats are
@@ -397,6 +408,29 @@ mod tests {
     /// By hand, with the scores above (1 and 0.6): labels `exact` (weight 2) and `half`
     /// (weight −0.5): combined 2·1 − 0.5·1 = 1.5 and 2·0.6 − 0.5·0.6 = 0.9; raw = the same sum
     /// (no reward model, no `judge`).
+    #[test]
+    fn the_fields_check_sees_weighted_judges_too() {
+        let list: Vec<WeightedJudge> =
+            serde_json::from_str(r#"[{"name": "math", "weight": 1}]"#).unwrap();
+        let scorer = Scorer {
+            reward_model: None,
+            stats: None,
+            judge: Some(judge("sentiment").unwrap()),
+            judges: weighted_judges(&list).unwrap(),
+            cfg: ScoreConfig::default(),
+        };
+        let judges = scorer.judges();
+        assert_eq!(judges.len(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        std::fs::write(&path, "{\"prompt\": \"a\"}\n").unwrap();
+        let e = check_judge_fields(&path, &judges)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(":1: judge ") && e.contains("`reference`"), "{e}");
+    }
+
     #[test]
     fn several_judges_add_with_weights_and_are_kept_apart() {
         let list: Vec<WeightedJudge> = serde_json::from_str(
