@@ -165,6 +165,10 @@ fn main() -> ExitCode {
     candor_core::output::release_outputs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<recipe::WaitingForPeople>().is_some() => {
+            eprintln!("candor run: {e}");
+            ExitCode::from(75) // EX_TEMPFAIL: not a failure; try again later
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE

@@ -40,6 +40,11 @@ pub struct StageKind {
     /// An existing checkpoint: where it is (resolved while planning). Nothing runs for it;
     /// its files are hashed.
     pub locate: Option<fn(&Value, &str) -> Result<PathBuf>>,
+    /// A stage whose output people make (rankings on the label page): how much of it is
+    /// still missing in the stage's directory (None: this stage's output is not made by
+    /// people). `candor run` stops at such a stage until nothing is left, and never deletes
+    /// what is there.
+    pub waits: Option<WaitsFn>,
     /// Run the stage into `opts.out`; a training stage returns its checkpoint's metadata.
     pub run: fn(&Value, &RunOptions) -> Result<Option<CandorMeta>>,
     /// What a finished training stage's command prints after `<kind>: <dir> (`.
@@ -52,6 +57,20 @@ impl std::fmt::Debug for StageKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name)
     }
+}
+
+/// A people-made stage's count of what is missing: (config, origin, stage directory).
+pub type WaitsFn = fn(&Value, &str, &Path) -> Result<Option<Waiting>>;
+
+/// What a stage still waits for from people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    /// Rankings still needed (0: complete), and wanted in all.
+    pub left: usize,
+    pub needed: usize,
+    /// The command that serves the page, and the address to open.
+    pub serve: String,
+    pub url: String,
 }
 
 /// An input of a stage: the `role` key of its recipe entry names an earlier stage, whose
@@ -196,6 +215,7 @@ pub static STAGES: &[StageKind] = &[
             })?;
             candor_model::resolve_model_dir(spec).map_err(|e| anyhow!("{at}: {e}"))
         }),
+        waits: None,
         run: |_, _| Ok(None), // resolved and hashed while planning; nothing to make
         summary: no_summary,
         report: NO_REPORT,
@@ -212,6 +232,7 @@ pub static STAGES: &[StageKind] = &[
         effective: effective::<ImportStage>,
         check: None,
         locate: None,
+        waits: None,
         run: |config, opts| {
             let i: ImportStage = typed(config, &opts.origin)?;
             crate::import::run(crate::import::ImportArgs {
@@ -237,6 +258,7 @@ pub static STAGES: &[StageKind] = &[
         effective: effective::<TokenizerStage>,
         check: None,
         locate: None,
+        waits: None,
         run: |config, opts| {
             let t: TokenizerStage = typed(config, &opts.origin)?;
             let docs = candor_data::text::read_corpus(&t.corpus)?;
@@ -264,6 +286,7 @@ pub static STAGES: &[StageKind] = &[
         effective: effective::<candor_pretrain::PretrainConfig>,
         check: None,
         locate: None,
+        waits: None,
         run: |config, opts| train(config, opts, candor_pretrain::run),
         summary: lm_summary,
         report: LM_REPORT,
@@ -280,6 +303,7 @@ pub static STAGES: &[StageKind] = &[
         effective: effective::<candor_sft::SftConfig>,
         check: None,
         locate: None,
+        waits: None,
         run: |config, opts| train(config, opts, candor_sft::run),
         summary: lm_summary,
         report: LM_REPORT,
@@ -296,30 +320,32 @@ pub static STAGES: &[StageKind] = &[
         effective: effective::<SampleStage>,
         check: None,
         locate: None,
+        waits: None,
         run: run_sample,
         summary: no_summary,
         report: NO_REPORT,
     },
     StageKind {
         name: "rank",
-        about: "candidates ranked by a rule judge (or a person, without one)",
+        about: "candidates ranked by a rule judge, or by people (one in the terminal, or a team on the label page)",
         config_file: false,
         makes_model: false,
         output_file: Some("ranked.jsonl"),
         seeded: false,
         roles: &[data_role("input", "input", "sample", false)],
-        file_keys: &[],
+        file_keys: &[file("labellers", false, false)],
         effective: effective::<RankStage>,
-        check: Some(|config, origin| {
-            if let Some(j) = typed::<RankStage>(config, origin)?.judge {
-                candor_judge::judge_by_name(&j).map_err(|e| anyhow!("{origin}: judge: {e}"))?;
-            }
-            Ok(())
-        }),
+        check: Some(|config, origin| typed::<RankStage>(config, origin)?.check(origin)),
         locate: None,
+        waits: Some(|config, origin, dir| typed::<RankStage>(config, origin)?.waiting(dir)),
         run: |config, opts| {
             let r: RankStage = typed(config, &opts.origin)?;
             std::fs::create_dir_all(&opts.out).with_context(|| opts.out.display().to_string())?;
+            if r.labellers.is_some() {
+                // people write ranked.jsonl through `candor label serve`; the runner calls
+                // this only once `waits` says nothing is left, and there is nothing to do
+                return Ok(None);
+            }
             crate::rank::run(crate::rank::RankArgs {
                 input: r.input,
                 out: opts.out.join("ranked.jsonl"),
@@ -346,6 +372,7 @@ pub static STAGES: &[StageKind] = &[
         effective: effective::<candor_reward::RewardConfig>,
         check: None,
         locate: None,
+        waits: None,
         run: |config, opts| train(config, opts, candor_reward::run),
         summary: |meta| {
             format!(
@@ -382,6 +409,7 @@ pub static STAGES: &[StageKind] = &[
         effective: effective::<candor_ppo::PpoConfig>,
         check: None,
         locate: None,
+        waits: None,
         run: |config, opts| train(config, opts, candor_ppo::run),
         summary: |meta| {
             format!(
@@ -418,6 +446,7 @@ pub static STAGES: &[StageKind] = &[
         effective: effective::<candor_grpo::GrpoConfig>,
         check: None,
         locate: None,
+        waits: None,
         run: |config, opts| train(config, opts, candor_grpo::run),
         summary: |meta| {
             format!(
@@ -468,6 +497,7 @@ pub static STAGES: &[StageKind] = &[
             Ok(())
         }),
         locate: None,
+        waits: None,
         run: |config, opts| train(config, opts, candor_dpo::run),
         summary: |meta| {
             format!(
@@ -509,6 +539,7 @@ pub static STAGES: &[StageKind] = &[
             Ok(())
         }),
         locate: None,
+        waits: None,
         run: |config, opts| {
             let e: EvalStage = typed(config, &opts.origin)?;
             let policy = e.policy();
@@ -597,13 +628,90 @@ fn d_seed() -> u64 {
     1
 }
 
-/// A `rank` stage: rank candidates with a rule judge (or a person, without one).
+/// A `rank` stage: rank candidates with a rule judge, or by people — one person in the
+/// terminal (neither `judge` nor `labellers`), or a team on the label page (`labellers`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RankStage {
+    /// Candidates JSONL (`candor sample` output); filled from the `input:` stage.
     pub input: PathBuf,
+    /// A rule judge that ranks instead of a person (`candor judges` lists them). Default:
+    /// none.
     #[serde(default)]
     pub judge: Option<String>,
+    /// A team ranks on the label page (`candor label serve`): the labellers file (names and
+    /// tokens, docs/label.md). `candor run` stops at this stage, prints the command that
+    /// serves the page and how many rankings are still needed, and goes on from here on a
+    /// later `candor run` once they are all in. Default: none.
+    #[serde(default)]
+    pub labellers: Option<PathBuf>,
+    /// How many different labellers rank each prompt (`--overlap`). Default 1.
+    #[serde(default = "d_overlap")]
+    pub overlap: usize,
+    /// The address the label page is served on (`--bind`). Default 127.0.0.1:8080.
+    #[serde(default = "d_bind")]
+    pub bind: String,
+}
+
+fn d_overlap() -> usize {
+    1
+}
+fn d_bind() -> String {
+    "127.0.0.1:8080".into()
+}
+
+impl RankStage {
+    fn check(&self, origin: &str) -> Result<()> {
+        if let Some(j) = &self.judge {
+            candor_judge::judge_by_name(j).map_err(|e| anyhow!("{origin}: judge: {e}"))?;
+            if self.labellers.is_some() {
+                return Err(anyhow!(
+                    "{origin}: judge and labellers: a stage is ranked by a judge or by people, not both"
+                ));
+            }
+        }
+        if self.labellers.is_some() {
+            if self.overlap == 0 {
+                return Err(anyhow!("{origin}: overlap: expected at least 1, got 0"));
+            }
+            if self.bind.parse::<std::net::SocketAddr>().is_err() {
+                return Err(anyhow!(
+                    "{origin}: bind: expected an address and port such as 127.0.0.1:8080, got `{}`",
+                    self.bind
+                ));
+            }
+            // the file is read now so that a bad one stops the plan, not the stage
+            if let Some(team) = &self.labellers {
+                candor_label::team::read_team(team)
+                    .map_err(|e| anyhow!("{origin}: labellers: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For a team-ranked stage: the rankings still missing in `dir`/ranked.jsonl.
+    fn waiting(&self, dir: &Path) -> Result<Option<Waiting>> {
+        let Some(team) = &self.labellers else {
+            return Ok(None);
+        };
+        let out = dir.join("ranked.jsonl");
+        let (left, needed) = candor_label::book::remaining(&self.input, &out, self.overlap)?;
+        let serve = format!(
+            "candor label serve --in {} --out {} --labellers {} --overlap {} --bind {}",
+            self.input.display(),
+            out.display(),
+            team.display(),
+            self.overlap,
+            self.bind
+        );
+        let url = format!("http://{}/#token=THEIR_TOKEN", self.bind);
+        Ok(Some(Waiting {
+            left,
+            needed,
+            serve,
+            url,
+        }))
+    }
 }
 
 /// An `eval` stage: `candor eval` of a model on a data file.

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::plan::{Planned, Recipe};
 use super::RunArgs;
-use crate::registry::{FileKey, StageKind};
+use crate::registry::{FileKey, StageKind, Waiting};
 
 /// The stage's effective config (defaults filled in) as JSON: what its fingerprint covers.
 fn effective(p: &Planned) -> Result<serde_json::Value> {
@@ -81,8 +81,19 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("sha256:{:x}", Sha256::digest(&bytes)))
 }
 
+/// What a people-made stage still waits for (None: not made by people, or its input is not
+/// there yet).
+fn waiting(p: &Planned) -> Option<Waiting> {
+    p.kind
+        .waits
+        .and_then(|w| w(&p.config, &p.origin, &p.dir).ok().flatten())
+}
+
 /// Hash of what a stage produced, or None when it is missing or incomplete.
 fn output_hash(p: &Planned) -> Option<String> {
+    if p.kind.waits.is_some() && waiting(p).is_some_and(|w| w.left > 0) {
+        return None; // people are still at it: what is there is not the stage's output yet
+    }
     if p.kind.locate.is_some() {
         // someone else's checkpoint: no candor.json to vouch for it, its files are the output
         return content_hash(&p.dir).ok();
@@ -106,6 +117,26 @@ fn fingerprint(
     let v = serde_json::json!({"kind": kind.name, "config": config, "inputs": inputs});
     format!("sha256:{:x}", Sha256::digest(v.to_string().as_bytes()))
 }
+
+/// `candor run` stopped at a stage whose output people are still making (exit status 75,
+/// EX_TEMPFAIL: run it again later).
+#[derive(Debug)]
+pub struct WaitingForPeople {
+    pub stage: String,
+    pub left: usize,
+}
+
+impl std::fmt::Display for WaitingForPeople {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stage `{}` waits for {} more ranking(s) from people; run the recipe again once they are in",
+            self.stage, self.left
+        )
+    }
+}
+
+impl std::error::Error for WaitingForPeople {}
 
 enum Decision {
     Skip,
@@ -194,6 +225,36 @@ pub fn execute(recipe: &Recipe, args: &RunArgs) -> Result<()> {
                 hashes[i] = current;
                 summary.push((p.id.clone(), "skipped", 0.0));
             }
+            Decision::Run(_) if waiting(p).is_some_and(|w| w.left > 0) => {
+                // people make this stage's output: stop here until they have finished
+                let w = waiting(p).unwrap();
+                println!(
+                    "wait  {:<22} {:<9} {} of {} rankings still needed → {}",
+                    p.id,
+                    p.kind.name,
+                    w.left,
+                    w.needed,
+                    p.dir.join(p.kind.output_file.unwrap_or_default()).display()
+                );
+                if args.dry_run {
+                    reruns[i] = true;
+                    hashes[i] = None;
+                    continue;
+                }
+                // the server appends to a file in the stage's directory
+                std::fs::create_dir_all(&p.dir).with_context(|| p.dir.display().to_string())?;
+                println!("      serve the page:  {}", w.serve);
+                println!("      each labeller opens {}", w.url);
+                println!(
+                    "      then run again:  candor run {}",
+                    recipe.path.display()
+                );
+                return Err(WaitingForPeople {
+                    stage: p.id.clone(),
+                    left: w.left,
+                }
+                .into());
+            }
             Decision::Run(reason) if args.dry_run => {
                 println!("run   {:<22} {:<9} {reason}", p.id, p.kind.name);
                 reruns[i] = true;
@@ -277,7 +338,8 @@ fn run_stage(p: &Planned, device: &candle_core::Device, forced: bool) -> Result<
             .flatten()
             .is_some_and(|m| !m.complete && m.config == effective(p).unwrap_or_default());
     let overwrite = !resume;
-    if overwrite && p.dir.exists() && !p.kind.makes_model {
+    // what people made is never deleted; a stale stage output of a program is
+    if overwrite && p.dir.exists() && !p.kind.makes_model && waiting(p).is_none() {
         std::fs::remove_dir_all(&p.dir).with_context(|| p.dir.display().to_string())?;
     }
     let opts = RunOptions {

@@ -18,6 +18,7 @@
 mod exec;
 mod plan;
 
+pub use exec::WaitingForPeople;
 pub use plan::load_recipe;
 
 use std::path::PathBuf;
