@@ -332,3 +332,62 @@ fn documented_behaviour_for_parents_outputs_modes_and_negative_numbers() {
         "{stderr}"
     );
 }
+
+/// Every file candor writes goes through the atomic writer: `tokenizer train --out` and the
+/// report's SVG charts too. A write that fails midway (the file-size limit, as a full disk)
+/// names the file, leaves the old one untouched and no temporary behind.
+#[test]
+fn tokenizer_and_report_files_are_written_atomically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let limited = |args: &str| {
+        let script = format!("trap '' XFSZ; ulimit -f 1; exec \"$0\" {args}");
+        fails(
+            Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .arg(env!("CARGO_BIN_EXE_candor"))
+                .current_dir(repo_root()),
+        )
+    };
+    let tok_dir = tmp.path().join("tok");
+    std::fs::create_dir(&tok_dir).unwrap();
+    let tok = tok_dir.join("tokenizer.json");
+    std::fs::write(&tok, "old\n").unwrap();
+    let e = limited(&format!(
+        "tokenizer train --corpus {} --vocab-size 400 --out {}",
+        small_corpus(tmp.path()).display(),
+        tok.display()
+    ));
+    assert!(
+        e.starts_with(&format!("error: {}: cannot write", tok.display())),
+        "{e}"
+    );
+    assert_eq!(names(&tok_dir), ["tokenizer.json"]);
+    assert_eq!(std::fs::read_to_string(&tok).unwrap(), "old\n");
+
+    let run = tmp.path().join("run");
+    let sft = run.join("sft");
+    std::fs::create_dir_all(&sft).unwrap();
+    for f in std::fs::read_dir(tiny_sft()).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, sft.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let e = limited(&format!("report {}", run.display()));
+    assert!(e.contains(".svg: cannot write"), "{e}");
+    assert!(!e.contains(".tmp-"), "{e}");
+    let mut left = vec![];
+    let mut visit = vec![run.clone()];
+    while let Some(d) = visit.pop() {
+        for f in std::fs::read_dir(&d).unwrap() {
+            let f = f.unwrap().path();
+            if f.is_dir() {
+                visit.push(f);
+            } else if f.to_string_lossy().contains(".tmp-") {
+                left.push(f);
+            }
+        }
+    }
+    assert!(left.is_empty(), "{left:?}");
+}

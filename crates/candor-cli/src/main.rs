@@ -8,6 +8,8 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod bench;
 mod eval;
+#[cfg(test)]
+mod fuzz;
 mod generate;
 mod import;
 mod label;

@@ -106,7 +106,9 @@ fn plot(
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
-    let root = SVGBackend::new(path, (720, 400)).into_drawing_area();
+    // drawn into memory, then written atomically (a report is never left half-drawn)
+    let mut svg = String::new();
+    let root = SVGBackend::with_string(&mut svg, (720, 400)).into_drawing_area();
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
@@ -148,6 +150,8 @@ fn plot(
         Ok(())
     };
     draw().map_err(|e| anyhow::anyhow!("{}: cannot draw plot: {e}", path.display()))?;
+    drop(root);
+    candor_core::output::write_atomic(path, svg.as_bytes())?;
     Ok(true)
 }
 

@@ -67,12 +67,16 @@ impl AtomicFile {
     /// Flush, fsync, rename into place, fsync the directory.
     pub fn commit(mut self) -> Result<()> {
         let w = self.file.take().expect("committed once");
-        let file = w
+        let done = w
             .into_inner()
-            .map_err(|e| write_err(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| write_err(&self.path, e))?;
-        drop(file);
-        fs::rename(&self.tmp, &self.path).map_err(|e| write_err(&self.path, e))?;
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
+            .and_then(|()| fs::rename(&self.tmp, &self.path));
+        if let Err(e) = done {
+            // the last buffered bytes, the fsync or the rename failed: nothing is kept
+            let _ = fs::remove_file(&self.tmp);
+            return Err(write_err(&self.path, e));
+        }
         sync_parent(&self.path);
         Ok(())
     }

@@ -179,16 +179,22 @@ impl Tokenizer {
         Ok(Tokenizer { inner, config })
     }
 
-    /// Write `tokenizer.json` and `tokenizer_config.json` into `dir`.
+    /// Write `tokenizer.json` and `tokenizer_config.json` into `dir`, each atomically (a
+    /// failed write leaves the old file, or none, and no temporary behind).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join("tokenizer.json");
-        self.inner
-            .save(&path, false)
-            .map_err(|e| file_err(&path, format!("cannot write: {e}")))?;
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| file_err(&path, format!("cannot serialise: {e}")))?;
+        // the error names the path already
+        candor_core::output::write_atomic(&path, json.as_bytes())?;
         let cfg_path = dir.join("tokenizer_config.json");
         let text = serde_json::to_string_pretty(&self.config).expect("tokenizer config serialises");
-        std::fs::write(&cfg_path, text + "\n")
-            .map_err(|e| file_err(&cfg_path, format!("cannot write: {e}")))
+        Ok(candor_core::output::write_atomic(
+            &cfg_path,
+            (text + "\n").as_bytes(),
+        )?)
     }
 
     /// Token ids of `text`; special-token strings in it become their ids; no BOS/EOS added.
