@@ -286,6 +286,21 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
     let mut stored_types = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
+    // candle multiplies the dims unchecked (a debug-build panic, or a wrapped size in
+    // release); a header whose shape cannot even be counted is refused here, by name
+    for name in &names {
+        let dims = content.tensor_infos[*name].shape.dims();
+        if dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .is_none()
+        {
+            return Err(file_err(
+                path,
+                format!("tensor `{name}`: shape {dims:?} has more elements than can be counted"),
+            ));
+        }
+    }
     for name in names {
         let Some((hf, perm)) = hf_name(name, heads, kv_heads) else {
             return Err(file_err(
