@@ -13,6 +13,9 @@
 //! overflows when counted (a panic inside candle, now refused by name in `gguf.rs`).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -173,13 +176,45 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], cases: u32, check: impl Fn(&[u8])) {
         ..Config::default()
     });
     let strategy = (0..seeds.len(), prop::collection::vec(edit(), 0..8));
-    runner
-        .run(&strategy, |(s, edits)| {
-            check(&apply(&seeds[s], &edits));
-            Ok(())
+    // A parser that hangs is as wrong as one that panics, but a hung case never returns to
+    // be reported: a watchdog prints the input stuck for HANG and stops the test process.
+    let current: Arc<Mutex<(u64, Instant, Vec<u8>)>> =
+        Arc::new(Mutex::new((0, Instant::now(), vec![])));
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (current, done, name) = (current.clone(), done.clone(), name.to_string());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let c = current.lock().unwrap_or_else(|e| e.into_inner());
+                if c.1.elapsed() > HANG {
+                    eprintln!(
+                        "{name}: case {} has run for over {HANG:?}; the input ({} bytes):\n{}",
+                        c.0,
+                        c.2.len(),
+                        String::from_utf8_lossy(&c.2)
+                    );
+                    std::process::exit(101);
+                }
+            }
         })
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    };
+    let result = runner.run(&strategy, |(s, edits)| {
+        let input = apply(&seeds[s], &edits);
+        {
+            let mut c = current.lock().unwrap_or_else(|e| e.into_inner());
+            *c = (c.0 + 1, Instant::now(), input.clone());
+        }
+        check(&input);
+        Ok(())
+    });
+    done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
+    result.unwrap_or_else(|e| panic!("{name}: {e}"));
 }
+
+/// How long one case may take (the slowest real one, a checkpoint load, takes milliseconds).
+const HANG: Duration = Duration::from_secs(60);
 
 /// The repository's files (unit tests run in the crate's directory).
 fn repo(path: &str) -> Vec<u8> {
