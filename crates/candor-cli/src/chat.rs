@@ -12,6 +12,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -77,7 +78,8 @@ commands:
   /system TEXT    set the system message; /system alone removes it
   /save FILE      append the conversation to FILE as one {\"messages\": [...]} JSONL line
                   (SFT data for `candor sft`)
-  /quit, /exit    leave (so does Ctrl-D)
+  /quit, /exit    leave (so does Ctrl-D, and Ctrl-C at the prompt)
+Ctrl-C while a reply is written stops it; the part shown is kept.
 A line ending in \\ continues on the next line; start a message with // to begin it with /.";
 
 /// One line (or several joined by a trailing `\`) of input.
@@ -140,6 +142,56 @@ struct Session<'a> {
     /// How many of `turns` the model no longer sees (they no longer fit its context).
     hidden: usize,
     verbose: bool,
+    /// Ctrl-C, caught in an interactive chat.
+    ctrl_c: Option<&'a CtrlC>,
+}
+
+/// Ctrl-C in an interactive chat: while a reply is generated it stops the reply (the part
+/// shown is kept); at the prompt it leaves, as it would without this. tokio's signal
+/// handling (the labelling server's runtime) watches for it on a thread of its own.
+struct CtrlC {
+    generating: AtomicBool,
+    pressed: AtomicBool,
+}
+
+impl CtrlC {
+    /// Catch SIGINT from now on, for the rest of the process.
+    fn install() -> Result<&'static CtrlC> {
+        let state: &'static CtrlC = Box::leak(Box::new(CtrlC {
+            generating: AtomicBool::new(false),
+            pressed: AtomicBool::new(false),
+        }));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("catching Ctrl-C")?;
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    if state.generating.load(Ordering::SeqCst) {
+                        state.pressed.store(true, Ordering::SeqCst);
+                    } else {
+                        eprintln!();
+                        std::process::exit(130);
+                    }
+                }
+            })
+        });
+        Ok(state)
+    }
+
+    fn begin(&self) {
+        self.pressed.store(false, Ordering::SeqCst);
+        self.generating.store(true, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        self.generating.store(false, Ordering::SeqCst);
+    }
+
+    fn pressed(&self) -> bool {
+        self.pressed.load(Ordering::SeqCst)
+    }
 }
 
 impl Session<'_> {
@@ -195,9 +247,15 @@ impl Session<'_> {
             );
         }
         let started = Instant::now();
+        let mut first_token: Option<Instant> = None;
         let mut stream = TextStream::new(self.tok, true);
         let mut failed: Option<anyhow::Error> = None;
+        let mut interrupted = false;
         let stop = &self.stop;
+        let ctrl_c = self.ctrl_c;
+        if let Some(c) = ctrl_c {
+            c.begin();
+        }
         let sample = generate_with(
             self.model,
             &[window.ids],
@@ -206,6 +264,11 @@ impl Session<'_> {
             self.tok.pad_id(),
             &mut self.rng,
             &mut |_, token| {
+                first_token.get_or_insert_with(Instant::now);
+                if ctrl_c.is_some_and(CtrlC::pressed) {
+                    interrupted = true;
+                    return ControlFlow::Break(());
+                }
                 if stop.contains(&token) {
                     return ControlFlow::Continue(());
                 }
@@ -224,22 +287,33 @@ impl Session<'_> {
                     }
                 }
             },
-        )?
-        .remove(0);
+        );
+        if let Some(c) = ctrl_c {
+            c.end();
+        }
+        let mut sample = sample?.remove(0);
+        if interrupted {
+            sample.tokens.pop(); // drawn after Ctrl-C: neither shown nor kept
+        }
         if let Some(e) = failed {
             return Err(e.context("streaming the reply"));
         }
         let rest = stream.finish()?;
         write_flush(out, format!("{rest}\n").as_bytes())?;
-        let seconds = started.elapsed().as_secs_f64();
         if self.verbose {
+            let first = first_token.unwrap_or(started);
+            let decode = first.elapsed().as_secs_f64();
             eprintln!(
-                "chat: {} tokens in {seconds:.2} s ({:.1} tokens/s)",
+                "chat: prompt prefilled and first token drawn in {:.3} s; {} tokens in {:.3} s ({:.1} tokens/s after the first)",
+                (first - started).as_secs_f64(),
                 sample.tokens.len(),
-                sample.tokens.len() as f64 / seconds.max(1e-9)
+                started.elapsed().as_secs_f64(),
+                sample.tokens.len().saturating_sub(1) as f64 / decode.max(1e-9)
             );
         }
-        if !sample.stopped {
+        if interrupted {
+            eprintln!("chat: reply stopped (Ctrl-C); the part shown is kept");
+        } else if !sample.stopped {
             eprintln!(
                 "chat: the reply was cut at --max-new-tokens {}",
                 self.params.max_new_tokens
@@ -415,12 +489,16 @@ pub fn run(args: ChatArgs) -> Result<()> {
         turns: vec![],
         hidden: 0,
         verbose: args.verbose,
+        ctrl_c: None,
     };
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
+        session.ctrl_c = Some(CtrlC::install()?);
+    }
+    if interactive {
         eprintln!(
-            "candor chat: {} (context {ctx} tokens). /help lists the commands; Ctrl-D leaves.",
+            "candor chat: {} (context {ctx} tokens). /help lists the commands; Ctrl-C stops a reply; Ctrl-D leaves.",
             args.model.display()
         );
     }
