@@ -122,7 +122,7 @@ fn chat_carries_the_conversation_resets_and_saves_sft_lines() {
     let file = dir.path().join("chats.jsonl");
     let input = format!(
         "/system You are terse.\nCall me Ishmael.\nSome years ago.\n/save {f}\n/reset\n\
-         Never mind how long.\n/save {f}\n/quit\nNot read: the chat has ended.\n",
+         Never mind how long.\n/save {f}\n/system\nHow long?\n/quit\nNot read: the chat has ended.\n",
         f = file.display()
     );
     let args = [
@@ -136,7 +136,7 @@ fn chat_carries_the_conversation_resets_and_saves_sft_lines() {
     ];
     let (stdout, stderr) = succeeded(&chat(&model, &args, &input));
     let p = prompts(&stderr);
-    assert_eq!(p.len(), 3, "three turns, none after /quit: {stderr}");
+    assert_eq!(p.len(), 4, "four turns, none after /quit: {stderr}");
     // turn 2 is posed with turn 1's exchange before it; after /reset only the system message
     assert!(p[0].1.contains("You are terse.") && p[0].1.contains("Call me Ishmael."));
     assert!(p[1].0 > p[0].0 + 8, "{p:?}");
@@ -147,6 +147,12 @@ fn chat_carries_the_conversation_resets_and_saves_sft_lines() {
     assert!(p[2].1.contains("You are terse.") && p[2].1.contains("Never mind how long."));
     assert!(!p[2].1.contains("Ishmael") && p[2].0 < p[1].0, "{p:?}");
     assert!(stderr.contains("chat: new conversation (the system message is kept)"));
+    // `/system` alone removes the system message and keeps the turns
+    assert!(
+        p[3].1.starts_with("<|im_start|>user\nNever mind how long."),
+        "{p:?}"
+    );
+    assert!(!p[3].1.contains("You are terse.") && p[3].1.contains("How long?"));
 
     // two SFT lines, the whole conversations, each reply as streamed to stdout
     let lines = saved(&file);
@@ -389,6 +395,32 @@ fn bad_flags_and_lines_give_one_clear_error() {
         "Hi\n",
     ));
     assert!(stderr.contains("user: Hi\nassistant:"), "{stderr}");
+    let strict = dir.path().join("strict.jinja");
+    std::fs::write(
+        &strict,
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}\n{% endfor %}",
+    )
+    .unwrap();
+    let strict = strict.to_str().unwrap();
+    let e = chat_fails(
+        &bare,
+        &["--chat-template", strict, "--system", "Be kind."],
+        "Hi\n",
+    );
+    assert!(
+        e.contains("--system: the chat template refuses a system message")
+            && e.contains("System role not supported"),
+        "{e}"
+    );
+    let e = chat_fails(
+        &bare,
+        &["--chat-template", strict, "--max-new-tokens", "4"],
+        "Hi\n/system Be kind.\n",
+    );
+    assert!(
+        e.contains("stdin line 2: /system: the chat template refuses"),
+        "{e}"
+    );
     std::fs::write(&template, "{% for %}").unwrap();
     let e = chat_fails(&bare, &["--chat-template", arg], "Hi\n");
     assert!(

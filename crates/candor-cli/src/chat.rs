@@ -389,14 +389,9 @@ impl Session<'_> {
                 );
             }
             Input::System(text) => {
-                let probe: Vec<Message> = text
-                    .iter()
-                    .map(|s| Message::new("system", s))
-                    .chain([Message::new("user", "Hi")])
-                    .collect();
-                self.template
-                    .render(&probe, true)
-                    .context("/system: the chat template refuses a system message")?;
+                if let Some(t) = &text {
+                    check_system(&self.template, t).context("/system")?;
+                }
                 eprintln!(
                     "chat: {}",
                     if text.is_some() {
@@ -421,6 +416,16 @@ fn write_flush(out: &mut dyn Write, bytes: &[u8]) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
         r => Ok(r.context("writing the reply to stdout")?),
     }
+}
+
+/// Some templates (Gemma's, Mistral's first ones) refuse a system message: say so when it
+/// is set, not at the next turn.
+fn check_system(template: &ChatTemplate, text: &str) -> Result<()> {
+    let probe = [Message::new("system", text), Message::new("user", "Hi")];
+    template
+        .render(&probe, true)
+        .map(drop)
+        .context("the chat template refuses a system message")
 }
 
 /// The chat template: `--chat-template FILE`, else the tokenizer's; a model without one
@@ -461,6 +466,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let dir = candor_model::resolve_model_dir(&args.model)?;
     let tok = Tokenizer::from_dir(&dir)?;
     let template = template(&tok, &dir, args.chat_template.as_deref())?;
+    if let Some(text) = &args.system {
+        check_system(&template, text).context("--system")?;
+    }
     let model = load_frozen(&dir, precision, &dev)?;
     if model.head != Head::Lm {
         bail!(
@@ -540,7 +548,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             }
         }
         let result = parse_input(&text)
-            .map_err(|m| anyhow!("stdin line {number}: {m}"))
+            .map_err(|m| anyhow!(m))
             .and_then(|input| match input {
                 Some(input) => session.handle(input, &mut stdout),
                 None => Ok(true),
@@ -550,7 +558,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             Ok(_) => break,
             // a person can correct and go on; a script stops at its first failure
             Err(e) if interactive => eprintln!("error: {}", crate::one_line(&e)),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.context(format!("stdin line {number}"))),
         }
         if ended {
             break;
