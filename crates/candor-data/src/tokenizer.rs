@@ -75,6 +75,56 @@ impl TokenizerConfig {
     }
 }
 
+/// Text of tokens as they are generated, one piece per token where the token completes
+/// one: a token that ends inside a multi-byte character (byte-level BPE, byte fallback)
+/// waits for the tokens that complete it, so no character is ever split. tokenizers'
+/// `DecodeStream` does the work (it decodes a short window of recent tokens, as
+/// text-generation-inference does); [`finish`](Self::finish) returns what is still held.
+/// The pieces joined equal [`Tokenizer::decode`] of all the tokens.
+pub struct TextStream<'a> {
+    tok: &'a Tokenizer,
+    stream: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
+    skip_special_tokens: bool,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tok: &'a Tokenizer, skip_special_tokens: bool) -> Self {
+        TextStream {
+            tok,
+            stream: tok.inner.decode_stream(skip_special_tokens),
+            skip_special_tokens,
+            ids: vec![],
+            emitted: 0,
+        }
+    }
+
+    /// The text `id` completes, if any.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let piece = self.stream.step(id).map_err(tk_err)?;
+        if let Some(p) = &piece {
+            self.emitted += p.len();
+        }
+        Ok(piece)
+    }
+
+    /// The text not yet returned (an incomplete character at the end, as the decoder
+    /// renders it).
+    pub fn finish(self) -> Result<String> {
+        let all = self.tok.decode(&self.ids, self.skip_special_tokens)?;
+        Ok(all.get(self.emitted..).unwrap_or_default().to_string())
+    }
+}
+
 /// A tokenizer with its config.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -266,56 +316,6 @@ impl Tokenizer {
             .max()
             .map_or(0, |&m| m as usize + 1);
         self.inner.get_vocab_size(false).max(added)
-    }
-}
-
-/// Text of tokens as they are generated, one piece per token where the token completes
-/// one: a token that ends inside a multi-byte character (byte-level BPE, byte fallback)
-/// waits for the tokens that complete it, so no character is ever split. tokenizers'
-/// `DecodeStream` does the work (it decodes a short window of recent tokens, as
-/// text-generation-inference does); [`finish`](Self::finish) returns what is still held.
-/// The pieces joined equal [`Tokenizer::decode`] of all the tokens.
-pub struct TextStream<'a> {
-    tok: &'a Tokenizer,
-    stream: tokenizers::DecodeStream<
-        'a,
-        tokenizers::ModelWrapper,
-        tokenizers::NormalizerWrapper,
-        tokenizers::PreTokenizerWrapper,
-        tokenizers::PostProcessorWrapper,
-        tokenizers::DecoderWrapper,
-    >,
-    skip_special_tokens: bool,
-    ids: Vec<u32>,
-    emitted: usize,
-}
-
-impl<'a> TextStream<'a> {
-    pub fn new(tok: &'a Tokenizer, skip_special_tokens: bool) -> Self {
-        TextStream {
-            tok,
-            stream: tok.inner.decode_stream(skip_special_tokens),
-            skip_special_tokens,
-            ids: vec![],
-            emitted: 0,
-        }
-    }
-
-    /// The text `id` completes, if any.
-    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        self.ids.push(id);
-        let piece = self.stream.step(id).map_err(tk_err)?;
-        if let Some(p) = &piece {
-            self.emitted += p.len();
-        }
-        Ok(piece)
-    }
-
-    /// The text not yet returned (an incomplete character at the end, as the decoder
-    /// renders it).
-    pub fn finish(self) -> Result<String> {
-        let all = self.tok.decode(&self.ids, self.skip_special_tokens)?;
-        Ok(all.get(self.emitted..).unwrap_or_default().to_string())
     }
 }
 
