@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod bench;
+mod chat;
 mod eval;
 #[cfg(test)]
 mod fuzz;
@@ -63,6 +64,8 @@ enum Command {
     Score(score::ScoreArgs),
     /// Sample continuations from a checkpoint (KV cache); --chat answers as an assistant.
     Generate(generate::GenerateArgs),
+    /// Talk with a checkpoint in the terminal: a multi-turn chat, replies streamed.
+    Chat(chat::ChatArgs),
     /// Held-out metrics of a checkpoint on a data file: perplexity, response loss, ...
     Eval(eval::EvalArgs),
     /// Training / sampling throughput of a named model shape on random tokens.
@@ -116,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sft(args) => stage::command("sft", &args.common, &[("init", &args.init)]),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Rank(args) => rank::run(args),
         Command::Label(cmd) => label::run(cmd),

@@ -147,6 +147,52 @@ pub fn stop_tokens(tok: &Tokenizer) -> Vec<u32> {
     out
 }
 
+/// The part of a conversation a model is shown for its next reply ([`fit_context`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    /// Index of the first message after the system message that is shown; the messages
+    /// between the system message and it are left out.
+    pub start: usize,
+    /// The shown messages rendered with the generation prompt, as token ids.
+    pub ids: Vec<u32>,
+    /// Whether `ids` fits the budget (else it is the shortest window: the last turn alone).
+    pub fits: bool,
+}
+
+/// The conversation as posed to the model for its next reply (rendered with the generation
+/// prompt and encoded whole, as [`encode_prompts`] poses one prompt) in at most `budget`
+/// tokens: a leading system message is always kept, and the oldest turns (a user message
+/// and what follows it up to the next user message) are left out until the rest fits, so
+/// the shown part still begins with a user turn. Starts are tried from `from` on (an
+/// earlier window's `start`: a conversation that only grew fits from no earlier start).
+pub fn fit_context(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[Message],
+    budget: usize,
+    from: usize,
+) -> Result<Window> {
+    let first = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    let starts: Vec<usize> = (first.max(from)..messages.len())
+        .filter(|&i| i == first || messages[i].role == "user")
+        .collect();
+    let mut window = None;
+    for &start in starts.iter().chain(starts.is_empty().then_some(&first)) {
+        let shown: Vec<Message> = messages[..first]
+            .iter()
+            .chain(&messages[start..])
+            .cloned()
+            .collect();
+        let ids = tok.encode(&template.render(&shown, true)?)?;
+        let fits = ids.len() <= budget;
+        window = Some(Window { start, ids, fits });
+        if fits {
+            break;
+        }
+    }
+    Ok(window.expect("at least one start is tried"))
+}
+
 /// Token ids of each prompt as posed to a chat model: one user turn followed by the
 /// assistant header ([`ChatTemplate::render_prompt`]).
 pub fn encode_prompts(
@@ -305,6 +351,42 @@ mod tests {
         let parts = encode_exchange_parts(&tok, &t, &[("Hi there.", "Hello.")]).unwrap();
         assert_eq!(parts[0].0, p[0]);
         assert_eq!(tok.decode(&parts[0].1, false).unwrap(), "Hello.<|im_end|>");
+    }
+
+    /// Trimming keeps the system message, drops whole turns from the oldest, and finds
+    /// the longest tail that fits; a budget below the last turn gives the last turn alone.
+    #[test]
+    fn fit_context_drops_the_oldest_turns_and_keeps_the_system_message() {
+        let text = "Call me Ishmael. Some years ago, never mind how long precisely. ".repeat(20);
+        let tok = Tokenizer::train(std::iter::once(text.as_str()), 300).unwrap();
+        let t = ChatTemplate::for_tokenizer(&tok);
+        let msgs = vec![
+            Message::new("system", "Be brief."),
+            Message::new("user", "Call me Ishmael."),
+            Message::new("assistant", "Some years ago."),
+            Message::new("user", "Never mind how long."),
+            Message::new("assistant", "Precisely."),
+            Message::new("user", "Ago?"),
+        ];
+        let len = |shown: &[Message]| tok.encode(&t.render(shown, true).unwrap()).unwrap().len();
+        let whole = len(&msgs);
+        let w = fit_context(&tok, &t, &msgs, whole, 0).unwrap();
+        assert_eq!((w.start, w.fits), (1, true));
+        assert_eq!(w.ids, tok.encode(&t.render(&msgs, true).unwrap()).unwrap());
+        // one token short: the first turn (user + assistant) goes, the system message stays
+        let w = fit_context(&tok, &t, &msgs, whole - 1, 0).unwrap();
+        let kept = [&msgs[..1], &msgs[3..]].concat();
+        assert_eq!((w.start, w.fits), (3, true));
+        assert_eq!(w.ids.len(), len(&kept));
+        assert!(tok.decode(&w.ids, false).unwrap().contains("Be brief."));
+        // from a later start, earlier ones are not tried
+        assert_eq!(fit_context(&tok, &t, &msgs, whole, 5).unwrap().start, 5);
+        // nothing fits: the last turn alone, marked
+        let w = fit_context(&tok, &t, &msgs, 3, 0).unwrap();
+        assert_eq!((w.start, w.fits), (5, false));
+        // without a system message, trimming starts at message 0
+        let w = fit_context(&tok, &t, &msgs[1..], len(&msgs[1..]) - 1, 0).unwrap();
+        assert_eq!(w.start, 2);
     }
 
     #[test]

@@ -75,6 +75,56 @@ impl TokenizerConfig {
     }
 }
 
+/// Text of tokens as they are generated, one piece per token where the token completes
+/// one: a token that ends inside a multi-byte character (byte-level BPE, byte fallback)
+/// waits for the tokens that complete it, so no character is ever split. tokenizers'
+/// `DecodeStream` does the work (it decodes a short window of recent tokens, as
+/// text-generation-inference does); [`finish`](Self::finish) returns what is still held.
+/// The pieces joined equal [`Tokenizer::decode`] of all the tokens.
+pub struct TextStream<'a> {
+    tok: &'a Tokenizer,
+    stream: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
+    skip_special_tokens: bool,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tok: &'a Tokenizer, skip_special_tokens: bool) -> Self {
+        TextStream {
+            tok,
+            stream: tok.inner.decode_stream(skip_special_tokens),
+            skip_special_tokens,
+            ids: vec![],
+            emitted: 0,
+        }
+    }
+
+    /// The text `id` completes, if any.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let piece = self.stream.step(id).map_err(tk_err)?;
+        if let Some(p) = &piece {
+            self.emitted += p.len();
+        }
+        Ok(piece)
+    }
+
+    /// The text not yet returned (an incomplete character at the end, as the decoder
+    /// renders it).
+    pub fn finish(self) -> Result<String> {
+        let all = self.tok.decode(&self.ids, self.skip_special_tokens)?;
+        Ok(all.get(self.emitted..).unwrap_or_default().to_string())
+    }
+}
+
 /// A tokenizer with its config.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -272,6 +322,43 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reply streamed token by token: multi-byte characters (2, 3 and 4 bytes) that a
+    /// byte-level BPE trained on ASCII splits into single-byte tokens come out whole, and
+    /// the pieces join to the whole decode, special tokens skipped.
+    #[test]
+    fn text_stream_never_splits_a_character() {
+        let tok = Tokenizer::train(corpus().into_iter(), 300).unwrap();
+        let text = "Ahoy wörld ✓ 日本 🐋 done";
+        let mut ids = tok.encode(text).unwrap();
+        ids.push(tok.token_id(IM_END).unwrap());
+        assert!(
+            ids.len() > text.chars().count() - 8,
+            "bytes are separate tokens"
+        );
+        let mut stream = TextStream::new(&tok, true);
+        let mut pieces = vec![];
+        for &id in &ids {
+            if let Some(p) = stream.step(id).unwrap() {
+                assert!(!p.contains('\u{FFFD}'), "a split character in {p:?}");
+                pieces.push(p);
+            }
+        }
+        let rest = stream.finish().unwrap();
+        assert_eq!(rest, "");
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.contains(&"🐋".to_string()) || pieces.iter().any(|p| p.ends_with('🐋')));
+        // cut anywhere (inside a character too): finish hands back the rest of the decode
+        for n in 0..ids.len() {
+            let mut stream = TextStream::new(&tok, true);
+            let mut got = String::new();
+            for &id in &ids[..n] {
+                got.extend(stream.step(id).unwrap());
+            }
+            got += &stream.finish().unwrap();
+            assert_eq!(got, tok.decode(&ids[..n], true).unwrap(), "cut at {n}");
+        }
+    }
 
     fn corpus() -> Vec<String> {
         let base = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \

@@ -5,6 +5,8 @@
 //! Each sampled token's log-probability under the tempered distribution (before top-k/top-p
 //! truncation) is recorded, so PPO can use it as the rollout policy's log-prob.
 
+use std::ops::ControlFlow;
+
 use candle_core::{DType, Tensor};
 use candor_core::rng::Rng;
 use serde::{Deserialize, Serialize};
@@ -193,6 +195,30 @@ pub fn generate(
     pad_id: u32,
     rng: &mut Rng,
 ) -> Result<Vec<Sample>> {
+    generate_with(
+        model,
+        prompts,
+        params,
+        stop_tokens,
+        pad_id,
+        rng,
+        &mut |_, _| ControlFlow::Continue(()),
+    )
+}
+
+/// [`generate`], calling `on_token(row, token)` as each token is sampled (a stop token
+/// included), before the next forward pass: what streams a reply to a terminal. `Break`
+/// ends the generation of every row there; the samples hold the tokens drawn so far.
+/// The callback draws nothing from `rng`, so the tokens are those of [`generate`].
+pub fn generate_with(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    stop_tokens: &[u32],
+    pad_id: u32,
+    rng: &mut Rng,
+    on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
+) -> Result<Vec<Sample>> {
     params
         .check()
         .map_err(|e| Error::Msg(format!("sampling settings: {e}")))?;
@@ -249,6 +275,7 @@ pub fn generate(
     // 2. sample, feed back, repeat
     for step in 0..params.max_new_tokens {
         let mut feed = vec![pad_id; b];
+        let mut interrupted = false;
         for r in 0..b {
             if out[r].stopped {
                 continue;
@@ -261,8 +288,9 @@ pub fn generate(
             } else {
                 feed[r] = tok;
             }
+            interrupted |= on_token(r, tok).is_break();
         }
-        if step + 1 == params.max_new_tokens || out.iter().all(|s| s.stopped) {
+        if interrupted || step + 1 == params.max_new_tokens || out.iter().all(|s| s.stopped) {
             break;
         }
         for (r, kv) in key_valid.iter_mut().enumerate() {
@@ -319,6 +347,66 @@ mod tests {
             p.check().unwrap_err().key("rollout"),
             "rollout.top_p: 2: expected a probability in (0, 1] (1 = off)"
         );
+    }
+
+    /// The callback sees every sampled token of every row, in order, and changes nothing
+    /// drawn; `Break` ends the generation at that token.
+    #[test]
+    fn the_token_callback_streams_what_generate_returns_and_can_stop_it() {
+        let config = crate::ModelConfig::llama(50, 32, 2, 4, 2, 64, 64, 1e4, true);
+        let (model, _) = crate::io::build_trainable(
+            &config,
+            crate::Head::Lm,
+            None,
+            &[],
+            &mut Rng::new(1),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let prompts = vec![vec![1, 2, 3], vec![4, 5]];
+        let params = SamplingParams {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        let stop = [7u32];
+        let plain = generate(&model, &prompts, &params, &stop, 0, &mut Rng::new(9)).unwrap();
+        let mut seen: Vec<Vec<u32>> = vec![vec![]; 2];
+        let streamed = generate_with(
+            &model,
+            &prompts,
+            &params,
+            &stop,
+            0,
+            &mut Rng::new(9),
+            &mut |r, t| {
+                seen[r].push(t);
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+        assert_eq!(streamed, plain);
+        assert_eq!(seen, vec![plain[0].tokens.clone(), plain[1].tokens.clone()]);
+        assert!(plain.iter().any(|s| s.tokens.len() > 3));
+        let mut n = 0;
+        let cut = generate_with(
+            &model,
+            &prompts[..1],
+            &params,
+            &[],
+            0,
+            &mut Rng::new(9),
+            &mut |_, _| {
+                n += 1;
+                if n == 3 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(cut[0].tokens.len(), 3);
+        assert!(!cut[0].stopped);
     }
 
     #[test]
