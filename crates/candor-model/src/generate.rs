@@ -193,6 +193,20 @@ pub fn generate(
     pad_id: u32,
     rng: &mut Rng,
 ) -> Result<Vec<Sample>> {
+    let draw = |_: usize, logits: &[f32]| sample_row(logits, params, rng);
+    generate_with(model, prompts, params, stop_tokens, pad_id, draw)
+}
+
+/// [`generate`] with each token drawn by `draw(row, logits)` (e.g. from a random stream of
+/// the row's own, so a row's sample does not depend on the other rows of the batch).
+pub fn generate_with(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    stop_tokens: &[u32],
+    pad_id: u32,
+    mut draw: impl FnMut(usize, &[f32]) -> (u32, f32),
+) -> Result<Vec<Sample>> {
     params
         .check()
         .map_err(|e| Error::Msg(format!("sampling settings: {e}")))?;
@@ -253,7 +267,7 @@ pub fn generate(
             if out[r].stopped {
                 continue;
             }
-            let (tok, lp) = sample_row(&logits[r], params, rng);
+            let (tok, lp) = draw(r, &logits[r]);
             out[r].tokens.push(tok);
             out[r].logprobs.push(lp);
             if stop_tokens.contains(&tok) {
