@@ -112,6 +112,17 @@ fn dpo_raises_the_heldout_judge_score_and_orders_heldout_pairs() {
     );
     assert!(kl.is_finite() && kl < 30.0, "KL to the SFT policy: {kl}");
     assert!(acc > 0.5, "eval_accuracy {acc}");
+    // a healthy run: no run-health signal trips
+    let tripped: Vec<&serde_json::Value> = m
+        .iter()
+        .filter(|r| {
+            r.as_object()
+                .unwrap()
+                .keys()
+                .any(|k| k.starts_with("health_"))
+        })
+        .collect();
+    assert!(tripped.is_empty(), "{tripped:?}");
     for key in [
         "loss",
         "eval_loss",
@@ -157,6 +168,61 @@ fn dpo_raises_the_heldout_judge_score_and_orders_heldout_pairs() {
         .args(["--prompt", "Describe the sea.", "--model"])
         .arg(&out));
     assert!(!text.trim().is_empty());
+}
+
+/// A deliberately broken run (learning rate 3e-3, 15× the shipped one) pushes the chosen
+/// responses' likelihood down with the rejected ones: `health_chosen_falls` trips, warns
+/// once and is logged; with `train.stop_on_health` the run stops with one error line and
+/// keeps its last checkpoint.
+#[test]
+fn a_broken_run_trips_the_chosen_falls_signal_and_can_stop_on_it() {
+    let sft = tiny_sft();
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = [
+        "train.lr=3e-3",
+        "train.min_lr=3e-3",
+        "train.steps=24",
+        "train.eval_every=0",
+        "train.log_every=1",
+    ];
+    let out = tmp.path().join("broken");
+    let run = dpo(&sft, &out, &sets).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let m = metrics(&out);
+    let first_trip = m
+        .iter()
+        .find(|r| r.get("health_chosen_falls").is_some())
+        .unwrap_or_else(|| panic!("health_chosen_falls never tripped: {m:?}"));
+    let step = first_trip["step"].as_u64().unwrap();
+    let value = first_trip["health_chosen_falls"].as_f64().unwrap();
+    // the signal's value is the step's logged reward_chosen, below -chosen_floor (2)
+    let logged = m
+        .iter()
+        .find(|r| r["step"] == step && r.get("reward_chosen").is_some())
+        .unwrap()["reward_chosen"]
+        .as_f64()
+        .unwrap();
+    assert!(value == logged && value < -2.0, "{value} vs {logged}");
+    assert_eq!(
+        stderr
+            .matches("warning: chosen responses losing likelihood")
+            .count(),
+        1,
+        "{stderr}"
+    );
+
+    let stopped = tmp.path().join("stopped");
+    let mut sets = sets.to_vec();
+    sets.extend(["train.stop_on_health=true", "train.save_every=1"]);
+    let e = fails(&mut dpo(&sft, &stopped, &sets));
+    assert!(
+        e.contains("run health: chosen responses losing likelihood")
+            && e.contains(&format!("stopped at step {step}")),
+        "{e}"
+    );
+    let meta = read_json(&stopped.join("candor.json"));
+    assert_eq!(meta["step"].as_u64(), Some(step - 1));
 }
 
 /// Killed after a checkpoint and resumed, a run ends on the same weights and optimiser state

@@ -1,4 +1,5 @@
-//! GRPO through the real binary: kill and resume, and bad input refused with one line.
+//! GRPO through the real binary: kill and resume, per-judge rewards in the log and the
+//! report, run-health warnings, and bad input refused with one line.
 
 mod common;
 
@@ -138,7 +139,108 @@ fn bad_input_is_refused_with_one_line_and_nothing_written() {
     let e = fails(&mut c);
     assert!(e.contains("use different tokenizers"), "{e}");
 
+    let e = fails(&mut grpo(&sft, &out, &["health.zero_spread=2"]));
+    assert!(
+        e.contains("health.zero_spread: 2: expected a fraction in [0, 1]"),
+        "{e}"
+    );
+
     let e = fails(&mut grpo(&sft, &out, &["grpo.loss_typo=dapo"]));
     assert!(e.contains("grpo.loss_typo"), "{e}");
     assert!(!out.exists(), "a refused run wrote {}", out.display());
+}
+
+/// `score.judges`: each judge's batch mean is logged as `reward_<label>` and drawn by
+/// `candor report`. A reward that cannot tell completions apart (the `length` judge with a
+/// band every completion is in: every group scores alike) trips the zero-spread health
+/// signal: one warning line, `health_zero_spread` in the log and the report; with
+/// `train.stop_on_health` the run stops with one error line, keeping the last checkpoint.
+#[test]
+fn per_judge_rewards_are_logged_and_drawn_and_a_flat_reward_trips_health() {
+    let sft = tiny_sft();
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = [
+        "train.steps=3",
+        "train.eval_every=0",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=3",
+        "train.batch_size=6",
+        "score.judge=null",
+        "score.judges=[{name: math, label: exact}, {name: \"length:0-100000\", weight: 0.5, label: any}]",
+        "health.window=2",
+    ];
+    let out = tmp.path().join("grpo");
+    let mut c = grpo(&sft, &out, &sets);
+    let run = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let m = metrics(&out);
+    let trained: Vec<&serde_json::Value> = m
+        .iter()
+        .filter(|r| r.get("policy_loss").is_some())
+        .collect();
+    assert_eq!(trained.len(), 3, "{m:?}");
+    for r in &trained {
+        // `any` scores every completion 1; the reward is exact + 0.5·any, and the raw
+        // reward (no reward model, no score.judge) the same weighted sum
+        let (exact, any) = (
+            r["reward_exact"].as_f64().unwrap(),
+            r["reward_any"].as_f64().unwrap(),
+        );
+        assert_eq!(any, 1.0, "{r}");
+        assert!(
+            (r["reward_raw_mean"].as_f64().unwrap() - (exact + 0.5)).abs() < 1e-12,
+            "{r}"
+        );
+        assert_eq!(r["zero_spread"].as_f64(), Some(1.0), "{r}");
+    }
+    // the signal trips at steps 2 and 3 (window 2), warns once
+    let tripped: Vec<u64> = m
+        .iter()
+        .filter(|r| r.get("health_zero_spread").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tripped, [2, 3], "{m:?}");
+    assert_eq!(
+        stderr.matches("warning: no learning signal").count(),
+        1,
+        "{stderr}"
+    );
+    ok(candor().arg("report").arg(&out));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("reward per judge (score.judges)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("| health_zero_spread | 2 | 3 | 2 |"),
+        "{report}"
+    );
+    let svg = std::fs::read_to_string(out.join("plots/grpo-judges.svg"))
+        .or_else(|_| {
+            // the plot is named after the stage's id in the run directory
+            let p = std::fs::read_dir(out.join("plots"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.to_string_lossy().ends_with("-judges.svg"))
+                .expect("a judges plot");
+            std::fs::read_to_string(p)
+        })
+        .unwrap();
+    assert!(svg.contains("reward_exact") && svg.contains("reward_any"));
+
+    // train.stop_on_health: stops at step 2 with one error line; step 1's checkpoint stays
+    let stopped = tmp.path().join("stopped");
+    let mut sets = sets.to_vec();
+    sets.extend(["train.stop_on_health=true", "train.save_every=1"]);
+    let e = fails(&mut grpo(&sft, &stopped, &sets));
+    assert!(
+        e.contains("run health: no learning signal") && e.contains("stopped at step 2"),
+        "{e}"
+    );
+    let meta = read_json(&stopped.join("candor.json"));
+    assert_eq!(
+        (meta["step"].as_u64(), meta["complete"].as_bool()),
+        (Some(1), Some(false))
+    );
 }

@@ -22,7 +22,7 @@ use candor_data::chat::{fit_context, stop_tokens, ChatTemplate, Message};
 use candor_data::sft::SftLine;
 use candor_data::tokenizer::TextStream;
 use candor_data::Tokenizer;
-use candor_model::generate::{generate_with, SamplingParams};
+use candor_model::generate::{generate_with, sample_row, SamplingParams};
 use candor_model::Model;
 use candor_train::precision::{load_frozen, Precision};
 use candor_train::sample::response_text;
@@ -256,13 +256,14 @@ impl Session<'_> {
         if let Some(c) = ctrl_c {
             c.begin();
         }
+        let (params, rng) = (&self.params, &mut self.rng);
         let sample = generate_with(
             self.model,
             &[window.ids],
-            &self.params,
+            params,
             stop,
             self.tok.pad_id(),
-            &mut self.rng,
+            |_: usize, logits: &[f32]| sample_row(logits, params, rng),
             &mut |_, token| {
                 first_token.get_or_insert_with(Instant::now);
                 if ctrl_c.is_some_and(CtrlC::pressed) {

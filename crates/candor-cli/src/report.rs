@@ -286,6 +286,25 @@ pub fn run(args: ReportArgs) -> Result<()> {
                 figures.push(format!("![{title}](plots/{slug}-{name}.svg)"));
             }
         }
+        // PPO's and GRPO's `score.judges`: each judge's batch mean (`reward_<label>`)
+        let judged: Vec<(String, Vec<(f64, f64)>)> = judge_keys(&s.meta.config)
+            .into_iter()
+            .map(|k| {
+                let points = series(&s.metrics, &k);
+                (k, points)
+            })
+            .collect();
+        let file = plots.join(format!("{slug}-judges.svg"));
+        let title = "reward per judge (score.judges)";
+        if plot(
+            &file,
+            &format!("{} — {title}", s.id),
+            kind.report.x,
+            &judged,
+            &marks,
+        )? {
+            figures.push(format!("![{title}](plots/{slug}-judges.svg)"));
+        }
         for f in figures {
             writeln!(md, "{f}\n")?;
         }
@@ -298,6 +317,16 @@ pub fn run(args: ReportArgs) -> Result<()> {
     candor_core::output::write_atomic(&path, md.as_bytes())?;
     println!("report: {}", path.display());
     Ok(())
+}
+
+/// The `reward_<label>` keys of a stage config's `score.judges` (none without them).
+fn judge_keys(config: &Value) -> Vec<String> {
+    let list = config.pointer("/score/judges").cloned().unwrap_or_default();
+    serde_json::from_value::<Vec<candor_train::score::WeightedJudge>>(list)
+        .unwrap_or_default()
+        .iter()
+        .map(|j| j.metric_key())
+        .collect()
 }
 
 /// A "Run health" table for a stage whose log has tripped `health_*` signals (each: the

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candor_model::generate::SamplingParams;
 use candor_train::config::TrainConfig;
+use candor_train::health::HealthConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -26,6 +27,13 @@ pub struct DpoConfig {
     pub dpo: DpoAlgo,
     /// Held-out evaluation.
     pub eval: DpoEval,
+    /// Run-health thresholds (the section PPO and GRPO have; those that apply to DPO):
+    /// margin collapse (the held-out `eval_margin` falling from its best), chosen responses
+    /// losing likelihood (`reward_chosen` below −`chosen_floor`), gradient spikes, and with
+    /// `eval.prompts`: runaway KL, response-length drift, reward hacking (the training
+    /// margin rising while the held-out judge falls). `train.stop_on_health` stops the run
+    /// instead.
+    pub health: HealthConfig,
     /// Optimiser, schedule and cadence; `batch_size` counts preference pairs per step (TRL's
     /// `per_device_train_batch_size`); a prompt's pairs are kept together, so a step takes
     /// whole prompts until it has at least `batch_size` pairs.
@@ -41,6 +49,7 @@ impl Default for DpoConfig {
             data: DpoData::default(),
             dpo: DpoAlgo::default(),
             eval: DpoEval::default(),
+            health: HealthConfig::default(),
             train: TrainConfig {
                 steps: 100,
                 batch_size: 16,

@@ -36,6 +36,7 @@ use candor_model::io::{load_trainable, read_config};
 use candor_model::Model;
 use candor_train::batch::{split_heldout, Sampler};
 use candor_train::ckpt::{final_metrics, save_checkpoint, Snapshot, Start, TrainerState};
+use candor_train::health::HealthMonitor;
 use candor_train::optim::{check_finite, clip_grad_norm, named_vars, AdamW};
 use candor_train::precision::{compute_model, inference_model, load_frozen};
 use candor_train::progress::{human, Progress};
@@ -74,6 +75,7 @@ pub struct ReferenceLogps {
 /// Check the config before anything is loaded; errors name the config file and key.
 fn validate(cfg: &DpoConfig, origin: &str) -> Result<()> {
     cfg.train.validate(origin)?;
+    cfg.health.validate(origin)?;
     cfg.dpo.check().map_err(|m| err(format!("{origin}: {m}")))?;
     if cfg.data.files.is_empty() {
         return Err(err(format!(
@@ -249,6 +251,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         })
     };
 
+    let mut health = HealthMonitor::replay(cfg.health.clone(), &metrics.records);
     let mut sampler = Sampler::new(train.prompts.len(), cfg.seed, state.cursor.clone());
     let progress = Progress::for_rank("dpo", cfg.train.steps as u64, state.step, dist.is_main());
     progress.log(&format!(
@@ -370,6 +373,9 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         if !line.is_empty() {
             progress.log(&format!("before DPO: {line}"));
         }
+        // the starting point of the signals (held-out length, KL, margin), as a resumed
+        // run's replay of the log sees it; nothing trips on a first value
+        health.check(&mut metrics, 0, false);
     }
 
     // 3. the loop: a batch of prompts, each response scored once, every pair's loss
@@ -446,22 +452,43 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                 "logps_rejected" => sums.logps_rejected / sums.pairs.max(1.0)));
             window = (Instant::now(), 0);
         }
-        if !dist.is_main() {
-            continue; // rank 0 alone evaluates and writes
-        }
-        if cfg.train.eval_due(state.step) {
-            let line = evaluate(
-                &*inference_model(&policy, &varmap, dtype)?,
-                state.step,
-                &mut metrics,
-                &mut samples_log,
-            )?;
-            if !line.is_empty() {
-                progress.log(&format!(
-                    "step {} | loss {:.4} | {line}",
-                    state.step, sums.loss
-                ));
+        let mut stop = None;
+        if dist.is_main() {
+            // rank 0 alone evaluates and writes
+            if cfg.train.eval_due(state.step) {
+                let line = evaluate(
+                    &*inference_model(&policy, &varmap, dtype)?,
+                    state.step,
+                    &mut metrics,
+                    &mut samples_log,
+                )?;
+                if !line.is_empty() {
+                    progress.log(&format!(
+                        "step {} | loss {:.4} | {line}",
+                        state.step, sums.loss
+                    ));
+                }
             }
+            // run health, from what this step logged: a tripped signal is logged as
+            // `health_*` and warned about once; with train.stop_on_health it stops the run
+            let checked = health.check(&mut metrics, state.step, cfg.train.stop_on_health);
+            for w in &checked.warnings {
+                progress.log(w);
+            }
+            stop = checked.stop;
+        }
+        if cfg.train.stop_on_health {
+            stop = dist.broadcast_value(&stop)?;
+        }
+        if let Some(why) = stop {
+            return Err(err(format!(
+                "run health: {why}; stopped at step {} (train.stop_on_health), the last good checkpoint (if any) is kept in {}",
+                state.step,
+                opts.out.display()
+            )));
+        }
+        if !dist.is_main() {
+            continue;
         }
         if cfg.train.save_due(state.step) {
             meta.complete = false;

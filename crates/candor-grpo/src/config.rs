@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use candor_model::generate::SamplingParams;
 use candor_train::config::TrainConfig;
+use candor_train::health::HealthConfig;
 use candor_train::score::ScoreConfig;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,12 @@ pub struct GrpoConfig {
     /// The algorithm: advantages, loss, clipping, KL, dynamic sampling.
     pub grpo: GrpoAlgo,
     pub eval: EvalConfig,
+    /// Run-health thresholds (the same section as PPO's): warnings for entropy collapse,
+    /// runaway KL (with β ≠ 0), response-length drift, reward hacking (the training reward
+    /// rising while the held-out judge falls), a clip fraction that stays high, gradient
+    /// spikes, and steps where every group scored alike (`zero_spread`: no learning
+    /// signal). `train.stop_on_health` stops the run instead.
+    pub health: HealthConfig,
     /// Optimiser and cadence. `steps` counts GRPO steps (generation batches; the
     /// learning-rate schedule runs over them); `batch_size` is the completions per optimiser
     /// update (TRL `per_device_train_batch_size`): a generation batch of
@@ -52,6 +59,7 @@ impl Default for GrpoConfig {
             score: ScoreConfig::default(),
             grpo: GrpoAlgo::default(),
             eval: EvalConfig::default(),
+            health: HealthConfig::default(),
             train: TrainConfig {
                 steps: 20,
                 batch_size: 64,

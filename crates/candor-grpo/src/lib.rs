@@ -35,13 +35,14 @@ use candor_train::ckpt::{
     read_trainer, restore_optimizer, save_checkpoint, Snapshot, Start, TrainerState,
 };
 use candor_train::dist::Dist;
+use candor_train::health::HealthMonitor;
 use candor_train::optim::{clip_grad_norm, named_vars, AdamW};
 use candor_train::precision::{compute_model, inference_model, load_frozen};
 use candor_train::progress::Progress;
 use candor_train::rl::{masked_mean, scalar};
-use candor_train::rollout::{load_prompts, sample_responses, Prompt};
+use candor_train::rollout::{load_prompts, sample_responses, sample_responses_per_row, Prompt};
 use candor_train::schedule::lr_at;
-use candor_train::score::{check_judge_fields, judge, judge_scores, Scorer};
+use candor_train::score::{check_judge_fields, judge, judge_means, judge_scores, Scorer};
 use candor_train::seq::{logprobs, rows, seq_batch, tensor};
 
 pub use config::*;
@@ -164,6 +165,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         samples_log = MetricsLog::read_file(&opts.out.join(SAMPLES_FILE), None)?;
         state = s;
     }
+    let mut health = HealthMonitor::replay(cfg.health.clone(), &metrics.records);
     let mut prompt_sampler = Sampler::new(prompts.len(), cfg.seed, state.cursor.clone());
     let progress = Progress::for_rank("grpo", cfg.train.steps as u64, state.step, dist.is_main());
     progress.log(&format!(
@@ -174,7 +176,10 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             (Some(r), None) => r.display().to_string(),
             (_, Some(j)) => format!("judge {j}"),
             _ => "-".into(),
-        },
+        } + &scorer
+            .judges_name()
+            .map(|w| format!(" + judges {w}"))
+            .unwrap_or_default(),
         if reference.is_some() { "loaded (β ≠ 0)" } else { "none (β = 0)" },
         cfg.rollout.prompts_per_step,
         cfg.rollout.group_size,
@@ -255,6 +260,11 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         beta: cfg.grpo.beta,
         max_completion_length: max_new,
     };
+    let judge_labels: Vec<String> = scorer
+        .judges
+        .as_ref()
+        .map(|w| w.judges.iter().map(|(l, _, _)| l.clone()).collect())
+        .unwrap_or_default();
     let group = cfg.rollout.group_size;
     let batch_rows = cfg.rollout.prompts_per_step * group;
     let updates_per_pass = batch_rows.div_ceil(cfg.train.batch_size);
@@ -282,17 +292,21 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                 .flat_map(|&i| std::iter::repeat_n(i, group))
                 .collect();
             let posed: Vec<&Prompt> = rows_prompt.iter().map(|&i| &prompts[i]).collect();
-            let mut rank_rng = Rng::derive(
-                state.rng.clone().next_u64(),
-                &format!("rollout-rank-{}", dist.rank()),
-            );
-            let rng = if dist.is_main() {
-                &mut state.rng
-            } else {
-                &mut rank_rng
-            };
-            let out = sample_responses(&policy_now, &tok, &posed, &sampling, &stop, rng)?;
-            state.rng = dist.broadcast_value(&state.rng)?;
+            // each row of the round draws from its own stream, numbered in the whole batch:
+            // what a row samples does not depend on how the batch is split over ranks
+            let round_seed = state.rng.next_u64();
+            let first_row = dist.shard_range(idx.len()).start * group;
+            let mut streams: Vec<Rng> = (first_row..first_row + posed.len())
+                .map(|r| Rng::derive(round_seed, &format!("row-{r}")))
+                .collect();
+            let out = sample_responses_per_row(
+                &policy_now,
+                &tok,
+                &posed,
+                &sampling,
+                &stop,
+                &mut streams,
+            )?;
             time_generate += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let sb = out.seq_batch(&posed, pad, device)?;
@@ -329,6 +343,9 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                 Some(r) => per_token(r)?,
                 None => vec![vec![]; n],
             };
+            let judges = (0..n)
+                .map(|i| scores.per_judge.iter().map(|(_, s)| s[i]).collect())
+                .collect();
             let mine_rows = Groups {
                 prompt: rows_prompt,
                 tokens: out.tokens,
@@ -337,6 +354,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                 raw: scores.raw,
                 old_logprobs,
                 ref_logprobs,
+                judges,
             };
             let round = mine_rows.gather(dist)?;
             time_score += t.elapsed().as_secs_f64();
@@ -461,25 +479,57 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             rec.insert("sampling_rounds".into(), serde_json::json!(rounds));
             rec.insert("groups".into(), serde_json::json!(n / group));
         }
+        // each of score.judges' mean over the batch (every rank holds the whole batch)
+        let per_judge: Vec<(String, Vec<f64>)> = judge_labels
+            .iter()
+            .enumerate()
+            .map(|(k, l)| (l.clone(), batch.judges.iter().map(|r| r[k]).collect()))
+            .collect();
+        let judge_means = judge_means(&per_judge, &Dist::single())?;
+        for (key, mean) in &judge_means {
+            rec.insert(key.clone(), serde_json::json!(mean));
+        }
         if !cfg.train.log_due(state.step) {
-            rec.retain(|k, _| k == "step" || k == "reward_mean" || k == "kl");
+            let judged = |k: &str| judge_means.iter().any(|(l, _)| k == l);
+            rec.retain(|k, _| k == "step" || k == "reward_mean" || k == "kl" || judged(k));
         }
         metrics.push(rec);
         progress.set(
             state.step,
             format!("reward {reward_mean:+.3} | kl {:.4} | zero-spread {:.2} | gen {time_generate:.2}s score {time_score:.2}s train {time_train:.2}s", s.kl, groups_flat as f64 / groups_seen.max(1) as f64),
         );
-        if !dist.is_main() {
-            continue; // rank 0 alone evaluates and writes
-        }
-        if cfg.train.eval_due(state.step) {
-            let now = inference_model(&policy, &policy_vars, dtype)?;
-            if let Some(j) = evaluate(&now, state.step, &mut metrics, &mut samples_log)? {
-                progress.log(&format!(
-                    "step {} | reward {reward_mean:+.4} | judge_score {j:.4}",
-                    state.step
-                ));
+        let mut stop = None;
+        if dist.is_main() {
+            // rank 0 alone evaluates and writes
+            if cfg.train.eval_due(state.step) {
+                let now = inference_model(&policy, &policy_vars, dtype)?;
+                if let Some(j) = evaluate(&now, state.step, &mut metrics, &mut samples_log)? {
+                    progress.log(&format!(
+                        "step {} | reward {reward_mean:+.4} | judge_score {j:.4}",
+                        state.step
+                    ));
+                }
             }
+            // run health, from what this step logged: a tripped signal is logged as
+            // `health_*` and warned about once; with train.stop_on_health it stops the run
+            let checked = health.check(&mut metrics, state.step, cfg.train.stop_on_health);
+            for w in &checked.warnings {
+                progress.log(w);
+            }
+            stop = checked.stop;
+        }
+        if cfg.train.stop_on_health {
+            stop = dist.broadcast_value(&stop)?;
+        }
+        if let Some(why) = stop {
+            return Err(err(format!(
+                "run health: {why}; stopped at step {} (train.stop_on_health), the last good checkpoint (if any) is kept in {}",
+                state.step,
+                opts.out.display()
+            )));
+        }
+        if !dist.is_main() {
+            continue;
         }
         if cfg.train.save_due(state.step) {
             meta.complete = false;
@@ -635,6 +685,7 @@ const SAMPLES_FILE: &str = "samples.jsonl";
 pub fn validate(cfg: &GrpoConfig, origin: &str) -> Result<()> {
     let bad = |key: &str, msg: String| Err(err(format!("{origin}: {key}: {msg}")));
     let g = &cfg.grpo;
+    cfg.health.validate(origin)?;
     if cfg.train.grad_accum != 1 {
         return bad(
             "train.grad_accum",

@@ -25,6 +25,8 @@ pub struct Groups {
     /// the reference (empty rows when β = 0).
     pub old_logprobs: Vec<Vec<f64>>,
     pub ref_logprobs: Vec<Vec<f64>>,
+    /// Each of `score.judges`' score of the row, in their order (empty without them).
+    pub judges: Vec<Vec<f64>>,
 }
 
 impl Groups {
@@ -45,6 +47,7 @@ impl Groups {
         self.raw.push(other.raw[i]);
         self.old_logprobs.push(other.old_logprobs[i].clone());
         self.ref_logprobs.push(other.ref_logprobs[i].clone());
+        self.judges.push(other.judges[i].clone());
     }
 
     /// Every rank's rows, in rank order (exchanged as f64: token ids, indices and f32-born
@@ -60,6 +63,7 @@ impl Groups {
                 self.tokens[i].len() as f64,
                 self.old_logprobs[i].len() as f64,
                 self.ref_logprobs[i].len() as f64,
+                self.judges[i].len() as f64,
                 f64::from(u8::from(self.stopped[i])),
                 self.reward[i],
                 self.raw[i],
@@ -67,23 +71,26 @@ impl Groups {
             flat.extend(self.tokens[i].iter().map(|&t| f64::from(t)));
             flat.extend(&self.old_logprobs[i]);
             flat.extend(&self.ref_logprobs[i]);
+            flat.extend(&self.judges[i]);
         }
         let mut all = Groups::default();
         for part in dist.all_gather_f64(&flat)? {
             let mut at = 0;
             while at < part.len() {
-                let h = &part[at..at + 7];
-                let (n, o, r) = (h[1] as usize, h[2] as usize, h[3] as usize);
-                let body = &part[at + 7..at + 7 + n + o + r];
+                const HEAD: usize = 8;
+                let h = &part[at..at + HEAD];
+                let (n, o, r, j) = (h[1] as usize, h[2] as usize, h[3] as usize, h[4] as usize);
+                let body = &part[at + HEAD..at + HEAD + n + o + r + j];
                 all.prompt.push(h[0] as usize);
                 all.tokens
                     .push(body[..n].iter().map(|&t| t as u32).collect());
                 all.old_logprobs.push(body[n..n + o].to_vec());
-                all.ref_logprobs.push(body[n + o..].to_vec());
-                all.stopped.push(h[4] != 0.0);
-                all.reward.push(h[5]);
-                all.raw.push(h[6]);
-                at += 7 + n + o + r;
+                all.ref_logprobs.push(body[n + o..n + o + r].to_vec());
+                all.judges.push(body[n + o + r..].to_vec());
+                all.stopped.push(h[5] != 0.0);
+                all.reward.push(h[6]);
+                all.raw.push(h[7]);
+                at += HEAD + n + o + r + j;
             }
         }
         Ok(all)
@@ -111,6 +118,7 @@ mod tests {
                 vec![]
             });
             g.ref_logprobs.push(vec![-1.25; n]);
+            g.judges.push(vec![0.5 * i as f64, 1.0]);
         }
         g
     }

@@ -195,28 +195,30 @@ pub fn generate(
     pad_id: u32,
     rng: &mut Rng,
 ) -> Result<Vec<Sample>> {
+    let draw = |_: usize, logits: &[f32]| sample_row(logits, params, rng);
     generate_with(
         model,
         prompts,
         params,
         stop_tokens,
         pad_id,
-        rng,
+        draw,
         &mut |_, _| ControlFlow::Continue(()),
     )
 }
 
-/// [`generate`], calling `on_token(row, token)` as each token is sampled (a stop token
-/// included), before the next forward pass: what streams a reply to a terminal. `Break`
-/// ends the generation of every row there; the samples hold the tokens drawn so far.
-/// The callback draws nothing from `rng`, so the tokens are those of [`generate`].
+/// [`generate`] with each token drawn by `draw(row, logits)` (e.g. from a random stream of
+/// the row's own, so a row's sample does not depend on the other rows of the batch), and
+/// `on_token(row, token)` called as each token is sampled (a stop token included), before
+/// the next forward pass: what streams a reply to a terminal. `Break` ends the generation
+/// of every row there; the samples hold the tokens drawn so far.
 pub fn generate_with(
     model: &Model,
     prompts: &[Vec<u32>],
     params: &SamplingParams,
     stop_tokens: &[u32],
     pad_id: u32,
-    rng: &mut Rng,
+    mut draw: impl FnMut(usize, &[f32]) -> (u32, f32),
     on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
 ) -> Result<Vec<Sample>> {
     params
@@ -280,7 +282,7 @@ pub fn generate_with(
             if out[r].stopped {
                 continue;
             }
-            let (tok, lp) = sample_row(&logits[r], params, rng);
+            let (tok, lp) = draw(r, &logits[r]);
             out[r].tokens.push(tok);
             out[r].logprobs.push(lp);
             if stop_tokens.contains(&tok) {
@@ -377,7 +379,10 @@ mod tests {
             &params,
             &stop,
             0,
-            &mut Rng::new(9),
+            {
+                let (mut rng, p) = (Rng::new(9), &params);
+                move |_: usize, l: &[f32]| sample_row(l, p, &mut rng)
+            },
             &mut |r, t| {
                 seen[r].push(t);
                 ControlFlow::Continue(())
@@ -394,7 +399,10 @@ mod tests {
             &params,
             &[],
             0,
-            &mut Rng::new(9),
+            {
+                let (mut rng, p) = (Rng::new(9), &params);
+                move |_: usize, l: &[f32]| sample_row(l, p, &mut rng)
+            },
             &mut |_, _| {
                 n += 1;
                 if n == 3 {

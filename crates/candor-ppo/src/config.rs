@@ -37,7 +37,7 @@ pub struct PpoConfig {
     pub eval: EvalConfig,
     /// Run-health thresholds: warnings for entropy collapse, runaway KL, response-length
     /// drift, reward hacking, a persistently high clip fraction, gradient spikes
-    /// (`train.stop_on_health` stops the run instead).
+    /// (`train.stop_on_health` stops the run instead; docs/health.md).
     pub health: HealthConfig,
     /// Optimiser and cadence. In PPO `steps` counts iterations (rollout batches), the
     /// learning-rate schedule runs over iterations, and `batch_size` is the minibatch size

@@ -38,7 +38,7 @@ use candor_model::Model;
 use candor_train::batch::{Cursor, Sampler};
 use candor_train::ckpt::{read_trainer, restore_optimizer, Start, TrainerState};
 use candor_train::err;
-use candor_train::health::{merged_step, observation_of, HealthMonitor};
+use candor_train::health::HealthMonitor;
 use candor_train::optim::{named_vars, AdamW};
 use candor_train::precision::inference_model;
 use candor_train::progress::Progress;
@@ -337,18 +337,13 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             "lr" => lr, "time_generate" => time_generate, "time_score" => time_score, "time_train" => time_train,
             "early_stopped" => stats.early_stopped,
             "advantage_mean" => masked_mean_rows(&advantages, &mask_rows));
-        for (label, mean) in &times.judge_means {
-            rec.insert(format!("reward_{label}"), serde_json::json!(mean));
+        for (key, mean) in &times.judge_means {
+            rec.insert(key.clone(), serde_json::json!(mean));
         }
         if !(state.step as usize).is_multiple_of(cfg.train.log_every)
             && state.step as usize != cfg.train.steps
         {
-            let judged = |k: &str| {
-                times
-                    .judge_means
-                    .iter()
-                    .any(|(l, _)| k == format!("reward_{l}"))
-            };
+            let judged = |k: &str| times.judge_means.iter().any(|(l, _)| k == l);
             rec.retain(|k, _| k == "step" || k == "reward_mean" || k == "kl" || judged(k));
         }
         metrics.push(rec);
@@ -375,21 +370,11 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             }
             // run health, from what this iteration logged: a tripped signal is logged as
             // `health_*` and warned about once; with train.stop_on_health it stops the run
-            let obs = observation_of(&merged_step(&metrics.records, state.step));
-            let tripped = health.observe(&obs);
-            if !tripped.is_empty() {
-                let mut rec = record!(state.step;);
-                for t in &tripped {
-                    rec.insert(t.key.into(), serde_json::json!(t.value));
-                    if health.first_warning(t.key) || cfg.train.stop_on_health {
-                        progress.log(&format!("warning: {}", t.message));
-                    }
-                }
-                metrics.push(rec);
-                if cfg.train.stop_on_health {
-                    stop = Some(tripped[0].message.clone());
-                }
+            let checked = health.check(&mut metrics, state.step, cfg.train.stop_on_health);
+            for w in &checked.warnings {
+                progress.log(w);
             }
+            stop = checked.stop;
         }
         if cfg.train.stop_on_health {
             stop = dist.broadcast_value(&stop)?;

@@ -12,7 +12,7 @@ use candor_model::Model;
 use candor_train::dist::Dist;
 use candor_train::precision::{inference_model, Precision};
 use candor_train::rollout::{sample_responses, Prompt};
-use candor_train::score::Scorer;
+use candor_train::score::{judge_means, Scorer};
 use candor_train::seq::{logprobs, rows, values};
 
 use crate::Result;
@@ -43,7 +43,7 @@ pub(crate) struct RolloutTimes {
     pub generate: f64,
     /// When scoring began.
     pub score_start: Instant,
-    /// Each of `score.judges`' batch mean over every rank, by its label (`reward_<label>`).
+    /// Each of `score.judges`' batch mean over every rank, as `(reward_<label>, mean)`.
     pub judge_means: Vec<(String, f64)>,
 }
 
@@ -85,25 +85,7 @@ pub(crate) fn roll_out(
     let scores = m
         .scorer
         .score(&sb, mine, &samples.texts, &samples.stopped)?;
-    // each of score.judges' batch mean, over every rank: sums and the count
-    let mut judge_sums: Vec<f64> = scores
-        .per_judge
-        .iter()
-        .map(|(_, s)| s.iter().sum())
-        .collect();
-    judge_sums.push(mine.len() as f64);
-    let judge_sums = if judge_sums.len() > 1 {
-        dist.all_reduce_f64(&judge_sums)?
-    } else {
-        judge_sums
-    };
-    let count = judge_sums[judge_sums.len() - 1];
-    let judge_means = scores
-        .per_judge
-        .iter()
-        .zip(&judge_sums)
-        .map(|((label, _), sum)| (label.clone(), sum / count))
-        .collect();
+    let judge_means = judge_means(&scores.per_judge, dist)?;
     let old_lp = rows(&logprobs(&policy_now, &sb, how.temperature)?.0.detach())?;
     let ref_lp = rows(&logprobs(m.reference, &sb, how.temperature)?.0)?;
     let old_values = rows(&values(&critic_now, &sb)?.detach())?;

@@ -56,8 +56,9 @@ pub struct TrainConfig {
     /// and AdamW state (Micikevicius et al. 2018; bf16 needs no loss scaling; TRL `bf16`).
     /// Meant for GPUs; candle's CPU backend runs it too, more slowly than f32. Default `f32`.
     pub dtype: crate::precision::Precision,
-    /// RL stages: stop the run when a run-health signal trips (see `health:`), keeping the
-    /// last good checkpoint; otherwise a tripped signal only warns (default false).
+    /// PPO, GRPO and DPO: stop the run when a run-health signal trips (see `health:` and
+    /// docs/health.md), keeping the last good checkpoint; otherwise a tripped signal only
+    /// warns (default false).
     pub stop_on_health: bool,
 }
 

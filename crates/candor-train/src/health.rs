@@ -1,13 +1,17 @@
 //! Run health: early warnings for an RL run going wrong, the ones RLHF users ask every
 //! tool for — entropy collapse, runaway KL, response-length drift, reward hacking (the
 //! reward rising while the held-out judge falls), a clip fraction that stays high, gradient
-//! spikes. Each signal is a pure function of the run's metric history; [`HealthMonitor`]
-//! keeps the history and says which signals trip at each logged iteration. PPO uses it;
-//! GRPO and DPO give it the observations they have (a missing one is skipped).
+//! spikes; and the failures particular to one stage: GRPO groups that all score alike (no
+//! learning signal), DPO's held-out margin collapsing or its chosen responses losing
+//! likelihood. Each signal is a pure function of the run's metric history;
+//! [`HealthMonitor`] keeps the history and says which signals trip at each logged
+//! iteration. PPO, GRPO and DPO give it the observations they have (a missing one is
+//! skipped).
 //!
 //! A tripped signal is logged as `health_<name>` (its value) in `metrics.jsonl`; nothing
 //! is logged while a run is healthy, so a healthy run's log is what it was before.
 
+use candor_core::metrics::MetricsLog;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -38,6 +42,20 @@ pub struct HealthConfig {
     /// Warn when the gradient norm exceeds this multiple of the median of the previous
     /// `window` logged values (default 10).
     pub grad_spike: f64,
+    /// GRPO, no learning signal: warn when at least this share of a step's groups had
+    /// rewards all equal (zero advantages) for `window` logged steps in a row (default
+    /// 1.0: every group).
+    pub zero_spread: f64,
+    /// DPO, margin collapse: warn when the held-out chosen − rejected margin
+    /// (`eval_margin`) falls more than this fraction below its best value so far, once that
+    /// best exceeded `margin_min` (default 0.5).
+    pub margin_drop: f64,
+    /// A best held-out margin below this never trips `margin_drop` (default 0.1).
+    pub margin_min: f64,
+    /// DPO, likelihood displacement: warn when the chosen responses' implicit reward
+    /// β·log π/π_ref (`reward_chosen`) falls below −this: the policy makes the preferred
+    /// responses less likely too (Razin et al. 2024; Pal et al. 2024, DPOP) (default 2.0).
+    pub chosen_floor: f64,
     /// Logged iterations a rate, persistence or baseline looks back over (default 5).
     pub window: usize,
 }
@@ -52,6 +70,10 @@ impl Default for HealthConfig {
             judge_drop: 0.05,
             clip_frac: 0.4,
             grad_spike: 10.0,
+            zero_spread: 1.0,
+            margin_drop: 0.5,
+            margin_min: 0.1,
+            chosen_floor: 2.0,
             window: 5,
         }
     }
@@ -68,6 +90,10 @@ impl HealthConfig {
             ("judge_drop", self.judge_drop),
             ("clip_frac", self.clip_frac),
             ("grad_spike", self.grad_spike),
+            ("zero_spread", self.zero_spread),
+            ("margin_drop", self.margin_drop),
+            ("margin_min", self.margin_min),
+            ("chosen_floor", self.chosen_floor),
         ];
         for (key, v) in fields {
             if !(v.is_finite() && v >= 0.0) {
@@ -75,6 +101,16 @@ impl HealthConfig {
                     "{origin}: health.{key}: {v}: expected a finite number >= 0 (0 = off)"
                 )));
             }
+        }
+        if self.zero_spread > 1.0 || self.margin_drop > 1.0 {
+            let (key, v) = if self.zero_spread > 1.0 {
+                ("zero_spread", self.zero_spread)
+            } else {
+                ("margin_drop", self.margin_drop)
+            };
+            return Err(crate::Error::Msg(format!(
+                "{origin}: health.{key}: {v}: expected a fraction in [0, 1] (0 = off)"
+            )));
         }
         if self.window < 2 {
             return Err(crate::Error::Msg(format!(
@@ -128,6 +164,23 @@ pub fn judge_drop_while_reward_rises(evals: &[(f64, f64)]) -> Option<f64> {
     Some(if r1 > r0 && j1 < j0 { j0 - j1 } else { 0.0 })
 }
 
+/// How far the last value fell below the best (largest) before it, as a fraction of that
+/// best: 0.25 = a quarter lower (`None` before two values, or while the best is ≤ 0).
+pub fn fall_from_best(values: &[f64]) -> Option<f64> {
+    let (&last, before) = values.split_last()?;
+    let best = before.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    (best > 0.0).then(|| (best - last) / best)
+}
+
+/// Whether each of the last `window` values is at least `threshold`.
+pub fn persistently_at_least(values: &[f64], threshold: f64, window: usize) -> bool {
+    window > 0
+        && values.len() >= window
+        && values[values.len() - window..]
+            .iter()
+            .all(|&v| v >= threshold)
+}
+
 /// Whether each of the last `window` values exceeds `threshold`.
 pub fn persistently_above(values: &[f64], threshold: f64, window: usize) -> bool {
     window > 0
@@ -169,26 +222,34 @@ pub struct Observation {
     pub judge: Option<f64>,
     pub clip_frac: Option<f64>,
     pub grad_norm: Option<f64>,
+    /// GRPO: share of the step's groups whose rewards were all equal.
+    pub zero_spread: Option<f64>,
+    /// DPO: held-out chosen − rejected margin, at the iterations that evaluate.
+    pub margin: Option<f64>,
+    /// DPO: the chosen responses' implicit reward β·log π/π_ref on the training batch.
+    pub reward_chosen: Option<f64>,
 }
 
 /// A signal that tripped: its `health_*` name, value, threshold and a one-line warning.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tripped {
-    /// `health_entropy`, `health_kl_growth`, `health_length_drift`, `health_reward_hacking`,
-    /// `health_clip_frac`, `health_grad_spike`.
+    /// One of [`HEALTH_KEYS`].
     pub key: &'static str,
     pub value: f64,
     pub message: String,
 }
 
 /// Every `health_*` key a [`Tripped`] may carry.
-pub const HEALTH_KEYS: [&str; 6] = [
+pub const HEALTH_KEYS: [&str; 9] = [
     "health_entropy",
     "health_kl_growth",
     "health_length_drift",
     "health_reward_hacking",
     "health_clip_frac",
     "health_grad_spike",
+    "health_zero_spread",
+    "health_margin_collapse",
+    "health_chosen_falls",
 ];
 
 /// The metric history of a run and the thresholds it is held to.
@@ -202,6 +263,8 @@ pub struct HealthMonitor {
     response_len: Vec<f64>,
     clip_frac: Vec<f64>,
     grad_norm: Vec<f64>,
+    zero_spread: Vec<f64>,
+    margin: Vec<f64>,
     /// (reward, judge) at each evaluation.
     evals: Vec<(f64, f64)>,
 }
@@ -314,6 +377,76 @@ impl HealthMonitor {
             }
             self.grad_norm.push(g);
         }
+        if let Some(z) = o.zero_spread {
+            self.zero_spread.push(z);
+            if c.zero_spread > 0.0 && persistently_at_least(&self.zero_spread, c.zero_spread, w) {
+                trip("health_zero_spread", z, format!(
+                    "no learning signal: {:.0}% of the groups scored alike (zero advantages) for {w} steps in a row; the task is too hard or too easy for the policy, or the reward cannot tell completions apart (threshold health.zero_spread {})",
+                    z * 100.0, c.zero_spread
+                ));
+            }
+        }
+        if let Some(m) = o.margin {
+            self.margin.push(m);
+            let best = self
+                .margin
+                .iter()
+                .cloned()
+                .fold(f64::NEG_INFINITY, f64::max);
+            if let Some(f) = fall_from_best(&self.margin) {
+                if c.margin_drop > 0.0 && best > c.margin_min && f > c.margin_drop {
+                    trip("health_margin_collapse", f, format!(
+                        "margin collapse: the held-out chosen - rejected margin fell from its best {best:.3} to {m:.3} ({:.0}% lower; threshold health.margin_drop {})",
+                        f * 100.0, c.margin_drop
+                    ));
+                }
+            }
+        }
+        if let Some(r) = o.reward_chosen {
+            if c.chosen_floor > 0.0 && r < -c.chosen_floor {
+                trip("health_chosen_falls", r, format!(
+                    "chosen responses losing likelihood: their implicit reward beta*log(pi/pi_ref) is {r:.3}, below -{} (the policy pushes preferred and rejected responses down alike; threshold health.chosen_floor)",
+                    c.chosen_floor
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// What [`HealthMonitor::check`] found at one step.
+#[derive(Debug, Default, PartialEq)]
+pub struct Checked {
+    /// Warning lines to print (`warning: ...`): each signal's first trip, or every trip
+    /// when the run stops on one.
+    pub warnings: Vec<String>,
+    /// Why the run must stop (`train.stop_on_health` and a signal tripped).
+    pub stop: Option<String>,
+}
+
+impl HealthMonitor {
+    /// The whole check of one logged step, as PPO, GRPO and DPO make it: observe what
+    /// `metrics` holds for `step` (its records merged), log every tripped signal as
+    /// `health_*` in one more record at `step`, and say what to print and whether to stop.
+    pub fn check(&mut self, metrics: &mut MetricsLog, step: u64, stop_on_health: bool) -> Checked {
+        let obs = observation_of(&merged_step(&metrics.records, step));
+        let tripped = self.observe(&obs);
+        let mut out = Checked::default();
+        if tripped.is_empty() {
+            return out;
+        }
+        let mut rec = Map::new();
+        rec.insert("step".into(), step.into());
+        for t in &tripped {
+            rec.insert(t.key.into(), t.value.into());
+            if self.first_warning(t.key) || stop_on_health {
+                out.warnings.push(format!("warning: {}", t.message));
+            }
+        }
+        metrics.push(rec);
+        if stop_on_health {
+            out.stop = Some(tripped[0].message.clone());
+        }
         out
     }
 }
@@ -331,17 +464,28 @@ pub fn merged_step(records: &[Map<String, Value>], step: u64) -> Map<String, Val
     out
 }
 
-/// The health observation in a logged record (PPO's metric names).
+/// The health observation in a logged record, under the names the RL stages log:
+/// PPO's and GRPO's (`entropy`, `kl`, `response_len`, `reward_mean`, `judge_score`,
+/// `clip_frac`, `grad_norm`, GRPO's `zero_spread`) and DPO's (`reward_chosen`,
+/// `reward_rejected`, `eval_margin`; its training reward is the margin
+/// `reward_chosen − reward_rejected`).
 pub fn observation_of(r: &Map<String, Value>) -> Observation {
     let f = |k: &str| r.get(k).and_then(Value::as_f64);
+    let dpo_margin = match (f("reward_chosen"), f("reward_rejected")) {
+        (Some(c), Some(r)) => Some(c - r),
+        _ => None,
+    };
     Observation {
         entropy: f("entropy"),
         kl: f("kl"),
         response_len: f("response_len"),
-        reward: f("reward_mean"),
+        reward: f("reward_mean").or(dpo_margin),
         judge: f("judge_score"),
         clip_frac: f("clip_frac"),
         grad_norm: f("grad_norm"),
+        zero_spread: f("zero_spread"),
+        margin: f("eval_margin"),
+        reward_chosen: f("reward_chosen"),
     }
 }
 
@@ -358,6 +502,12 @@ mod tests {
         assert_eq!(growth_rate(&[1.0, 3.0, 5.0], 3), Some(2.0));
         assert_eq!(growth_rate(&[0.0, 1.0, 3.0, 5.0], 3), Some(2.0));
         assert_eq!(growth_rate(&[1.0, 3.0], 3), None);
+        // best of 0.25, 1, 0.5 is 1; 0.25 is 75 % below it
+        assert_eq!(fall_from_best(&[0.25, 1.0, 0.5, 0.25]), Some(0.75));
+        assert_eq!(fall_from_best(&[0.2]), None);
+        assert_eq!(fall_from_best(&[-0.2, -0.5]), None);
+        assert!(persistently_at_least(&[0.5, 1.0, 1.0], 1.0, 2));
+        assert!(!persistently_at_least(&[1.0, 0.9, 1.0], 1.0, 2));
         // x = 0..4, y = 0, 0, 1, 1: slope = Σdx·dy / Σdx² = (−1.5·−.5 −.5·−.5 +.5·.5 +1.5·.5)/5 = 0.4
         assert!((growth_rate(&[0.0, 0.0, 1.0, 1.0], 4).unwrap() - 0.4).abs() < 1e-12);
         assert_eq!(relative_drift(&[10.0, 25.0]), Some(1.5));
@@ -389,6 +539,7 @@ mod tests {
             judge: None,
             clip_frac: Some(clip),
             grad_norm: Some(grad),
+            ..Default::default()
         }
     }
 
@@ -397,13 +548,19 @@ mod tests {
         let mut m = HealthMonitor::new(HealthConfig::default());
         for i in 0..20 {
             let t = i as f64;
-            let o = obs(
-                2.0 - 0.02 * t,
-                0.05 * t,
-                20.0 + 0.2 * t,
-                0.1,
-                1.0 + 0.1 * (t % 3.0),
-            );
+            let o = Observation {
+                zero_spread: Some(if i % 2 == 0 { 1.0 } else { 0.5 }),
+                // held-out margin rising with a dip of 20 %, chosen reward slowly falling
+                margin: (i % 4 == 0).then_some(if i == 12 { 0.64 } else { 0.1 * t }),
+                reward_chosen: Some(-0.05 * t),
+                ..obs(
+                    2.0 - 0.02 * t,
+                    0.05 * t,
+                    20.0 + 0.2 * t,
+                    0.1,
+                    1.0 + 0.1 * (t % 3.0),
+                )
+            };
             assert!(m.observe(&o).is_empty(), "step {i}");
         }
         let mut m = HealthMonitor::new(HealthConfig::default());
@@ -413,6 +570,9 @@ mod tests {
             let o = Observation {
                 reward: Some(0.1 * t),
                 judge: (i % 4 == 0).then_some(0.5 - 0.1 * t),
+                zero_spread: Some(1.0),
+                margin: (i % 4 == 0).then_some(if i == 8 { 0.1 } else { 0.1 * t }),
+                reward_chosen: Some(-0.3 * t),
                 ..obs(
                     2.0 * 0.7f64.powf(t),
                     t * t,

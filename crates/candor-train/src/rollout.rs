@@ -11,7 +11,7 @@ use candor_data::chat::ChatTemplate;
 use candor_data::dataset::Columns;
 use candor_data::prompts::{read_prompts_with, Fields};
 use candor_data::Tokenizer;
-use candor_model::generate::{generate, SamplingParams};
+use candor_model::generate::{generate, generate_with, sample_row, SamplingParams};
 use candor_model::Model;
 
 use crate::seq::{seq_batch, SeqBatch};
@@ -109,6 +109,42 @@ pub fn sample_responses(
 ) -> Result<Responses> {
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let samples = generate(policy, &ids, params, stop, tok.pad_id(), rng)?;
+    responses(tok, samples)
+}
+
+/// [`sample_responses`] with row `i`'s tokens drawn from its own stream `rngs[i]`: a row's
+/// response depends on its prompt and stream, not on which other rows share the batch (so
+/// a batch split over ranks samples what one process samples).
+pub fn sample_responses_per_row(
+    policy: &Model,
+    tok: &Tokenizer,
+    prompts: &[&Prompt],
+    params: &SamplingParams,
+    stop: &[u32],
+    rngs: &mut [Rng],
+) -> Result<Responses> {
+    if rngs.len() != prompts.len() {
+        return Err(Error::Msg(format!(
+            "{} random streams for {} prompts",
+            rngs.len(),
+            prompts.len()
+        )));
+    }
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let draw = |r: usize, logits: &[f32]| sample_row(logits, params, &mut rngs[r]);
+    let samples = generate_with(
+        policy,
+        &ids,
+        params,
+        stop,
+        tok.pad_id(),
+        draw,
+        &mut |_, _| std::ops::ControlFlow::Continue(()),
+    )?;
+    responses(tok, samples)
+}
+
+fn responses(tok: &Tokenizer, samples: Vec<candor_model::generate::Sample>) -> Result<Responses> {
     let texts = samples
         .iter()
         .map(|s| tok.decode(&s.tokens, true))
@@ -255,5 +291,53 @@ mod tests {
         }
         want /= 2.0;
         assert!((e.kl.unwrap() - want).abs() < 1e-9, "{:?} vs {want}", e.kl);
+    }
+
+    /// With a stream per row, a row samples the same response alone as in a batch with
+    /// other rows of other lengths (what lets GRPO split a batch over ranks).
+    #[test]
+    fn per_row_streams_make_a_row_independent_of_its_batch() {
+        let text = "the cat sat on the mat and the dog ate the log ".repeat(30);
+        let tok = Tokenizer::train(std::iter::once(text.as_str()), 300).unwrap();
+        let template = ChatTemplate::for_tokenizer(&tok);
+        let cfg = ModelConfig::llama(tok.vocab_size(), 32, 2, 4, 2, 48, 64, 10000.0, false);
+        let (policy, _) =
+            build_trainable(&cfg, Head::Lm, None, &[], &mut Rng::new(1), &Device::Cpu).unwrap();
+        let prompts: Vec<Prompt> = ["the cat", "the dog ate the", "a"]
+            .iter()
+            .map(|p| Prompt {
+                text: p.to_string(),
+                fields: Fields::new(),
+                ids: tok.encode(&template.render_prompt(p).unwrap()).unwrap(),
+            })
+            .collect();
+        let ps: Vec<&Prompt> = prompts.iter().collect();
+        let params = SamplingParams {
+            max_new_tokens: 8,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let stop = candor_data::chat::stop_tokens(&tok);
+        let streams = |rows: std::ops::Range<usize>| -> Vec<Rng> {
+            rows.map(|r| Rng::derive(9, &format!("row-{r}"))).collect()
+        };
+        let all = sample_responses_per_row(&policy, &tok, &ps, &params, &stop, &mut streams(0..3))
+            .unwrap();
+        let tail =
+            sample_responses_per_row(&policy, &tok, &ps[1..], &params, &stop, &mut streams(1..3))
+                .unwrap();
+        assert_eq!(all.tokens[1..], tail.tokens[..]);
+        // the streams differ, and so (at temperature 1, 8 tokens) do two rows of one prompt
+        let twice = [ps[0], ps[0]];
+        let two =
+            sample_responses_per_row(&policy, &tok, &twice, &params, &stop, &mut streams(0..2))
+                .unwrap();
+        assert_eq!(two.tokens[0], all.tokens[0]);
+        assert_ne!(two.tokens[0], two.tokens[1]);
+        assert!(
+            sample_responses_per_row(&policy, &tok, &ps, &params, &stop, &mut streams(0..2))
+                .is_err()
+        );
     }
 }

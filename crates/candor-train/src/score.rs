@@ -11,6 +11,7 @@ use candor_model::Model;
 use serde::{Deserialize, Serialize};
 
 use crate::ckpt::RunOptions;
+use crate::dist::Dist;
 use crate::precision::{load_frozen, Precision};
 
 use crate::rollout::Prompt;
@@ -63,6 +64,33 @@ pub struct WeightedJudge {
 
 fn one() -> f64 {
     1.0
+}
+
+impl WeightedJudge {
+    /// The `metrics.jsonl` key its batch mean is logged under: `reward_<label>` (the label,
+    /// else the name).
+    pub fn metric_key(&self) -> String {
+        format!("reward_{}", self.label.as_deref().unwrap_or(&self.name))
+    }
+}
+
+/// Each of `score.judges`' mean over a batch, as `(reward_<label>, mean)`: `per_judge`
+/// holds this rank's rows of each judge ([`Scores::per_judge`]); sums and the row count
+/// are added over every rank of `dist` first (pass [`Dist::single`] for rows that are
+/// already the whole batch). What PPO and GRPO log beside `reward_mean`.
+pub fn judge_means(per_judge: &[(String, Vec<f64>)], dist: &Dist) -> Result<Vec<(String, f64)>> {
+    if per_judge.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut sums: Vec<f64> = per_judge.iter().map(|(_, s)| s.iter().sum()).collect();
+    sums.push(per_judge[0].1.len() as f64);
+    let sums = dist.all_reduce_f64(&sums)?;
+    let count = sums[sums.len() - 1].max(1.0);
+    Ok(per_judge
+        .iter()
+        .zip(&sums)
+        .map(|((label, _), sum)| (format!("reward_{label}"), sum / count))
+        .collect())
 }
 
 impl Default for ScoreConfig {
@@ -466,6 +494,15 @@ mod tests {
             ("exact", "half")
         );
         assert!((s.per_judge[1].1[1] - 0.6).abs() < 1e-12);
+        // logged as reward_<label>: the batch means of each judge's scores (1, 0.6)
+        let means = judge_means(&s.per_judge, &Dist::single()).unwrap();
+        assert_eq!(means.len(), 2);
+        assert_eq!(
+            (means[0].0.as_str(), means[1].0.as_str()),
+            ("reward_exact", "reward_half")
+        );
+        assert!((means[0].1 - 0.8).abs() < 1e-12 && (means[1].1 - 0.8).abs() < 1e-12);
+        assert_eq!(list[0].metric_key(), "reward_exact");
         let dup: Vec<WeightedJudge> =
             serde_json::from_str(r#"[{"name": "reference"}, {"name": "reference"}]"#).unwrap();
         let e = weighted_judges(&dup).err().unwrap().to_string();
@@ -476,5 +513,26 @@ mod tests {
         assert!(
             serde_json::from_str::<Vec<WeightedJudge>>(r#"[{"name": "x", "wieght": 1}]"#).is_err()
         );
+    }
+
+    /// Over ranks, the means are of every rank's rows together: rank 0 scored (1, 0), rank 1
+    /// scored (1): 2/3, not the mean of the ranks' means (3/4).
+    #[test]
+    fn judge_means_add_every_ranks_rows() {
+        let parts = [vec![1.0, 0.0], vec![1.0]];
+        let handles: Vec<_> = crate::dist::LocalGroup::new(2)
+            .into_iter()
+            .zip(parts)
+            .map(|(member, rows)| {
+                std::thread::spawn(move || {
+                    judge_means(&[("math".to_string(), rows)], &Dist::new(member)).unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            let m = h.join().unwrap();
+            assert_eq!(m[0].0, "reward_math");
+            assert!((m[0].1 - 2.0 / 3.0).abs() < 1e-12, "{m:?}");
+        }
     }
 }

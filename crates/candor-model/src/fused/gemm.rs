@@ -405,6 +405,111 @@ unsafe fn small_m_abt_avx2(
     }
 }
 
+/// [`small_m_abt_avx2`] with 16-lane accumulators, eight rows of A against one row of B per
+/// pass. Lane l of a row's accumulator holds what lane l of the AVX2 kernel's `s` (l < 8)
+/// or lane l − 8 of its `t` (l ≥ 8) holds — the same fused multiply-adds in the same order
+/// — and its two halves are added before the same horizontal sum, so every result is the
+/// AVX2 kernel's bit for bit, in half the instructions (one-token decoding runs on this).
+///
+/// # Safety
+/// As [`small_m_abt_generic`], and the CPU supports AVX-512F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_abt_avx512(
+    m: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+    j0: usize,
+    j1: usize,
+) {
+    use std::arch::x86_64::*;
+    /// The AVX2 kernel's horizontal sum of `s + t`, from the 16 lanes holding both.
+    #[inline(always)]
+    fn hsum(v: __m512) -> f32 {
+        // SAFETY: register-only intrinsics; this helper is only inlined into the AVX-512
+        // function above.
+        unsafe {
+            let lo = _mm512_castps512_ps256(v);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+            let v = _mm256_add_ps(lo, hi);
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+    }
+    /// Rows i..i + R of A against row `bj` of B into column j of C.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows<const R: usize>(
+        i: usize,
+        j: usize,
+        bj: *const f32,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        lda: usize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let k16 = k / 16 * 16;
+        // SAFETY: rows i..i+R < m of A and row j of B hold k floats (loads below k16 ≤ k,
+        // tails below k); C(i + r, j) lies in C — the caller's contract.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut p = 0;
+            while p < k16 {
+                let bv = _mm512_loadu_ps(bj.add(p));
+                for (r, s) in acc.iter_mut().enumerate() {
+                    *s = _mm512_fmadd_ps(_mm512_loadu_ps(a.add((i + r) * lda + p)), bv, *s);
+                }
+                p += 16;
+            }
+            for (r, s) in acc.iter().enumerate() {
+                let ar = a.add((i + r) * lda);
+                let mut d = hsum(*s);
+                for q in k16..k {
+                    d += *ar.add(q) * *bj.add(q);
+                }
+                let d = alpha * d;
+                let out = c.add((i + r) * ldc + j);
+                *out = if beta == 0.0 { d } else { d + beta * *out };
+            }
+        }
+    }
+    for j in j0..j1 {
+        // SAFETY: row j < n of B; rows of A below m (the caller's contract).
+        unsafe {
+            let bj = b.add(j * ldb);
+            let mut i = 0;
+            while i + 8 <= m {
+                rows::<8>(i, j, bj, k, alpha, a, lda, beta, c, ldc);
+                i += 8;
+            }
+            if i + 4 <= m {
+                rows::<4>(i, j, bj, k, alpha, a, lda, beta, c, ldc);
+                i += 4;
+            }
+            while i < m {
+                rows::<1>(i, j, bj, k, alpha, a, lda, beta, c, ldc);
+                i += 1;
+            }
+        }
+    }
+}
+
 /// [`small_m_abt_generic`] on the best kernel `isa` allows.
 ///
 /// # Safety
@@ -425,6 +530,12 @@ unsafe fn small_m_abt(
     j0: usize,
     j1: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512 {
+        // SAFETY: `isa = Avx512` was chosen only if the CPU has AVX-512F (and AVX2, FMA);
+        // the rest is the caller's contract.
+        return unsafe { small_m_abt_avx512(m, k, alpha, a, lda, b, ldb, beta, c, ldc, j0, j1) };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `isa ≥ Avx2` was chosen only if the CPU has AVX2 and FMA; the rest is
@@ -776,6 +887,55 @@ mod tests {
                 outs.push(c);
             }
             assert!(outs.windows(2).all(|w| w[0] == w[1]), "{is:?}");
+        }
+    }
+
+    /// The AVX-512 few-rows kernel gives the AVX2 kernel's results bit for bit (so decoding
+    /// samples what it sampled before the kernel existed), at every row count and for k
+    /// with and without a tail.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn few_rows_avx512_equals_avx2_bit_for_bit() {
+        if !crate::fused::isa::supported().contains(&Isa::Avx512) {
+            eprintln!("no AVX-512 on this CPU: nothing to compare");
+            return;
+        }
+        for (k, n) in [(128, 40), (512, 9), (37, 5), (16, 3), (7, 2)] {
+            for m in 1..=SMALL_M {
+                let (lda, ldb, ldc) = (k + 3, k + 1, n + 2);
+                let a: Vec<f32> = (0..m * lda)
+                    .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1.3e-3)
+                    .collect();
+                let b: Vec<f32> = (0..n * ldb)
+                    .map(|i| ((i * 104729 % 997) as f32 - 498.0) * 0.7e-3)
+                    .collect();
+                for beta in [0.0f32, 0.5] {
+                    let run = |kernel: Isa| {
+                        let mut c = vec![0.25f32; m * ldc];
+                        // SAFETY: a, b, c are sized for these shapes and strides; the CPU has
+                        // the ISA (checked above for AVX-512, which implies AVX2 here).
+                        unsafe {
+                            small_m_abt(
+                                kernel,
+                                m,
+                                k,
+                                1.5,
+                                a.as_ptr(),
+                                lda,
+                                b.as_ptr(),
+                                ldb,
+                                beta,
+                                c.as_mut_ptr(),
+                                ldc,
+                                0,
+                                n,
+                            )
+                        };
+                        c.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+                    };
+                    assert_eq!(run(Isa::Avx512), run(Isa::Avx2), "m {m} k {k} n {n}");
+                }
+            }
         }
     }
 }

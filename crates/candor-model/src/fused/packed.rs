@@ -268,15 +268,32 @@ unsafe fn pack_a(
     {
         let i0 = t * mr;
         let live = mr.min(rows - i0);
-        for p in 0..kc {
-            let dst = &mut panel[p * mr..(p + 1) * mr];
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = if i < live {
-                    // SAFETY: (r0+i0+i, p0+p) is inside the block the caller vouched for.
-                    unsafe { *a.p.add((r0 + i0 + i) * a.rs + (p0 + p) * a.cs) }
-                } else {
-                    0.0
-                };
+        if a.rs == 1 {
+            // op(A) = a transposed matrix: the panel's rows of one column are contiguous
+            for (p, dst) in panel.chunks_exact_mut(mr).enumerate() {
+                // SAFETY: (r0+i0 .. r0+i0+live, p0+p) is inside the block the caller vouched
+                // for, and with a row stride of 1 those elements are adjacent.
+                let src =
+                    unsafe { std::slice::from_raw_parts(a.p.add(r0 + i0 + (p0 + p) * a.cs), live) };
+                dst[..live].copy_from_slice(src);
+                dst[live..].fill(0.0);
+            }
+        } else {
+            // rows of A are contiguous (View::new makes one of the strides 1): each row's kc
+            // elements go to its lane of the panel
+            debug_assert_eq!(a.cs, 1);
+            for i in 0..live {
+                // SAFETY: row r0+i0+i, columns p0..p0+kc are inside the block, adjacent.
+                let src =
+                    unsafe { std::slice::from_raw_parts(a.p.add((r0 + i0 + i) * a.rs + p0), kc) };
+                for (dst, &x) in panel.chunks_exact_mut(mr).zip(src) {
+                    dst[i] = x;
+                }
+            }
+            if live < mr {
+                for dst in panel.chunks_exact_mut(mr) {
+                    dst[live..].fill(0.0);
+                }
             }
         }
     }
