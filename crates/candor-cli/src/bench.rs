@@ -130,6 +130,11 @@ fn model_bench(args: &BenchArgs, spec: &str) -> Result<()> {
         prompt_len: args.prompt_len,
         new_tokens: args.new_tokens,
     };
+    let rows: Vec<&Row> = if args.rows.is_empty() {
+        ROWS.iter().collect()
+    } else {
+        args.rows.iter().map(|n| row(n)).collect::<Result<_, _>>()?
+    };
     let config = candor_model::io::read_config(&dir)?;
     sizes.check(&config)?;
     if let Some(name) = &args.row {
@@ -138,11 +143,6 @@ fn model_bench(args: &BenchArgs, spec: &str) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    let rows: Vec<&Row> = if args.rows.is_empty() {
-        ROWS.iter().collect()
-    } else {
-        args.rows.iter().map(|n| row(n)).collect::<Result<_, _>>()?
-    };
     if let Some(out) = &args.out {
         candor_core::output::probe_output(out)
             .with_context(|| format!("--out {}", out.display()))?;
@@ -211,7 +211,8 @@ fn model_bench(args: &BenchArgs, spec: &str) -> Result<()> {
     Ok(())
 }
 
-/// Run `row` in a child process of this binary; its stderr passes through.
+/// Run `row` in a child process of this binary. Its stderr is passed on; when it fails, its
+/// error line becomes this process's.
 fn run_child(args: &BenchArgs, dir: &Path, row: &Row) -> Result<RowResult> {
     let exe = std::env::current_exe().context("finding the candor binary")?;
     let mut cmd = Command::new(exe);
@@ -233,15 +234,21 @@ fn run_child(args: &BenchArgs, dir: &Path, row: &Row) -> Result<RowResult> {
         }
     }
     cmd.args(["--device", &args.device, "--dtype", &args.dtype]);
-    let out = cmd.stderr(Stdio::inherit()).output()?;
+    let out = cmd.stderr(Stdio::piped()).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!("the row's process failed ({})", out.status);
+        let line = stderr.lines().rev().find_map(|l| l.strip_prefix("error: "));
+        bail!(
+            "{}",
+            line.unwrap_or(&format!("its process failed ({})", out.status))
+        );
     }
+    eprint!("{stderr}");
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
         .last()
-        .ok_or_else(|| anyhow!("the row's process printed nothing"))?;
+        .ok_or_else(|| anyhow!("its process printed nothing"))?;
     Ok(serde_json::from_str(line)?)
 }
 
