@@ -197,7 +197,8 @@ pub struct Model {
     /// Rotary tables (cos, sin), each (P, D/2); `None` with learned positions.
     rope: Option<(Tensor, Tensor)>,
     dtype: DType,
-    /// Gradient checkpointing's saved block inputs while a [`Recording`] is open.
+    /// Gradient checkpointing's saved block inputs while a
+    /// [`Recording`](crate::checkpoint::Recording) is open.
     pub(crate) tape: Tape,
 }
 
@@ -263,7 +264,9 @@ impl Model {
     /// Final hidden states (B, T, C) for token ids (B, T).
     ///
     /// `positions` (B, T) u32 defaults to `past..past+T`; `bias` (B|1, 1, T, past+T) defaults
-    /// to causal. With a `cache`, keys/values of these tokens are appended to it.
+    /// to causal. With a `cache`, keys/values of these tokens are appended to it. Without
+    /// one, while a [`Recording`](crate::checkpoint::Recording) is open, only the blocks'
+    /// inputs are kept (gradient checkpointing).
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
