@@ -317,6 +317,41 @@ fn every_loss_type_trains_and_simpo_loads_no_reference() {
     }
 }
 
+/// DPO with `train.gradient_checkpointing` (the policy's blocks recomputed in the backward of
+/// the pair loss) logs the losses, rewards and accuracies DPO logs without it.
+#[test]
+fn gradient_checkpointing_gives_the_same_dpo_run() {
+    let sft = tiny_sft();
+    let tmp = tempfile::tempdir().unwrap();
+    let short = [
+        "train.steps=3",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "eval.prompts=null",
+        "eval.judge=null",
+    ];
+    let (plain, ckpt) = (tmp.path().join("plain"), tmp.path().join("ckpt"));
+    ok(&mut dpo(&sft, &plain, &short));
+    let mut sets = short.to_vec();
+    sets.push("train.gradient_checkpointing=true");
+    ok(&mut dpo(&sft, &ckpt, &sets));
+    let (a, b) = (metrics(&plain), metrics(&ckpt));
+    assert_eq!(a.len(), b.len());
+    let mut compared = 0;
+    for (x, y) in a.iter().zip(&b) {
+        for (k, v) in x.as_object().unwrap() {
+            if k.starts_with("time") || k.contains("per_sec") || k.starts_with("elapsed") {
+                continue;
+            }
+            if let (Some(v), Some(w)) = (v.as_f64(), y[k].as_f64()) {
+                assert!((v - w).abs() <= 1e-5 * v.abs().max(1.0), "{k}: {v} vs {w}");
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared >= 10, "{a:?}");
+}
+
 /// Online (iterated) DPO: each round samples from the current policy, ranks with the judge,
 /// and runs DPO from that policy again.
 #[test]

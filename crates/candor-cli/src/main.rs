@@ -68,7 +68,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Held-out metrics of a checkpoint on a data file: perplexity, response loss, ...
     Eval(eval::EvalArgs),
-    /// Training / sampling throughput of a named model shape on random tokens.
+    /// Training / sampling throughput of a named model shape on random tokens, or of a real
+    /// checkpoint (--model: full, gradient-checkpointed, generation).
     Bench(bench::BenchArgs),
     /// Train or convert tokenizers.
     #[command(subcommand)]

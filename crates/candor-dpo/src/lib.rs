@@ -33,7 +33,7 @@ use candor_data::chat::{stop_tokens, ChatTemplate};
 use candor_data::preference::{load_comparisons, Comparisons};
 use candor_data::Tokenizer;
 use candor_model::io::{load_trainable, read_config};
-use candor_model::Model;
+use candor_model::{Model, Recording};
 use candor_train::batch::{split_heldout, Sampler};
 use candor_train::ckpt::{final_metrics, save_checkpoint, Snapshot, Start, TrainerState};
 use candor_train::health::HealthMonitor;
@@ -402,6 +402,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                 continue;
             }
             let examples: Vec<&PromptPairs> = mine.iter().map(|&i| &train.prompts[i]).collect();
+            let recording = Recording::start(&[&step_model], cfg.train.gradient_checkpointing);
             let ref_rows: Option<Vec<&[f64]>> = reference
                 .as_ref()
                 .map(|r| mine.iter().map(|&i| r.train[i].as_slice()).collect());
@@ -420,7 +421,9 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             local.loss += share.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             local.tokens += examples.iter().map(|e| e.tokens()).sum::<usize>() as f64;
             local.add_pairs(&pairs, &x, cfg.dpo.loss_type)?;
-            opt.accumulate(&share.backward()?, &mut grads)?;
+            drop((x, pairs));
+            drop(f); // the policy's graph goes with the loss
+            recording.backward(share, |store| opt.accumulate(store, &mut grads))?;
         }
         dist.all_reduce_grads(&mut grads, &opt)?;
         let sums = StepSums::from_vec(&dist.all_reduce_f64(&local.to_vec())?);

@@ -29,7 +29,7 @@ use candor_core::rng::Rng;
 use candor_data::chat::{stop_tokens, ChatTemplate};
 use candor_data::Tokenizer;
 use candor_model::io::{load_trainable, read_config};
-use candor_model::Model;
+use candor_model::{Model, Recording};
 use candor_train::batch::{Cursor, Sampler};
 use candor_train::ckpt::{
     read_trainer, restore_optimizer, save_checkpoint, Snapshot, Start, TrainerState,
@@ -410,6 +410,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                 let model = compute_model(&policy, &policy_vars, dtype)?;
                 let u = update(
                     &model,
+                    cfg.train.gradient_checkpointing,
                     &opt,
                     &batch,
                     &adv.advantages,
@@ -561,6 +562,7 @@ struct Update {
 #[allow(clippy::too_many_arguments)]
 fn update(
     policy: &Model,
+    gradient_checkpointing: bool,
     opt: &AdamW,
     batch: &Groups,
     advantages: &[f64],
@@ -577,6 +579,7 @@ fn update(
     let mut local = [0.0f64; 8];
     let mut grads = opt.zero_grads();
     if !mine.is_empty() {
+        let recording = Recording::start(&[policy], gradient_checkpointing);
         let pr: Vec<&[u32]> = mine
             .iter()
             .map(|&i| prompts[batch.prompt[i]].ids.as_slice())
@@ -625,8 +628,8 @@ fn update(
             out.clip_region,
             out.clip_count,
         ];
-        let store = out.loss.backward()?;
-        opt.accumulate(&store, &mut grads)?;
+        drop((lp, logits)); // the head's graph goes with the loss, before any recomputation
+        recording.backward(out.loss, |store| opt.accumulate(store, &mut grads))?;
     }
     dist.all_reduce_grads(&mut grads, opt)?;
     let g = dist.all_reduce_f64(&local)?;

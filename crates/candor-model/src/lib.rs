@@ -9,11 +9,13 @@
 //! - [`fused`]: CPU kernels with hand-written backward passes (matmul, RMSNorm, RoPE,
 //!   attention, SwiGLU, LM head + cross-entropy) that the model uses for f32 on the CPU
 //!   (GPT-2's LayerNorm, Conv1D, GELU and learned positions stay composed).
+//! - [`checkpoint`]: gradient checkpointing (block activations recomputed in the backward).
 //! - [`generate`]: batched sampling with the KV cache (temperature, top-k, top-p).
 //! - [`layers`]: the switches between the Llama family and GPT-2 (norm, projections, MLP).
 //! - [`hf`]: `hf:ORG/NAME` and local checkpoint directories ([`hf::resolve_model_dir`]).
 //! - [`gguf`]: import a llama.cpp GGUF file (dequantized) as a checkpoint.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fused;
@@ -27,6 +29,7 @@ pub mod model;
 pub mod ops;
 
 pub use candor_core::checkpoint::Head;
+pub use checkpoint::Recording;
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use hf::resolve_model_dir;

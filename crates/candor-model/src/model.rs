@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
+use crate::checkpoint::{self, Tape};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::fused::{self, attention::CacheBuf, AttnMask};
@@ -18,9 +19,20 @@ use crate::Head;
 
 /// How attention hides keys: candor's additive bias on the composed path, or the fused
 /// kernel's mask.
-enum Mask<'a> {
+pub(crate) enum Mask<'a> {
     Composed(Tensor),
     Fused(AttnMask<'a>),
+}
+
+/// What the blocks of one forward pass share ([`Model::context`]).
+pub(crate) struct Context<'a> {
+    /// Position ids, flattened: (B·T) given, or (T) counting on from the cache.
+    pos: Tensor,
+    /// Rows of `pos` (B, or 1 for the default positions).
+    rows: usize,
+    /// Rotary (cos, sin) at the positions, (B|1, 1, T, D/2); `None` with learned positions.
+    rope: Option<(Tensor, Tensor)>,
+    mask: Mask<'a>,
 }
 
 struct Attention {
@@ -125,7 +137,7 @@ impl Block {
 /// One layer's keys and values: (B, KV, T, D) tensors grown by concatenation on the
 /// composed path, preallocated (B, capacity, KV, D) buffers on the fused one.
 #[derive(Clone, Default)]
-struct LayerKv {
+pub(crate) struct LayerKv {
     composed: Option<(Tensor, Tensor)>,
     fused: Option<CacheBuf>,
 }
@@ -185,6 +197,9 @@ pub struct Model {
     /// Rotary tables (cos, sin), each (P, D/2); `None` with learned positions.
     rope: Option<(Tensor, Tensor)>,
     dtype: DType,
+    /// Gradient checkpointing's saved block inputs while a
+    /// [`Recording`](crate::checkpoint::Recording) is open.
+    pub(crate) tape: Tape,
 }
 
 impl Model {
@@ -230,6 +245,7 @@ impl Model {
             head_weight,
             rope,
             dtype: vb.dtype(),
+            tape: Tape::default(),
         })
     }
 
@@ -248,7 +264,9 @@ impl Model {
     /// Final hidden states (B, T, C) for token ids (B, T).
     ///
     /// `positions` (B, T) u32 defaults to `past..past+T`; `bias` (B|1, 1, T, past+T) defaults
-    /// to causal. With a `cache`, keys/values of these tokens are appended to it.
+    /// to causal. With a `cache`, keys/values of these tokens are appended to it. Without
+    /// one, while a [`Recording`](crate::checkpoint::Recording) is open, only the blocks'
+    /// inputs are kept (gradient checkpointing).
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
@@ -256,7 +274,7 @@ impl Model {
         bias: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let t = ids.dims2()?.1;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let max_pos = self.config.max_position_embeddings;
         if positions.is_none() && past + t > max_pos {
@@ -265,9 +283,35 @@ impl Model {
                 past + t
             )));
         }
+        let ctx = self.context(ids, positions, bias, past)?;
+        let x = self.embed(ids, &ctx)?; // (B, T, C)
+        if cache.is_none() && self.tape.is_recording() {
+            // gradient checkpointing: keep the blocks' inputs only; `Recording::backward`
+            // recomputes each block's activations from them
+            let hidden = checkpoint::record(self, ids, positions, bias, &x, &ctx)?;
+            return self.norm.forward(hidden.as_tensor());
+        }
+        let mut x = x;
+        for i in 0..self.layers.len() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.block(i, &x, &ctx, slot)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// What every block of one forward pass shares: rotary tables at the positions, the
+    /// attention mask, the flattened position ids.
+    pub(crate) fn context<'a>(
+        &self,
+        ids: &Tensor,
+        positions: Option<&Tensor>,
+        bias: Option<&'a Tensor>,
+        past: usize,
+    ) -> Result<Context<'a>> {
+        let t = ids.dim(1)?;
         // position ids, flattened: (B·T) given, or (T) counting on from the cache
         let (pos, rows) = match positions {
-            Some(p) => (p.flatten_all()?, b),
+            Some(p) => (p.flatten_all()?, ids.dim(0)?),
             None => (
                 Tensor::arange(past as u32, (past + t) as u32, ids.device())?,
                 1,
@@ -293,26 +337,50 @@ impl Model {
                 Mask::Composed(causal_bias(t, past, ids.device())?.to_dtype(self.dtype)?)
             }
         };
-        let mut x = self.embed_tokens.forward(ids)?; // (B, T, C)
-        if let Some(wpe) = &self.position_embeddings {
-            let c = self.config.hidden_size;
-            x = x.broadcast_add(&wpe.index_select(&pos, 0)?.reshape((rows, t, c))?)?;
-            // (B, T, C)
+        Ok(Context {
+            pos,
+            rows,
+            rope,
+            mask,
+        })
+    }
+
+    /// Token (and GPT-2's learned position) embeddings (B, T, C): the first block's input.
+    pub(crate) fn embed(&self, ids: &Tensor, ctx: &Context) -> Result<Tensor> {
+        let x = self.embed_tokens.forward(ids)?; // (B, T, C)
+        match &self.position_embeddings {
+            Some(wpe) => {
+                let (c, t) = (self.config.hidden_size, ids.dim(1)?);
+                let p = wpe.index_select(&ctx.pos, 0)?.reshape((ctx.rows, t, c))?;
+                Ok(x.broadcast_add(&p)?)
+            }
+            None => Ok(x),
         }
-        let rope = rope.as_ref().map(|(c, s)| (c, s));
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h =
-                layer
-                    .self_attn
-                    .forward(&layer.input_layernorm.forward(&x)?, rope, &mask, slot)?;
-            x = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
-        }
-        self.norm.forward(&x)
+    }
+
+    pub(crate) fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Block `i` on its input x (B, T, C): x + attn(ln1(x)), then + mlp(ln2(·)).
+    pub(crate) fn block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &Context,
+        slot: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let rope = ctx.rope.as_ref().map(|(c, s)| (c, s));
+        let h =
+            layer
+                .self_attn
+                .forward(&layer.input_layernorm.forward(x)?, rope, &ctx.mask, slot)?;
+        let x = (x + h)?;
+        let h = layer
+            .mlp
+            .forward(&layer.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
     }
 
     /// Logits over the vocabulary (B, T, V) from hidden states (B, T, C).

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_nn::VarMap;
 use candor_core::rng::Rng;
-use candor_model::Model;
+use candor_model::{Model, Recording};
 use candor_train::batch::{lm_batch, LmExample, Sampler};
 use candor_train::dist::Dist;
 use candor_train::err;
@@ -149,6 +149,7 @@ pub(crate) fn ppo_epochs(
                 critic: &*compute_model(l.critic, l.critic_vars, dtype)?,
                 policy_opt: l.policy_opt,
                 critic_opt: l.critic_opt,
+                gradient_checkpointing: cfg.train.gradient_checkpointing,
             };
             let ptx_batch = PtxBatch {
                 examples: e.ptx,
@@ -204,6 +205,8 @@ pub(crate) struct Models<'a> {
     pub critic: &'a Model,
     pub policy_opt: &'a AdamW,
     pub critic_opt: &'a AdamW,
+    /// `train.gradient_checkpointing`: both models' blocks recomputed in the backward.
+    pub gradient_checkpointing: bool,
 }
 
 /// A rollout batch and what PPO fits to it, rows in the batch's order, per-token rows
@@ -256,6 +259,7 @@ pub(crate) fn minibatch_grads(
             .map(|&i| t.roll.responses[i].len())
             .sum::<usize>()
     };
+    let recording = Recording::start(&[m.policy, m.critic], m.gradient_checkpointing);
     let mut loss: Option<candle_core::Tensor> = None;
     // this rank's weighted loss and statistics
     let (mut local_loss, mut local) = (0.0f64, UpdateStats::default());
@@ -319,9 +323,11 @@ pub(crate) fn minibatch_grads(
     let mut policy_grads = m.policy_opt.zero_grads();
     let mut critic_grads = m.critic_opt.zero_grads();
     if let Some(loss) = loss {
-        let store = loss.backward()?;
-        m.policy_opt.accumulate(&store, &mut policy_grads)?;
-        m.critic_opt.accumulate(&store, &mut critic_grads)?;
+        recording.backward(loss, |store| -> Result<()> {
+            m.policy_opt.accumulate(store, &mut policy_grads)?;
+            m.critic_opt.accumulate(store, &mut critic_grads)?;
+            Ok(())
+        })?;
     }
     dist.all_reduce_grads(&mut policy_grads, m.policy_opt)?;
     dist.all_reduce_grads(&mut critic_grads, m.critic_opt)?;

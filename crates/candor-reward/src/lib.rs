@@ -270,8 +270,7 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     //    the loss per pair of the whole batch, gradients summed over the ranks)
     let loss = |model: &Model, mine: &[usize]| -> Result<(Tensor, usize)> {
         let examples: Vec<&Encoded> = mine.iter().map(|&i| &train_set[i]).collect();
-        let (mean, better, _, tokens) = pair_forward(model, &examples, pad)?;
-        Ok(((mean * better.dim(0)? as f64)?, tokens))
+        summed_pair_loss(model, &examples, pad)
     };
     let eval = |step: u64, metrics: &mut MetricsLog| -> Result<Option<String>> {
         Ok(log_eval(step, metrics)?.map(|e| {
@@ -327,6 +326,13 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
 
 /// Score every response of the given prompts in one forward pass and compare each pair:
 /// (mean loss over pairs, r_better (P,), r_worse (P,), tokens).
+/// The training loop's loss: the pairwise loss summed over the pairs of `examples`, and the
+/// tokens read.
+pub fn summed_pair_loss(model: &Model, examples: &[&Encoded], pad: u32) -> Result<(Tensor, usize)> {
+    let (mean, better, _, tokens) = pair_forward(model, examples, pad)?;
+    Ok(((mean * better.dim(0)? as f64)?, tokens))
+}
+
 pub fn pair_forward(
     model: &Model,
     examples: &[&Encoded],
@@ -403,4 +409,100 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     let mean = xs.iter().sum::<f64>() / n;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
     (mean, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candor_core::rng::Rng;
+    use candor_model::io::build_trainable;
+    use candor_model::ModelConfig;
+    use candor_train::batch::Sampler;
+    use candor_train::dist::Dist;
+    use candor_train::optim::named_vars;
+    use candor_train::step::sharded_grads;
+
+    /// The reward model's training step (`summed_pair_loss` through `sharded_grads`, two
+    /// micro-batches of prompts with 2–3 responses of different lengths, every pair) with
+    /// `train.gradient_checkpointing`: the gradients without, every one non-zero.
+    #[test]
+    fn checkpointing_gives_the_reward_models_gradients() {
+        let config = ModelConfig::llama(40, 32, 2, 4, 2, 48, 64, 10000.0, true);
+        let mut rng = Rng::new(3);
+        let examples: Vec<Encoded> = (0..4)
+            .map(|i| {
+                let k = 2 + i % 2;
+                let seqs: Vec<Vec<u32>> = (0..k)
+                    .map(|r| (0..5 + 3 * r + i).map(|_| rng.below(40) as u32).collect())
+                    .collect();
+                let pairs = (0..k)
+                    .flat_map(|a| (a + 1..k).map(move |b| (a, b)))
+                    .collect();
+                Encoded {
+                    prompt_lens: vec![3; k],
+                    seqs,
+                    pairs,
+                }
+            })
+            .collect();
+        let grads = |checkpointing: bool| -> Vec<Vec<f32>> {
+            let (model, varmap) = build_trainable(
+                &config,
+                Head::Score,
+                None,
+                &[],
+                &mut Rng::new(1),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let train = TrainConfig {
+                batch_size: 2,
+                grad_accum: 2,
+                gradient_checkpointing: checkpointing,
+                ..Default::default()
+            };
+            let opt = AdamW::new(named_vars(&varmap), &train).unwrap();
+            let mut sampler = Sampler::new(examples.len(), 5, Default::default());
+            let terms = |i: usize| examples[i].pairs.len();
+            let step = sharded_grads(
+                &model,
+                &opt,
+                &mut sampler,
+                &train,
+                &Dist::single(),
+                terms,
+                |mine| {
+                    let batch: Vec<&Encoded> = mine.iter().map(|&i| &examples[i]).collect();
+                    summed_pair_loss(&model, &batch, 0)
+                },
+            )
+            .unwrap();
+            step.grads
+                .0
+                .iter()
+                .map(|g| {
+                    g.as_ref()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let (plain, ckpt) = (grads(false), grads(true));
+        let mut worst = 0f32;
+        for (a, b) in plain.iter().zip(&ckpt) {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(
+                scale > 0.0 && b.iter().any(|&x| x != 0.0),
+                "a zero gradient"
+            );
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+            worst = worst.max(err);
+        }
+        println!("reward model, checkpointed: worst relative gradient difference {worst:.2e}");
+        assert!(worst < 1e-5, "{worst}");
+    }
 }

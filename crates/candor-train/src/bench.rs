@@ -158,14 +158,14 @@ fn machine_busy_sec() -> f64 {
 }
 
 /// Measures own CPU time and other processes' share of the machine over an interval.
-struct CpuMeter {
+pub(crate) struct CpuMeter {
     t0: Instant,
     own0: f64,
     busy0: f64,
 }
 
 impl CpuMeter {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         CpuMeter {
             t0: Instant::now(),
             own0: process_cpu_sec(),
@@ -173,7 +173,7 @@ impl CpuMeter {
         }
     }
     /// (own CPU seconds, background fraction of all cores).
-    fn stop(&self) -> (f64, f64) {
+    pub(crate) fn stop(&self) -> (f64, f64) {
         let wall = self.t0.elapsed().as_secs_f64();
         let own = process_cpu_sec() - self.own0;
         let others = (machine_busy_sec() - self.busy0 - own).max(0.0);
@@ -202,7 +202,7 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }

@@ -60,6 +60,14 @@ pub struct TrainConfig {
     /// docs/health.md), keeping the last good checkpoint; otherwise a tripped signal only
     /// warns (default false).
     pub stop_on_health: bool,
+    /// Recompute each transformer block's activations during the backward instead of
+    /// keeping them from the forward (activation checkpointing, Chen et al. 2016;
+    /// transformers' and TRL's `gradient_checkpointing`): peak memory holds one block's
+    /// activations plus every block's input, for about one more forward pass of compute.
+    /// Same gradients (up to float summation order). Default false. Written to the
+    /// effective config only when on.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +90,7 @@ impl Default for TrainConfig {
             log_every: 10,
             dtype: Default::default(),
             stop_on_health: false,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -12,6 +12,8 @@
 //!   log, eval, checkpoint) and [`train_loop::begin`], every stage's preamble.
 //! - [`lm`]: the next-token loss pretraining and SFT hand that loop ([`lm::train_lm`]: get batch,
 //!   forward, backward, clip, step, log, eval, checkpoint), its steps' gradients, held-out loss.
+//! - [`bench`], [`model_bench`]: `candor bench` — training and sampling throughput of a named
+//!   shape, and of a real checkpoint (full weights, gradient checkpointing, generation).
 //! - [`ckpt`]: writing a stage's checkpoint directory and its resume state.
 //! - [`run::RunOptions`]: how a stage is run (output, device, resume, its rank).
 //! - [`progress::Progress`]: the progress bar and log lines.
@@ -39,6 +41,7 @@ pub mod fault;
 pub mod health;
 pub mod lm;
 pub mod loss;
+pub mod model_bench;
 pub mod optim;
 pub mod precision;
 pub mod progress;

@@ -124,6 +124,7 @@ pub fn lm_grads(
     dist: &Dist,
 ) -> Result<StepGrads> {
     sharded_grads(
+        model,
         opt,
         sampler,
         train,

@@ -97,7 +97,7 @@ pub fn train_loop(
             mut grads,
             loss,
             tokens,
-        } = sharded_grads(opt, &mut sampler, cfg, dist, t.terms, |mine| {
+        } = sharded_grads(&step_model, opt, &mut sampler, cfg, dist, t.terms, |mine| {
             (t.loss)(&step_model, mine)
         })?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
