@@ -11,7 +11,8 @@ use candle_nn::{Embedding, VarBuilder};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::fused::{self, attention::CacheBuf, AttnMask};
-use crate::layers::{attention_projections, names, Mlp, Norm, Proj, QkvProj};
+use crate::layers::{attention_projections, names, Mlp, Norm, Proj, QkvProj, Target};
+use crate::lora::Adapter;
 use crate::mask::causal_bias;
 use crate::ops::{apply_rope, reduce_dtype, repeat_kv, rope_tables, softmax};
 use crate::Head;
@@ -23,6 +24,7 @@ enum Mask<'a> {
     Fused(AttnMask<'a>),
 }
 
+#[derive(Clone)]
 struct Attention {
     qkv: QkvProj,
     o_proj: Proj,
@@ -103,6 +105,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     input_layernorm: Norm,
     self_attn: Attention,
@@ -171,7 +174,9 @@ impl KvCache {
     }
 }
 
-/// The decoder with its head.
+/// The decoder with its head. Cloning shares every weight (candle tensors are
+/// reference-counted): no copy of the parameters is made.
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     pub head: Head,
@@ -348,5 +353,59 @@ impl Model {
     /// Convenience: `lm_logits(forward_hidden(ids))` with the default causal mask.
     pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
         self.lm_logits(&self.forward_hidden(ids, None, None, None)?)
+    }
+}
+
+/// LoRA: where adapters attach, and switching them off (see [`crate::lora`]).
+impl Model {
+    /// Every projection an adapter can attach to, layer by layer, with its Hugging Face
+    /// module path.
+    pub fn adapter_targets(&mut self) -> Vec<Target<'_>> {
+        let n = names(self.config.arch());
+        let mut out = vec![];
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let block = format!("{}.{}.{i}", n.prefix, n.layers);
+            let attn = format!("{block}.{}", n.attn);
+            layer.self_attn.qkv.targets(&attn, &mut out);
+            layer.self_attn.o_proj.targets(&attn, &mut out);
+            layer.mlp.targets(&format!("{block}.mlp"), &mut out);
+        }
+        out
+    }
+
+    /// The adapters attached to this model (none for a plain model).
+    pub fn adapters(&self) -> Vec<Adapter> {
+        let mut model = self.clone();
+        model
+            .adapter_targets()
+            .into_iter()
+            .filter_map(|t| t.slot.clone())
+            .collect()
+    }
+
+    /// The same model without its adapters: the frozen base, sharing its weights with
+    /// `self` (no copy). PPO, GRPO and DPO's reference in a LoRA run.
+    pub fn without_adapters(&self) -> Model {
+        let mut model = self.clone();
+        for t in model.adapter_targets() {
+            *t.slot = None;
+        }
+        model
+    }
+
+    /// Switch the adapters' term on or off for the forward passes that follow (PEFT's
+    /// `disable_adapter()`); on by default. No effect on a model without adapters.
+    pub fn set_adapters_enabled(&self, on: bool) {
+        if let Some(a) = self.adapters().first() {
+            a.state.set_enabled(on);
+        }
+    }
+
+    /// Apply the adapters' dropout (`lora.dropout`) in the forward passes that follow:
+    /// on while training, off for evaluation and sampling (the default).
+    pub fn set_adapter_training(&self, on: bool) {
+        if let Some(a) = self.adapters().first() {
+            a.state.set_training(on);
+        }
     }
 }
