@@ -56,6 +56,8 @@ def relative_base(adapter_dir, base_dir):
     with open(path) as f:
         cfg = json.load(f)
     cfg["base_model_name_or_path"] = os.path.relpath(base_dir, adapter_dir)
+    if isinstance(cfg.get("target_modules"), list):  # PEFT writes a set: make reruns identical
+        cfg["target_modules"] = sorted(cfg["target_modules"])
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")

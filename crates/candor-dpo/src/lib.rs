@@ -74,6 +74,7 @@ pub struct ReferenceLogps {
 /// Check the config before anything is loaded; errors name the config file and key.
 fn validate(cfg: &DpoConfig, origin: &str) -> Result<()> {
     cfg.train.validate(origin)?;
+    cfg.train.refuse_lora(origin, "dpo")?;
     cfg.dpo.check().map_err(|m| err(format!("{origin}: {m}")))?;
     if cfg.data.files.is_empty() {
         return Err(err(format!(
@@ -349,6 +350,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             head: Head::Lm,
             varmap: &varmap,
             tokenizer: &tok,
+            adapters: None,
             metrics,
             state,
             optimizers: &[("model", opt)],

@@ -62,6 +62,7 @@ fn err(msg: String) -> Error {
 pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let origin = &opts.origin;
     cfg.train.validate(origin)?;
+    cfg.train.refuse_lora(origin, "grpo")?;
     validate(cfg, origin)?;
     let policy_dir = cfg.policy.clone().ok_or_else(|| {
         err(format!(
@@ -238,6 +239,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             head: Head::Lm,
             varmap: &policy_vars,
             tokenizer: &tok,
+            adapters: None,
             metrics,
             state,
             optimizers: &[("policy", opt)],

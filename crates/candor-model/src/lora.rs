@@ -444,7 +444,6 @@ pub fn save_adapter(dir: &Path, adapters: &Adapters) -> Result<()> {
         "layers_to_transform": null,
         "layers_pattern": null,
         "revision": null,
-        "library_name": "candor",
     });
     let path = dir.join(ADAPTER_CONFIG);
     let text = serde_json::to_string_pretty(&json).expect("json serialises") + "\n";

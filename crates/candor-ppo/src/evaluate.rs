@@ -108,6 +108,7 @@ impl Saver<'_> {
             head: Head::Lm,
             varmap: self.policy_vars,
             tokenizer: self.tok,
+            adapters: None,
             metrics,
             state,
             optimizers: &[("policy", policy_opt), ("critic", critic_opt)],

@@ -63,6 +63,7 @@ pub use candor_train::ckpt::RunOptions;
 pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let origin = &opts.origin;
     cfg.train.validate(origin)?;
+    cfg.train.refuse_lora(origin, "ppo")?;
     validate(cfg, origin)?;
     let policy_dir = cfg.policy.clone().ok_or_else(|| {
         err(format!(

@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Further stages that take `train.lora`, for [`TrainConfig::refuse_lora`]'s message.
+const LORA_STAGES_MORE: &str = "";
+
 /// Optimiser, schedule and cadence. Defaults follow nanoGPT / GPT-3 small-model practice;
 /// the reward and PPO stages start from their own defaults (their configs' `Default`),
 /// noted below as "reward" and "PPO". Names in parentheses are the Hugging Face
@@ -59,6 +62,12 @@ pub struct TrainConfig {
     /// RL stages: stop the run when a run-health signal trips (see `health:`), keeping the
     /// last good checkpoint; otherwise a tripped signal only warns (default false).
     pub stop_on_health: bool,
+    /// Train LoRA adapters on a frozen base instead of every weight (Hu et al. 2021; TRL's
+    /// `peft_config`): `{rank, alpha, dropout, target_modules}`, see
+    /// [`candor_model::LoraConfig`] and docs/lora.md. Checkpoints are then PEFT adapter
+    /// directories. Default: none (full fine-tuning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<candor_model::LoraConfig>,
 }
 
 impl Default for TrainConfig {
@@ -81,6 +90,7 @@ impl Default for TrainConfig {
             log_every: 10,
             dtype: Default::default(),
             stop_on_health: false,
+            lora: None,
         }
     }
 }
@@ -103,6 +113,17 @@ impl TrainConfig {
         self.save_every > 0
             && step.is_multiple_of(self.save_every as u64)
             && step != self.steps as u64
+    }
+
+    /// Refuse `train.lora` in a stage that trains full weights only.
+    pub fn refuse_lora(&self, origin: &str, stage: &str) -> crate::Result<()> {
+        match self.lora {
+            Some(_) => Err(crate::Error::Msg(format!(
+                "{origin}: train.lora: the {stage} stage trains full weights only (LoRA: sft, reward{})",
+                LORA_STAGES_MORE
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Check ranges; `origin` names the config file in errors.
@@ -129,6 +150,15 @@ impl TrainConfig {
         }
         if self.log_every == 0 {
             return bad("log_every", "must be at least 1");
+        }
+        if let Some(lora) = &self.lora {
+            lora.validate(&format!("{origin}: train.lora"))?;
+            if self.dtype != crate::precision::Precision::F32 {
+                return bad(
+                    "dtype",
+                    "LoRA runs train in f32 (the adapters and their base); bf16 with train.lora is not supported",
+                );
+            }
         }
         Ok(())
     }
