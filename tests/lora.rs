@@ -369,3 +369,137 @@ fn bad_lora_input_fails_with_one_clear_line() {
     assert!(e.contains("adapter_config.json: base model"), "{e}");
     assert!(!out.exists(), "nothing half-written");
 }
+
+/// Preference pairs whose chosen responses use kind words and rejected ones unkind words.
+fn pairs_file(dir: &Path) -> PathBuf {
+    let (good, bad) = (
+        ["good", "happy", "lovely", "kind", "great", "nice"],
+        ["bad", "sad", "awful", "cruel", "dull", "grim"],
+    );
+    let mut lines = String::new();
+    for i in 0..24 {
+        let chosen = format!("a {} day", good[i % 6]);
+        let rejected = format!("a {} day", bad[(i * 5 + 1) % 6]);
+        lines += &serde_json::json!({"prompt": format!("day {i}"), "chosen": chosen, "rejected": rejected})
+            .to_string();
+        lines += "\n";
+    }
+    let path = dir.join("dpo-pairs.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// DPO's reference in a LoRA run is the policy with its adapters off: before the first
+/// step the policy (B = 0) equals it exactly, so every pair's loss is log 2.
+#[test]
+fn lora_dpo_reference_is_the_base_with_adapters_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = small_checkpoint(tmp.path());
+    let data = pairs_file(tmp.path());
+    let out = tmp.path().join("dpo");
+    ok(candor()
+        .args([
+            "dpo",
+            "--config",
+            "configs/tiny/dpo.yaml",
+            "--device",
+            "cpu",
+            "--init",
+        ])
+        .arg(&base)
+        .arg("--set")
+        .arg(format!("data.files=[{}]", data.display()))
+        .args([
+            "--set",
+            "data.heldout=null",
+            "--set",
+            "data.heldout_fraction=0.25",
+            "--set",
+            "eval.prompts=null",
+            "--set",
+            "eval.judge=null",
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.eval_every=3",
+            "--set",
+            "train.lr=0.01",
+            "--set",
+            "train.lora.target_modules=[all-linear]",
+        ])
+        .arg("--out")
+        .arg(&out));
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    let evals: Vec<(u64, f64)> = metrics(&out)
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("eval_loss")?.as_f64()?)))
+        .collect();
+    println!("LoRA DPO eval_loss {evals:?}");
+    assert_eq!(evals[0].0, 0);
+    assert!(
+        (evals[0].1 - std::f64::consts::LN_2).abs() < 1e-6,
+        "policy and reference differ before training: {evals:?}"
+    );
+    assert!(evals.last().unwrap().1 < evals[0].1, "{evals:?}");
+}
+
+/// GRPO with LoRA: adapters trained against the base-with-adapters-off reference (β > 0),
+/// written as an adapter directory.
+#[test]
+fn lora_grpo_trains_adapters_against_the_base() {
+    let sft = tiny_sft();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grpo");
+    let mut cmd = candor();
+    cmd.args([
+        "grpo",
+        "--config",
+        "configs/tiny/grpo.yaml",
+        "--device",
+        "cpu",
+        "--policy",
+    ])
+    .arg(&sft)
+    .arg("--out")
+    .arg(&out);
+    for s in [
+        "train.steps=3",
+        "train.eval_every=0",
+        "rollout.prompts_per_step=4",
+        "rollout.group_size=4",
+        "train.batch_size=8",
+        "grpo.num_iterations=2",
+        "grpo.beta=0.04",
+        "train.lr=0.01",
+        "train.lora.rank=4",
+    ] {
+        cmd.args(["--set", s]);
+    }
+    ok(&mut cmd);
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(
+        PathBuf::from(cfg["base_model_name_or_path"].as_str().unwrap()),
+        std::fs::canonicalize(&sft).unwrap()
+    );
+    let kl: Vec<f64> = metrics(&out)
+        .iter()
+        .filter_map(|r| r.get("kl").and_then(|v| v.as_f64()))
+        .collect();
+    println!("LoRA GRPO kl {kl:?}");
+    assert!(!kl.is_empty() && kl.iter().all(|k| k.is_finite()), "{kl:?}");
+    let adapter = tensors(&out.join("adapter_model.safetensors"));
+    let b: f32 = adapter
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, t)| {
+            t.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .sum();
+    assert!(b > 0.0, "the adapters were not trained");
+}

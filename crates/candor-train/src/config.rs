@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Further stages that take `train.lora`, for [`TrainConfig::refuse_lora`]'s message.
-const LORA_STAGES_MORE: &str = "";
+const LORA_STAGES_MORE: &str = ", dpo, grpo";
 
 /// Optimiser, schedule and cadence. Defaults follow nanoGPT / GPT-3 small-model practice;
 /// the reward and PPO stages start from their own defaults (their configs' `Default`),
