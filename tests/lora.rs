@@ -503,3 +503,89 @@ fn lora_grpo_trains_adapters_against_the_base() {
         .sum();
     assert!(b > 0.0, "the adapters were not trained");
 }
+
+/// PPO with LoRA: policy and critic train adapters (the critic also its score head), the
+/// reference is the policy with adapters off (KL 0 before the first update), both are
+/// written as adapter directories, and a killed run resumes to the same adapters.
+#[test]
+fn lora_ppo_trains_policy_and_critic_adapters_and_resumes_exactly() {
+    let sft = tiny_sft();
+    let tmp = tempfile::tempdir().unwrap();
+    let ppo = |out: &Path| {
+        let mut c = candor();
+        c.args([
+            "ppo",
+            "--config",
+            "configs/tiny/ppo.yaml",
+            "--device",
+            "cpu",
+            "--policy",
+        ])
+        .arg(&sft)
+        .arg("--out")
+        .arg(out);
+        for s in [
+            "score.reward_model_weight=0",
+            "score.judge=sentiment",
+            "score.judge_weight=1",
+            "train.steps=4",
+            "train.save_every=2",
+            "train.eval_every=0",
+            "rollout.prompts_per_iteration=8",
+            "train.lr=0.001",
+            "train.lora.rank=4",
+        ] {
+            c.args(["--set", s]);
+        }
+        c
+    };
+    let straight = tmp.path().join("straight");
+    ok(&mut ppo(&straight));
+    for d in [straight.clone(), straight.join("critic")] {
+        assert!(d.join("adapter_config.json").is_file(), "{}", d.display());
+        assert!(!d.join("model.safetensors").exists());
+    }
+    assert_eq!(
+        read_json(&straight.join("critic/adapter_config.json"))["task_type"],
+        "SEQ_CLS"
+    );
+    let critic = tensors(&straight.join("critic/adapter_model.safetensors"));
+    assert!(critic.contains_key("base_model.model.score.weight"));
+    let opt = tensors(&straight.join("trainer/optimizer.safetensors"));
+    assert!(
+        opt.keys()
+            .all(|k| k.contains(".lora_") || k.contains("score.weight")),
+        "{:?}",
+        opt.keys().collect::<Vec<_>>()
+    );
+    let kl: Vec<f64> = metrics(&straight)
+        .iter()
+        .filter_map(|r| r.get("kl").and_then(|v| v.as_f64()))
+        .collect();
+    println!("LoRA PPO kl {kl:?}");
+    assert!(
+        kl[0].abs() < 1e-6,
+        "the reference differs from the starting policy: {kl:?}"
+    );
+
+    let partial = tmp.path().join("partial");
+    let mut child = ppo(&partial)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let at = kill_after_checkpoint(&mut child, &partial, 2);
+    if read_json(&partial.join("candor.json"))["complete"] == false {
+        ok(ppo(&partial).arg("--resume"));
+        println!("LoRA PPO killed at iteration {at} of 4 and resumed");
+    }
+    for f in [
+        "adapter_model.safetensors",
+        "critic/adapter_model.safetensors",
+        "trainer/optimizer.safetensors",
+    ] {
+        assert!(
+            std::fs::read(straight.join(f)).unwrap() == std::fs::read(partial.join(f)).unwrap(),
+            "{f} differs after resuming at iteration {at}"
+        );
+    }
+}

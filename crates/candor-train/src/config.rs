@@ -2,9 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Further stages that take `train.lora`, for [`TrainConfig::refuse_lora`]'s message.
-const LORA_STAGES_MORE: &str = ", dpo, grpo";
-
 /// Optimiser, schedule and cadence. Defaults follow nanoGPT / GPT-3 small-model practice;
 /// the reward and PPO stages start from their own defaults (their configs' `Default`),
 /// noted below as "reward" and "PPO". Names in parentheses are the Hugging Face
@@ -119,8 +116,7 @@ impl TrainConfig {
     pub fn refuse_lora(&self, origin: &str, stage: &str) -> crate::Result<()> {
         match self.lora {
             Some(_) => Err(crate::Error::Msg(format!(
-                "{origin}: train.lora: the {stage} stage trains full weights only (LoRA: sft, reward{})",
-                LORA_STAGES_MORE
+                "{origin}: train.lora: the {stage} stage trains full weights only (LoRA: sft, reward, dpo, grpo, ppo)"
             ))),
             None => Ok(()),
         }
