@@ -424,3 +424,37 @@ fn bad_adapter_directories_fail_naming_the_file() {
         "{e}"
     );
 }
+
+/// A LoRA reward model: the adapters (from a PEFT directory, B non-zero) and the score head
+/// are the trainable variables, and every one of them gets a non-zero gradient.
+#[test]
+fn lora_score_model_trains_adapters_and_its_head() {
+    let dir = fixture("lora/peft-llama-score");
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        ..Default::default()
+    };
+    let (model, adapters) = lora::load_trainable(
+        &lora::base_dir(&dir).unwrap(),
+        "base".into(),
+        Head::Score,
+        &cfg,
+        Some(&dir),
+        &mut Rng::new(0),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let vars = adapters.varmap.data().lock().unwrap().clone();
+    assert_eq!(vars.len(), 2 * 2 * 2 + 1);
+    assert!(vars.contains_key(&lora::peft_score_name()));
+    let grads = loss(&model).backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0, "{name}: zero gradient");
+    }
+}
