@@ -203,8 +203,18 @@ impl Adapter {
         } else {
             x2
         };
-        let h = x2.matmul(&self.a.t()?)?; // (rows, rank)
-        let d = (h.matmul(&self.b.t()?)? * self.scale)?; // (rows, out)
+        // x·Aᵀ·Bᵀ: the fused CPU matmul (with its hand backward) for f32, else candle's
+        let (h, d) = if crate::fused::enabled(&x2) {
+            let h = crate::fused::linear(&x2, &self.a)?; // (rows, rank)
+            let d = crate::fused::linear(&h, &self.b)?; // (rows, out)
+            (h, d)
+        } else {
+            let h = x2.matmul(&self.a.t()?)?;
+            let d = h.matmul(&self.b.t()?)?;
+            (h, d)
+        };
+        drop(h);
+        let d = (d * self.scale)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = d.dim(1)?;
         let d = d.reshape(out_dims)?.to_dtype(y.dtype())?;

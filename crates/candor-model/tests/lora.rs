@@ -458,3 +458,43 @@ fn lora_score_model_trains_adapters_and_its_head() {
         assert!(norm > 0.0, "{name}: zero gradient");
     }
 }
+
+/// f32 runs the adapters (and the base) through the fused CPU kernels, f64 the composed
+/// ops the finite-difference test checks: same weights, same loss and adapter gradients.
+#[test]
+fn f32_fused_adapter_gradients_match_f64_composed_ones() {
+    for (cfg, head) in cases() {
+        let (m64, v64) = adapted(&cfg, head, DType::F64);
+        let (m32, v32) = adapted(&cfg, head, DType::F32);
+        let (l64, l32) = (loss(&m64), loss(&m32));
+        let (a, b) = (
+            l64.to_scalar::<f64>().unwrap(),
+            l32.to_scalar::<f32>().unwrap() as f64,
+        );
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
+        let (g64, g32) = (l64.backward().unwrap(), l32.backward().unwrap());
+        for ((name, x64), (_, x32)) in v64.iter().zip(&v32) {
+            let want: Vec<f64> = g64
+                .get(x64.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = g32
+                .get(x32.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
+            let err = want
+                .iter()
+                .zip(&got)
+                .fold(0f64, |m, (w, &g)| m.max((w - g as f64).abs()))
+                / scale;
+            assert!(err < 1e-4, "{name} ({head}): f32 gradient off by {err:.2e}");
+        }
+    }
+}
