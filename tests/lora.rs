@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candor_model::io::load_frozen;
 use common::*;
 
@@ -163,6 +163,7 @@ fn lora_sft_writes_a_peft_adapter_resumes_exactly_and_merges() {
         candor_model::Head::Lm,
         &serde_json::from_value(serde_json::json!({"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]})).unwrap(),
         Some(&straight),
+        DType::F32,
         &mut candor_core::rng::Rng::new(0),
         &Device::Cpu,
     )
@@ -327,8 +328,6 @@ fn bad_lora_input_fails_with_one_clear_line() {
         e.contains("train.lora.target_modules: unknown module `qproj`"),
         "{e}"
     );
-    let e = fails(&mut lora_sft(&base, &out, &["--set", "train.dtype=bf16"]));
-    assert!(e.contains("train.dtype") && e.contains("LoRA"), "{e}");
     let e = fails(
         candor()
             .args([
@@ -588,4 +587,27 @@ fn lora_ppo_trains_policy_and_critic_adapters_and_resumes_exactly() {
             "{f} differs after resuming at iteration {at}"
         );
     }
+}
+
+/// `train.dtype: bf16` with LoRA: the frozen base in bf16, the adapters (and their AdamW
+/// state) in f32; the run trains and its adapter loads.
+#[test]
+fn lora_sft_with_a_bf16_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = small_checkpoint(tmp.path());
+    let out = tmp.path().join("bf16");
+    ok(&mut lora_sft(
+        &base,
+        &out,
+        &["--set", "train.dtype=bf16", "--set", "train.save_every=0"],
+    ));
+    let evals: Vec<f64> = metrics(&out)
+        .iter()
+        .filter_map(|r| r.get("eval_loss").and_then(|v| v.as_f64()))
+        .collect();
+    println!("LoRA SFT, bf16 base: eval_loss {evals:?}");
+    assert!(evals.last() < evals.first(), "{evals:?}");
+    let opt = tensors(&out.join("trainer/optimizer.safetensors"));
+    assert!(opt.values().all(|t| t.dtype() == DType::F32));
+    load_frozen(&out, &Device::Cpu).unwrap();
 }

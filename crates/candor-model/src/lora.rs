@@ -217,8 +217,10 @@ impl Adapter {
         let d = (d * self.scale)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = d.dim(1)?;
-        let d = d.reshape(out_dims)?.to_dtype(y.dtype())?;
-        Ok((y + d)?)
+        // the sum in the adapter's dtype, rounded once to the base's (no-ops when both f32)
+        let dtype = y.dtype();
+        let d = d.reshape(out_dims)?;
+        Ok((y.to_dtype(d.dtype())? + d)?.to_dtype(dtype)?)
     }
 
     /// Inverted dropout with the shared seeded stream (reproducible for a given seed).
@@ -276,8 +278,9 @@ pub fn base_name(spec: &Path, resolved: &Path) -> String {
 }
 
 /// Build a LoRA model for training: the checkpoint at `base_dir` (a full checkpoint, or
-/// an adapter directory, whose adapter is then merged into the base) frozen — its weights
-/// plain tensors, not variables — with new adapters on the projections `cfg` names (or
+/// an adapter directory, whose adapter is then merged into the base) frozen in `dtype`
+/// (f32, or bf16 to halve its memory) — its weights plain tensors, not variables — with
+/// new f32 adapters on the projections `cfg` names (or
 /// those of the adapter directory `resume`, to continue a run), and, for a score head,
 /// the head as a trainable variable (from the base when it has one, else new).
 pub fn load_trainable(
@@ -286,6 +289,7 @@ pub fn load_trainable(
     head: Head,
     cfg: &LoraConfig,
     resume: Option<&Path>,
+    dtype: DType,
     rng: &mut Rng,
     device: &Device,
 ) -> Result<(Model, Adapters)> {
@@ -305,22 +309,33 @@ pub fn load_trainable(
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in vars.data().lock().unwrap().iter() {
         // detach: the same storage, no longer a variable (no gradient, not optimised)
-        tensors.insert(name.clone(), var.as_tensor().detach());
+        tensors.insert(name.clone(), var.as_tensor().detach().to_dtype(dtype)?);
     }
-    if head == Head::Score {
-        let init = match &resumed {
-            Some((file, t)) => take(t, file, &peft_score_name())?,
-            None => tensors["score.weight"].copy()?,
-        };
-        let var = Var::from_tensor(&init)?;
-        tensors.insert("score.weight".into(), var.as_tensor().clone());
-        varmap.data().lock().unwrap().insert(peft_score_name(), var);
-    }
+    let score = match head {
+        Head::Score => {
+            let init = match &resumed {
+                Some((file, t)) => take(t, file, &peft_score_name())?,
+                None => tensors["score.weight"].copy()?,
+            };
+            let var = Var::from_tensor(&init.to_dtype(DType::F32)?)?;
+            varmap
+                .data()
+                .lock()
+                .unwrap()
+                .insert(peft_score_name(), var.clone());
+            Some(var)
+        }
+        Head::Lm => None,
+    };
     let mut model = Model::new(
         &config,
         head,
-        VarBuilder::from_tensors(tensors, DType::F32, device),
+        VarBuilder::from_tensors(tensors, dtype, device),
     )?;
+    if let Some(var) = score {
+        // the head trains in f32 whatever the base's dtype (never a stale cast of it)
+        model.set_score_head(var.as_tensor().clone())?;
+    }
     attach(
         &mut model,
         cfg,

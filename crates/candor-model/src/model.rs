@@ -343,7 +343,11 @@ impl Model {
     /// One scalar per position (B, T) from hidden states (B, T, C).
     pub fn scores(&self, hidden: &Tensor) -> Result<Tensor> {
         match (&self.head_weight, self.head) {
-            (Some(w), Head::Score) => Ok(hidden.broadcast_matmul(&w.t()?)?.squeeze(D::Minus1)?),
+            (Some(w), Head::Score) => {
+                // an f32 head beside a bf16 base (LoRA) reads the hidden states in f32
+                let s = hidden.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?;
+                Ok(s.squeeze(D::Minus1)?.to_dtype(hidden.dtype())?)
+            }
             _ => Err(crate::Error::Msg(
                 "an lm-head model has no score head".into(),
             )),
@@ -398,6 +402,20 @@ impl Model {
     pub fn set_adapters_enabled(&self, on: bool) {
         if let Some(a) = self.adapters().first() {
             a.state.set_enabled(on);
+        }
+    }
+
+    /// Replace the score head's (1, C) weight: a LoRA run's trainable head, an f32 variable
+    /// even beside a bf16 base. An error for an lm head.
+    pub fn set_score_head(&mut self, weight: Tensor) -> Result<()> {
+        match self.head {
+            Head::Score => {
+                self.head_weight = Some(weight);
+                Ok(())
+            }
+            Head::Lm => Err(crate::Error::Msg(
+                "an lm-head model has no score head".into(),
+            )),
         }
     }
 

@@ -95,6 +95,7 @@ fn trainable_adapters_from_a_peft_directory_give_peft_logits() {
             Head::Lm,
             &cfg,
             Some(&dir),
+            DType::F32,
             &mut Rng::new(0),
             &Device::Cpu,
         )
@@ -442,6 +443,7 @@ fn lora_score_model_trains_adapters_and_its_head() {
         Head::Score,
         &cfg,
         Some(&dir),
+        DType::F32,
         &mut Rng::new(0),
         &Device::Cpu,
     )
@@ -496,5 +498,78 @@ fn f32_fused_adapter_gradients_match_f64_composed_ones() {
                 / scale;
             assert!(err < 1e-4, "{name} ({head}): f32 gradient off by {err:.2e}");
         }
+    }
+}
+
+/// A bf16 base with f32 adapters: the adapters stay f32 variables, the base's weights are
+/// bf16, the logits are PEFT's to bf16 precision, and every adapter gets a gradient.
+#[test]
+fn bf16_base_with_f32_adapters() {
+    let dir = fixture("lora/peft-llama");
+    let r = reference(&dir);
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 12.0,
+        target_modules: vec!["all-linear".into()],
+        ..Default::default()
+    };
+    let (model, adapters) = lora::load_trainable(
+        &lora::base_dir(&dir).unwrap(),
+        "base".into(),
+        Head::Lm,
+        &cfg,
+        Some(&dir),
+        DType::BF16,
+        &mut Rng::new(0),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(model.dtype(), DType::BF16);
+    assert_eq!(model.lm_head_weight().unwrap().dtype(), DType::BF16);
+    let vars = adapters.varmap.all_vars();
+    assert!(vars.iter().all(|v| v.dtype() == DType::F32));
+    let logits = model
+        .logits(&ids(&r))
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let want = &r["logits"];
+    let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let err = max_abs(&logits, want) / scale;
+    // what bf16 costs the adapted model itself: its merged weights, all in bf16
+    let merged = candor_model::io::read_weights(&dir, &Device::Cpu).unwrap();
+    let config = read_config(&dir).unwrap();
+    let tensors: HashMap<String, Tensor> = merged
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    let all_bf16 = Model::new(
+        &config,
+        Head::Lm,
+        VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu),
+    )
+    .unwrap();
+    let logits16 = all_bf16.logits(&ids(&r)).unwrap();
+    let merged_err = max_abs(&logits16.to_dtype(DType::F32).unwrap(), want) / scale;
+    println!(
+        "bf16 base + f32 adapters: logits off by {err:.2e} of the largest (the merged model all in bf16: {merged_err:.2e})"
+    );
+    // bf16 rounds activations along different paths (the adapter's term is added to the
+    // bf16 base output): the same order of error as an all-bf16 model, not the same bits;
+    // an adapter lost or mis-scaled would be off by O(1)
+    assert!(err < 4.0 * merged_err, "{err} vs {merged_err}");
+    let grads = logits
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in &vars {
+        let g = grads.get(v.as_tensor()).expect("a gradient");
+        assert_eq!(g.dtype(), DType::F32);
+        let n: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(n > 0.0);
     }
 }

@@ -149,12 +149,6 @@ impl TrainConfig {
         }
         if let Some(lora) = &self.lora {
             lora.validate(&format!("{origin}: train.lora"))?;
-            if self.dtype != crate::precision::Precision::F32 {
-                return bad(
-                    "dtype",
-                    "LoRA runs train in f32 (the adapters and their base); bf16 with train.lora is not supported",
-                );
-            }
         }
         Ok(())
     }

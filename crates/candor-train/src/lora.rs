@@ -33,8 +33,10 @@ pub fn load_for_training(
         }
         Some(cfg) => {
             let base = lora::base_name(spec, init);
+            // the frozen base in train.dtype (bf16 halves it), the adapters in f32
+            let dtype = train.dtype.dtype();
             let (model, adapters) =
-                lora::load_trainable(init, base, head, cfg, resume, rng, device)?;
+                lora::load_trainable(init, base, head, cfg, resume, dtype, rng, device)?;
             Ok((model, adapters.varmap.clone(), Some(adapters)))
         }
     }
