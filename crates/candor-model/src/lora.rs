@@ -283,6 +283,7 @@ pub fn base_name(spec: &Path, resolved: &Path) -> String {
 /// new f32 adapters on the projections `cfg` names (or
 /// those of the adapter directory `resume`, to continue a run), and, for a score head,
 /// the head as a trainable variable (from the base when it has one, else new).
+#[allow(clippy::too_many_arguments)]
 pub fn load_trainable(
     base_dir: &Path,
     base_model_name_or_path: String,
