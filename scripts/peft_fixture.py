@@ -16,10 +16,12 @@ A and B are then drawn at random (B non-zero, so the adapters change the outputs
                       alpha 8, rsLoRA (scale alpha/sqrt(r))
 
 Part 2, candor -> PEFT. tests/fixtures/lora/candor-sft is an adapter `candor sft` trained
-with `train.lora` on tests/fixtures/parity/candor-lm (made here when absent, with
---remake-candor to redo); PEFT loads it onto that base with `PeftModel.from_pretrained`
-(every tensor must be used: PEFT reports none missing or unexpected) and its logits are
-written beside it.
+with `train.lora` on tests/fixtures/parity/candor-lm, and tests/fixtures/lora/candor-reward
+one `candor reward` trained (adapters and a new score head, SEQ_CLS) on the same base,
+from a few preference pairs written here (both made when absent, --remake-candor to
+redo); PEFT loads each onto that base with `PeftModel.from_pretrained` (every tensor must
+be used) and its logits (the reward model: its score at every position) are written
+beside it.
 
 Each directory gets reference.safetensors: input_ids (B, T) i64 and logits (B, T, V) f32
 (for the score adapter: scores (B, T) f32). The adapters' base_model_name_or_path is
@@ -138,6 +140,50 @@ def candor_to_peft(remake):
     print(f"candor-sft: PEFT {peft.__version__} loaded {len(saved)} tensors, reference written")
 
 
+def candor_reward_to_peft(remake):
+    base_dir = os.path.join(PARITY, "candor-lm")
+    out = os.path.join(OUT, "candor-reward")
+    if remake and os.path.exists(out):
+        shutil.rmtree(out)
+    if not os.path.exists(out):
+        with tempfile.TemporaryDirectory() as tmp:
+            pairs = os.path.join(tmp, "pairs.jsonl")
+            with open(pairs, "w") as f:
+                for i in range(16):
+                    f.write(json.dumps({"prompt": f"day {i}", "chosen": "a good and kind day",
+                                        "rejected": "a bad and cruel day"}) + "\n")
+            run = os.path.join(tmp, "run")
+            subprocess.run(["cargo", "run", "-q", "-p", "candor-cli", "--bin", "candor", "--", "reward",
+                            "--config", "configs/tiny/reward.yaml", "--init", base_dir, "--out", run,
+                            "--set", f"data.files=[{pairs}]", "--set", "data.heldout=null",
+                            "--set", "data.heldout_fraction=0.25", "--set", "train.steps=4",
+                            "--set", "train.lr=0.01", "--set", "train.eval_every=0",
+                            "--set", "train.lora.rank=2", "--set", "train.lora.alpha=4"],
+                           cwd=ROOT, check=True)
+            os.makedirs(out)
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy(os.path.join(run, f), out)
+        relative_base(out, base_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out)
+    from peft.utils import load_peft_weights
+    saved = load_peft_weights(out)
+    state = model.state_dict()
+    missing = [k for k in saved
+               if k.replace(".weight", ".default.weight") not in state
+               and k.replace("score.weight", "score.modules_to_save.default.weight") not in state]
+    assert not missing, f"PEFT did not use {missing}"
+    model.eval()
+    ids = input_ids(model.config.vocab_size)
+    inner = model.base_model.model
+    hidden = inner.model(input_ids=ids).last_hidden_state
+    scores = inner.score(hidden)[..., 0].contiguous()
+    assert torch.allclose(inner.score.modules_to_save["default"].weight,
+                          saved["base_model.model.score.weight"]), "PEFT did not load candor's score head"
+    save_file({"input_ids": ids, "scores": scores}, os.path.join(out, "reference.safetensors"))
+    print(f"candor-reward: PEFT {peft.__version__} loaded {len(saved)} tensors (SEQ_CLS), reference written")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--remake-candor", action="store_true")
@@ -152,6 +198,7 @@ def main():
                    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True,
                               task_type="SEQ_CLS"), score=True, seed=2)
     candor_to_peft(args.remake_candor)
+    candor_reward_to_peft(args.remake_candor)
 
 
 if __name__ == "__main__":

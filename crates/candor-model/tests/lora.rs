@@ -59,17 +59,21 @@ fn peft_adapters_load_with_peft_logits() {
     }
 }
 
+/// A sequence classifier's adapter PEFT wrote (rsLoRA, a new score head), and the reward
+/// model's adapter candor trained (scores PEFT computed for it).
 #[test]
-fn peft_sequence_classification_adapter_loads_as_a_score_model() {
-    let dir = fixture("lora/peft-llama-score");
-    let r = reference(&dir);
-    assert_eq!(read_config(&dir).unwrap().head(), Head::Score);
-    let model = load_frozen(&dir, &Device::Cpu).unwrap();
-    assert_eq!(model.head, Head::Score);
-    let hidden = model.forward_hidden(&ids(&r), None, None, None).unwrap();
-    let err = max_abs(&model.scores(&hidden).unwrap(), &r["scores"]);
-    println!("peft-llama-score (rsLoRA, new score head): max abs error vs PEFT {err:.2e}");
-    assert!(err < 1e-4, "scores off by {err}");
+fn sequence_classification_adapters_load_as_score_models() {
+    for name in ["lora/peft-llama-score", "lora/candor-reward"] {
+        let dir = fixture(name);
+        let r = reference(&dir);
+        assert_eq!(read_config(&dir).unwrap().head(), Head::Score);
+        let model = load_frozen(&dir, &Device::Cpu).unwrap();
+        assert_eq!(model.head, Head::Score);
+        let hidden = model.forward_hidden(&ids(&r), None, None, None).unwrap();
+        let err = max_abs(&model.scores(&hidden).unwrap(), &r["scores"]);
+        println!("{name}: max abs score error vs PEFT {err:.2e}");
+        assert!(err < 1e-4, "{name}: scores off by {err}");
+    }
 }
 
 /// Training a loaded adapter further starts from exactly PEFT's outputs (the live
