@@ -312,6 +312,7 @@ pub fn load_trainable(
         // detach: the same storage, no longer a variable (no gradient, not optimised)
         tensors.insert(name.clone(), var.as_tensor().detach().to_dtype(dtype)?);
     }
+    drop(vars); // with a bf16 base, the f32 copies go now
     let score = match head {
         Head::Score => {
             let init = match &resumed {
