@@ -15,6 +15,7 @@ mod generate;
 mod import;
 mod label;
 mod launch;
+mod merge;
 mod rank;
 mod recipe;
 mod registry;
@@ -76,6 +77,8 @@ enum Command {
     Tokenizer(tokenizer::TokenizerCommand),
     /// Import a llama.cpp GGUF model (dequantized) as a checkpoint directory.
     Import(import::ImportArgs),
+    /// Merge a LoRA adapter directory (PEFT's format) into its base: a full checkpoint.
+    Merge(merge::MergeArgs),
 }
 
 /// Options every stage command shares.
@@ -144,6 +147,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Bench(args) => bench::run(args),
         Command::Import(args) => import::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }
 

@@ -353,7 +353,8 @@ pub fn require_complete(dir: &Path, key: &str, allow: bool) -> Result<()> {
     }
 }
 
-/// Fail with a message naming `dir` unless it holds a loadable model (config.json and weights).
+/// Fail with a message naming `dir` unless it holds a loadable model (config.json and weights,
+/// or a PEFT adapter directory).
 pub fn require_model_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(Error::Checkpoint {
@@ -361,7 +362,8 @@ pub fn require_model_dir(dir: &Path) -> Result<()> {
             msg: "no such checkpoint directory".into(),
         });
     }
-    if !dir.join("config.json").is_file() {
+    // a PEFT adapter directory (adapter_config.json) stands for its base with the adapter
+    if !dir.join("config.json").is_file() && !dir.join("adapter_config.json").is_file() {
         return Err(Error::Checkpoint {
             path: dir.to_path_buf(),
             msg: "not a checkpoint: config.json is missing".into(),

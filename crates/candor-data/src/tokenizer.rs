@@ -139,9 +139,16 @@ fn tk_err(e: impl std::fmt::Display) -> Error {
 impl Tokenizer {
     /// Load `tokenizer.json` from a checkpoint directory, with `tokenizer_config.json` and
     /// `chat_template.jinja` when present.
+    ///
+    /// A PEFT adapter directory without its own tokenizer files (PEFT's `save_pretrained`
+    /// writes none) takes its base model's: `base_model_name_or_path` as a directory, or
+    /// `ORG/NAME` in the local Hugging Face cache.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
+            if let Some(base) = adapter_base_tokenizer_dir(dir) {
+                return Self::from_dir(&base);
+            }
             return Err(file_err(dir, "tokenizer.json is missing"));
         }
         Self::from_file(&path)
@@ -317,6 +324,28 @@ impl Tokenizer {
             .map_or(0, |&m| m as usize + 1);
         self.inner.get_vocab_size(false).max(added)
     }
+}
+
+/// The directory holding the tokenizer of a PEFT adapter directory's base model, if `dir`
+/// is one and its base has a `tokenizer.json` (a directory, or `ORG/NAME` in the cache).
+fn adapter_base_tokenizer_dir(dir: &Path) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    let base = v.get("base_model_name_or_path")?.as_str()?;
+    for candidate in [Path::new(base).to_path_buf(), dir.join(base)] {
+        if candidate.join("tokenizer.json").is_file()
+            || candidate.join("adapter_config.json").is_file()
+        {
+            return Some(candidate);
+        }
+    }
+    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        Some(d) => hf_hub::Cache::new(d.into()),
+        None => hf_hub::Cache::from_env(),
+    };
+    let repo = cache.model(base.to_string());
+    repo.get("tokenizer.json")
+        .and_then(|p| p.parent().map(Path::to_path_buf))
 }
 
 #[cfg(test)]

@@ -32,11 +32,12 @@ use candor_core::rng::Rng;
 use candor_data::chat::{stop_tokens, ChatTemplate};
 use candor_data::preference::{load_comparisons, Comparisons};
 use candor_data::Tokenizer;
-use candor_model::io::{load_trainable, read_config};
+use candor_model::io::read_config;
 use candor_model::{Model, Recording};
 use candor_train::batch::{split_heldout, Sampler};
 use candor_train::ckpt::{final_metrics, save_checkpoint, Snapshot, Start, TrainerState};
 use candor_train::health::HealthMonitor;
+use candor_train::lora::load_for_training;
 use candor_train::optim::{check_finite, clip_grad_norm, named_vars, AdamW};
 use candor_train::precision::{compute_model, inference_model, load_frozen};
 use candor_train::progress::{human, Progress};
@@ -105,6 +106,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         ))
     })?;
     // checkpoint directories, or hf:ORG/NAME in the local Hugging Face cache
+    let init_spec = init;
     let init = candor_model::resolve_model_dir(init)?;
     // SimPO reads no reference: `reference` is not even looked at, and the held-out KL is
     // measured against `init`
@@ -179,8 +181,24 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         .transpose()?;
 
     let mut init_rng = Rng::derive(cfg.seed, "init");
-    let from = if resuming { &opts.out } else { &init };
-    let (policy, varmap) = load_trainable(from, Head::Lm, &mut init_rng, device)?;
+    // every weight, or with train.lora adapters on init frozen
+    let (policy, varmap, adapters) = load_for_training(
+        init_spec,
+        &init,
+        resuming.then_some(opts.out.as_path()),
+        Head::Lm,
+        &cfg.train,
+        &mut init_rng,
+        device,
+    )?;
+    // the frozen reference: a LoRA run's reference, when it is init, is the policy with its
+    // adapters off (the same weights, no second copy); otherwise its checkpoint
+    let load_reference = || -> Result<Model> {
+        match &adapters {
+            Some(_) if reference_dir == init => Ok(policy.without_adapters()),
+            _ => load_frozen(&reference_dir, dtype, device),
+        }
+    };
     let mut opt = AdamW::new(named_vars(&varmap), &cfg.train)?;
     let mut meta = CandorMeta::new("dpo", Head::Lm, effective);
     meta.parents = vec![parent_ref("init", &init)?];
@@ -218,7 +236,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             Some(r) => r,
             None => {
                 let t0 = Instant::now();
-                let reference = load_frozen(&reference_dir, dtype, device)?;
+                let reference = load_reference()?;
                 let r = ReferenceLogps {
                     digest: digest.clone(),
                     train: response_logps_all(
@@ -306,7 +324,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             ));
         }
         if !eval_prompts.is_empty() {
-            let reference = load_frozen(&reference_dir, dtype, device)?;
+            let reference = load_reference()?;
             let ps: Vec<&Prompt> = eval_prompts.iter().collect();
             let mut rng = Rng::derive(cfg.seed, "eval");
             let e = candor_train::rollout::evaluate_policy(
@@ -352,6 +370,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             head: Head::Lm,
             varmap: &varmap,
             tokenizer: &tok,
+            adapters: adapters.as_ref(),
             metrics,
             state,
             optimizers: &[("model", opt)],
@@ -389,6 +408,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         let mut grads = opt.zero_grads();
         // this rank's sums: loss, tokens, then the pairs' statistics
         let mut local = StepSums::default();
+        step_model.set_adapter_training(true); // LoRA dropout, when there is any
         for _ in 0..cfg.train.grad_accum {
             let idx = sampler.next(cfg.train.batch_size);
             let batch: Vec<&PromptPairs> = idx.iter().map(|&i| &train.prompts[i]).collect();
@@ -425,6 +445,7 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             drop(f); // the policy's graph goes with the loss
             recording.backward(share, |store| opt.accumulate(store, &mut grads))?;
         }
+        step_model.set_adapter_training(false);
         dist.all_reduce_grads(&mut grads, &opt)?;
         let sums = StepSums::from_vec(&dist.all_reduce_f64(&local.to_vec())?);
         let grad_norm = clip_grad_norm(&mut grads, cfg.train.grad_clip)?;

@@ -28,7 +28,7 @@ use candor_core::record;
 use candor_core::rng::Rng;
 use candor_data::chat::{stop_tokens, ChatTemplate};
 use candor_data::Tokenizer;
-use candor_model::io::{load_trainable, read_config};
+use candor_model::io::read_config;
 use candor_model::{Model, Recording};
 use candor_train::batch::{Cursor, Sampler};
 use candor_train::ckpt::{
@@ -36,6 +36,7 @@ use candor_train::ckpt::{
 };
 use candor_train::dist::Dist;
 use candor_train::health::HealthMonitor;
+use candor_train::lora::load_for_training;
 use candor_train::optim::{clip_grad_norm, named_vars, AdamW};
 use candor_train::precision::{compute_model, inference_model, load_frozen};
 use candor_train::progress::Progress;
@@ -71,6 +72,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
     })?;
     opts.check_batch("rollout.prompts_per_step", cfg.rollout.prompts_per_step)?;
     let effective = candor_core::config::effective(cfg);
+    let policy_spec = policy_dir.clone();
     let policy_dir = candor_model::resolve_model_dir(&policy_dir)?;
     let resolved = GrpoConfig {
         reward: cfg
@@ -131,14 +133,24 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         return Ok(meta);
     }
     let resuming = matches!(start, Start::Resume(_));
-    let reference = if cfg.grpo.beta != 0.0 {
-        Some(load_frozen(&policy_dir, dtype, device)?)
-    } else {
-        None
-    };
-    let policy_src = if resuming { &opts.out } else { &policy_dir };
     let mut init_rng = Rng::derive(cfg.seed, "policy-init");
-    let (policy, policy_vars) = load_trainable(policy_src, Head::Lm, &mut init_rng, device)?;
+    // every weight, or with train.lora adapters on the starting policy frozen
+    let (policy, policy_vars, adapters) = load_for_training(
+        &policy_spec,
+        &policy_dir,
+        resuming.then_some(opts.out.as_path()),
+        Head::Lm,
+        &cfg.train,
+        &mut init_rng,
+        device,
+    )?;
+    // the frozen reference: in a LoRA run the policy with its adapters off (the same
+    // weights, no second copy), else a copy of the starting policy
+    let reference = match (cfg.grpo.beta != 0.0, &adapters) {
+        (false, _) => None,
+        (true, Some(_)) => Some(policy.without_adapters()),
+        (true, None) => Some(load_frozen(&policy_dir, dtype, device)?),
+    };
     let mut opt = AdamW::new(named_vars(&policy_vars), &cfg.train)?;
 
     let mut metrics = MetricsLog::default();
@@ -243,6 +255,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             head: Head::Lm,
             varmap: &policy_vars,
             tokenizer: &tok,
+            adapters: adapters.as_ref(),
             metrics,
             state,
             optimizers: &[("policy", opt)],
@@ -408,6 +421,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                     batch_tokens_per_update: batch_tokens as f64 / updates as f64,
                 };
                 let model = compute_model(&policy, &policy_vars, dtype)?;
+                model.set_adapter_training(true); // LoRA dropout, when there is any
                 let u = update(
                     &model,
                     cfg.train.gradient_checkpointing,
@@ -423,6 +437,7 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                     pad,
                     dist,
                 )?;
+                model.set_adapter_training(false);
                 let mut grads = u.grads;
                 if !u.sums[0].is_finite() {
                     return Err(err(format!(

@@ -48,6 +48,14 @@ struct Segment {
 #[derive(Default)]
 pub(crate) struct Tape(Mutex<Option<Vec<Segment>>>);
 
+/// A copy of a model (e.g. the policy with its LoRA adapters off, as the reference) shares
+/// the weights but not a recording: it starts with none open.
+impl Clone for Tape {
+    fn clone(&self) -> Self {
+        Tape::default()
+    }
+}
+
 impl Tape {
     pub(crate) fn is_recording(&self) -> bool {
         self.0.lock().unwrap().is_some()

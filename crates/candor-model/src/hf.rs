@@ -15,7 +15,7 @@ use crate::error::{file_err, Error, Result};
 pub const HF_PREFIX: &str = "hf:";
 
 /// Resolve a `--model` / `--init` / `--policy` / `--reward` value to a checkpoint
-/// directory: an existing directory as is, or `hf:ORG/NAME[@REVISION]` to its snapshot in
+/// directory (or a PEFT adapter directory, whose base must resolve): an existing directory as is, or `hf:ORG/NAME[@REVISION]` to its snapshot in
 /// the Hugging Face cache. Checks that the directory holds `config.json` and its weights
 /// (`model.safetensors`, or the index and every shard it names).
 pub fn resolve_model_dir(spec: impl AsRef<Path>) -> Result<PathBuf> {
@@ -115,6 +115,14 @@ pub fn resolve_in_cache(repo_spec: &str, cache_dir: &Path) -> Result<PathBuf> {
 /// missing file goes.
 fn check_files(dir: &Path, place: &dyn Fn(&str) -> String) -> Result<()> {
     let missing = |f: &str| file_err(&dir.join(f), format!("missing: place {}", place(f)));
+    if crate::lora::is_adapter_dir(dir) {
+        // a PEFT adapter directory: its weights, and a base that resolves
+        if !dir.join(crate::lora::ADAPTER_WEIGHTS).is_file() {
+            crate::lora::read_adapter_tensors(dir, &candle_core::Device::Cpu)?;
+        }
+        crate::lora::base_dir(dir)?;
+        return Ok(());
+    }
     if !dir.join("config.json").is_file() {
         return Err(missing("config.json"));
     }

@@ -25,8 +25,12 @@ pub struct Weights {
     pub dir: PathBuf,
 }
 
-/// Read `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+/// Read `model.safetensors`, or the shards named by `model.safetensors.index.json`; for a
+/// PEFT adapter directory, its base's weights with the adapter merged in.
 pub fn read_weights(dir: &Path, device: &Device) -> Result<Weights> {
+    if crate::lora::is_adapter_dir(dir) {
+        return crate::lora::merged_weights(dir, device);
+    }
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if single.is_file() {
@@ -116,7 +120,7 @@ fn ignorable(name: &str, head: Head) -> bool {
 /// A tensor's name as the model spells it: base-model checkpoints (`LlamaModel`,
 /// `GPT2Model`, the original GPT-2 files) store the backbone without the `model.` /
 /// `transformer.` prefix.
-fn canonical_name(name: &str, config: &ModelConfig) -> String {
+pub(crate) fn canonical_name(name: &str, config: &ModelConfig) -> String {
     let prefix = crate::layers::names(config.arch()).prefix;
     let head =
         head_var_names(Head::Lm).contains(&name) || head_var_names(Head::Score).contains(&name);
@@ -343,8 +347,11 @@ pub fn save_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Read a checkpoint's `config.json`.
+/// Read a checkpoint's `config.json` (a PEFT adapter directory's: its base's).
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    if crate::lora::is_adapter_dir(dir) {
+        return crate::lora::read_config(dir);
+    }
     let path = dir.join("config.json");
     if !path.is_file() {
         return Err(file_err(dir, "not a checkpoint: config.json is missing"));

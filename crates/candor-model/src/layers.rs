@@ -22,6 +22,7 @@ use candle_nn::{Linear, VarBuilder};
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::fused;
+use crate::lora::Adapter;
 use crate::ops::{layer_norm, rms_norm};
 
 /// Tensor-name segments of one family (`{prefix}.{layers}.{i}.{attn}.…`).
@@ -69,30 +70,53 @@ pub fn names(arch: Arch) -> Names {
     }
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Lin> {
     let w = vb.get((out_dim, in_dim), "weight")?;
     let b = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Ok(Lin {
+        base: Linear::new(w, b),
+        adapter: None,
+    })
 }
 
-/// `Linear::forward`, through the fused kernel for f32 on the CPU.
-fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    if !fused::enabled(x) {
-        return Ok(l.forward(x)?);
+/// A Linear layer (weight stored (out, in)), with an optional LoRA adapter beside it.
+#[derive(Clone)]
+pub struct Lin {
+    pub base: Linear,
+    pub adapter: Option<Adapter>,
+}
+
+impl Lin {
+    /// `Linear::forward` (the fused kernel for f32 on the CPU), plus the adapter's term.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if fused::enabled(x) {
+            let y = fused::linear(x, self.base.weight())?;
+            match self.base.bias() {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        } else {
+            self.base.forward(x)?
+        };
+        match &self.adapter {
+            Some(a) => a.add_to(y, x),
+            None => Ok(y),
+        }
     }
-    let y = fused::linear(x, l.weight())?;
-    Ok(match l.bias() {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
+}
+
+/// `Lin::forward` as a free function (the call sites read `lin(q_proj, x)`).
+fn lin(l: &Lin, x: &Tensor) -> Result<Tensor> {
+    l.forward(x)
 }
 
 /// RMSNorm (a fused kernel for f32 on the CPU) or LayerNorm; otherwise composed from ops
 /// with a backward.
+#[derive(Clone)]
 pub enum Norm {
     Rms {
         weight: Tensor,
@@ -130,10 +154,12 @@ impl Norm {
     }
 }
 
-/// GPT-2's Conv1D: `x·W + b` with W stored (in, out).
+/// GPT-2's Conv1D: `x·W + b` with W stored (in, out), with an optional LoRA adapter.
+#[derive(Clone)]
 pub struct Conv1D {
     weight: Tensor,
     bias: Tensor,
+    pub adapter: Option<Adapter>,
 }
 
 impl Conv1D {
@@ -141,18 +167,25 @@ impl Conv1D {
         Ok(Conv1D {
             weight: vb.get((in_dim, out_dim), "weight")?,
             bias: vb.get(out_dim, "bias")?,
+            adapter: None,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_matmul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+        let y = x
+            .broadcast_matmul(&self.weight)?
+            .broadcast_add(&self.bias)?;
+        match &self.adapter {
+            Some(a) => a.add_to(y, x),
+            None => Ok(y),
+        }
     }
 }
 
 /// A projection in its family's storage layout.
+#[derive(Clone)]
 pub enum Proj {
-    Linear(Linear),
+    Linear(Lin),
     Conv1D(Conv1D),
 }
 
@@ -166,11 +199,12 @@ impl Proj {
 }
 
 /// The attention's input projections: separate q/k/v, or GPT-2's fused `c_attn`.
+#[derive(Clone)]
 pub enum QkvProj {
     Split {
-        q_proj: Linear,
-        k_proj: Linear,
-        v_proj: Linear,
+        q_proj: Lin,
+        k_proj: Lin,
+        v_proj: Lin,
     },
     Fused {
         c_attn: Conv1D,
@@ -233,11 +267,12 @@ impl QkvProj {
 }
 
 /// SwiGLU (Llama) or GELU (GPT-2) MLP.
+#[derive(Clone)]
 pub enum Mlp {
     SwiGlu {
-        gate_proj: Linear,
-        up_proj: Linear,
-        down_proj: Linear,
+        gate_proj: Lin,
+        up_proj: Lin,
+        down_proj: Lin,
     },
     Gelu {
         c_fc: Conv1D,
@@ -289,6 +324,96 @@ impl Mlp {
                 let h = c_fc.forward(x)?; // (B, T, I)
                 let h = if *erf { h.gelu_erf()? } else { h.gelu()? }; // both record a backward
                 c_proj.forward(&h)
+            }
+        }
+    }
+}
+
+/// A projection a LoRA adapter can be attached to: its Hugging Face module path
+/// (`model.layers.0.self_attn.q_proj`), its name as PEFT's `target_modules` spell it
+/// (`q_proj`), its input and output sizes, whether its weight is stored (in, out) (GPT-2's
+/// Conv1D, PEFT's `fan_in_fan_out`), and the adapter slot itself.
+pub struct Target<'a> {
+    pub path: String,
+    pub name: &'static str,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub fan_in_fan_out: bool,
+    pub slot: &'a mut Option<Adapter>,
+}
+
+impl Lin {
+    fn target<'a>(&'a mut self, prefix: &str, name: &'static str) -> Target<'a> {
+        let (out_dim, in_dim) = self.base.weight().dims2().unwrap_or((0, 0));
+        Target {
+            path: format!("{prefix}.{name}"),
+            name,
+            in_dim,
+            out_dim,
+            fan_in_fan_out: false,
+            slot: &mut self.adapter,
+        }
+    }
+}
+
+impl Conv1D {
+    fn target<'a>(&'a mut self, prefix: &str, name: &'static str) -> Target<'a> {
+        let (in_dim, out_dim) = self.weight.dims2().unwrap_or((0, 0));
+        Target {
+            path: format!("{prefix}.{name}"),
+            name,
+            in_dim,
+            out_dim,
+            fan_in_fan_out: true,
+            slot: &mut self.adapter,
+        }
+    }
+}
+
+impl QkvProj {
+    /// The input projections as adapter targets; `prefix` is the attention's module path.
+    pub fn targets<'a>(&'a mut self, prefix: &str, out: &mut Vec<Target<'a>>) {
+        match self {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => {
+                out.push(q_proj.target(prefix, "q_proj"));
+                out.push(k_proj.target(prefix, "k_proj"));
+                out.push(v_proj.target(prefix, "v_proj"));
+            }
+            QkvProj::Fused { c_attn, .. } => out.push(c_attn.target(prefix, "c_attn")),
+        }
+    }
+}
+
+impl Proj {
+    /// The attention's output projection as an adapter target.
+    pub fn targets<'a>(&'a mut self, prefix: &str, out: &mut Vec<Target<'a>>) {
+        match self {
+            Proj::Linear(l) => out.push(l.target(prefix, "o_proj")),
+            Proj::Conv1D(c) => out.push(c.target(prefix, "c_proj")),
+        }
+    }
+}
+
+impl Mlp {
+    /// The MLP's projections as adapter targets; `prefix` is the MLP's module path.
+    pub fn targets<'a>(&'a mut self, prefix: &str, out: &mut Vec<Target<'a>>) {
+        match self {
+            Mlp::SwiGlu {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => {
+                out.push(gate_proj.target(prefix, "gate_proj"));
+                out.push(up_proj.target(prefix, "up_proj"));
+                out.push(down_proj.target(prefix, "down_proj"));
+            }
+            Mlp::Gelu { c_fc, c_proj, .. } => {
+                out.push(c_fc.target(prefix, "c_fc"));
+                out.push(c_proj.target(prefix, "c_proj"));
             }
         }
     }

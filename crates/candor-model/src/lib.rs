@@ -13,6 +13,7 @@
 //! - [`generate`]: batched sampling with the KV cache (temperature, top-k, top-p).
 //! - [`layers`]: the switches between the Llama family and GPT-2 (norm, projections, MLP).
 //! - [`hf`]: `hf:ORG/NAME` and local checkpoint directories ([`hf::resolve_model_dir`]).
+//! - [`lora`]: LoRA adapters (PEFT's format): training on a frozen base, loading, merging.
 //! - [`gguf`]: import a llama.cpp GGUF file (dequantized) as a checkpoint.
 
 pub mod checkpoint;
@@ -24,6 +25,7 @@ pub mod gguf;
 pub mod hf;
 pub mod io;
 pub mod layers;
+pub mod lora;
 pub mod mask;
 pub mod model;
 pub mod ops;
@@ -33,4 +35,5 @@ pub use checkpoint::Recording;
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use hf::resolve_model_dir;
+pub use lora::LoraConfig;
 pub use model::{KvCache, Model};

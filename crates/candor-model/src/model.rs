@@ -12,7 +12,8 @@ use crate::checkpoint::{self, Tape};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::fused::{self, attention::CacheBuf, AttnMask};
-use crate::layers::{attention_projections, names, Mlp, Norm, Proj, QkvProj};
+use crate::layers::{attention_projections, names, Mlp, Norm, Proj, QkvProj, Target};
+use crate::lora::Adapter;
 use crate::mask::causal_bias;
 use crate::ops::{apply_rope, reduce_dtype, repeat_kv, rope_tables, softmax};
 use crate::Head;
@@ -35,6 +36,7 @@ pub(crate) struct Context<'a> {
     mask: Mask<'a>,
 }
 
+#[derive(Clone)]
 struct Attention {
     qkv: QkvProj,
     o_proj: Proj,
@@ -115,6 +117,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     input_layernorm: Norm,
     self_attn: Attention,
@@ -183,7 +186,9 @@ impl KvCache {
     }
 }
 
-/// The decoder with its head.
+/// The decoder with its head. Cloning shares every weight (candle tensors are
+/// reference-counted): no copy of the parameters is made.
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     pub head: Head,
@@ -406,7 +411,11 @@ impl Model {
     /// One scalar per position (B, T) from hidden states (B, T, C).
     pub fn scores(&self, hidden: &Tensor) -> Result<Tensor> {
         match (&self.head_weight, self.head) {
-            (Some(w), Head::Score) => Ok(hidden.broadcast_matmul(&w.t()?)?.squeeze(D::Minus1)?),
+            (Some(w), Head::Score) => {
+                // an f32 head beside a bf16 base (LoRA) reads the hidden states in f32
+                let s = hidden.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?;
+                Ok(s.squeeze(D::Minus1)?.to_dtype(hidden.dtype())?)
+            }
             _ => Err(crate::Error::Msg(
                 "an lm-head model has no score head".into(),
             )),
@@ -416,5 +425,73 @@ impl Model {
     /// Convenience: `lm_logits(forward_hidden(ids))` with the default causal mask.
     pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
         self.lm_logits(&self.forward_hidden(ids, None, None, None)?)
+    }
+}
+
+/// LoRA: where adapters attach, and switching them off (see [`crate::lora`]).
+impl Model {
+    /// Every projection an adapter can attach to, layer by layer, with its Hugging Face
+    /// module path.
+    pub fn adapter_targets(&mut self) -> Vec<Target<'_>> {
+        let n = names(self.config.arch());
+        let mut out = vec![];
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let block = format!("{}.{}.{i}", n.prefix, n.layers);
+            let attn = format!("{block}.{}", n.attn);
+            layer.self_attn.qkv.targets(&attn, &mut out);
+            layer.self_attn.o_proj.targets(&attn, &mut out);
+            layer.mlp.targets(&format!("{block}.mlp"), &mut out);
+        }
+        out
+    }
+
+    /// The adapters attached to this model (none for a plain model).
+    pub fn adapters(&self) -> Vec<Adapter> {
+        let mut model = self.clone();
+        model
+            .adapter_targets()
+            .into_iter()
+            .filter_map(|t| t.slot.clone())
+            .collect()
+    }
+
+    /// The same model without its adapters: the frozen base, sharing its weights with
+    /// `self` (no copy). PPO, GRPO and DPO's reference in a LoRA run.
+    pub fn without_adapters(&self) -> Model {
+        let mut model = self.clone();
+        for t in model.adapter_targets() {
+            *t.slot = None;
+        }
+        model
+    }
+
+    /// Switch the adapters' term on or off for the forward passes that follow (PEFT's
+    /// `disable_adapter()`); on by default. No effect on a model without adapters.
+    pub fn set_adapters_enabled(&self, on: bool) {
+        if let Some(a) = self.adapters().first() {
+            a.state.set_enabled(on);
+        }
+    }
+
+    /// Replace the score head's (1, C) weight: a LoRA run's trainable head, an f32 variable
+    /// even beside a bf16 base. An error for an lm head.
+    pub fn set_score_head(&mut self, weight: Tensor) -> Result<()> {
+        match self.head {
+            Head::Score => {
+                self.head_weight = Some(weight);
+                Ok(())
+            }
+            Head::Lm => Err(crate::Error::Msg(
+                "an lm-head model has no score head".into(),
+            )),
+        }
+    }
+
+    /// Apply the adapters' dropout (`lora.dropout`) in the forward passes that follow:
+    /// on while training, off for evaluation and sampling (the default).
+    pub fn set_adapter_training(&self, on: bool) {
+        if let Some(a) = self.adapters().first() {
+            a.state.set_training(on);
+        }
     }
 }

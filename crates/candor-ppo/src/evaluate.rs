@@ -10,6 +10,7 @@ use candor_core::metrics::MetricsLog;
 use candor_core::record;
 use candor_core::rng::Rng;
 use candor_data::Tokenizer;
+use candor_model::lora::Adapters;
 use candor_model::{Model, ModelConfig};
 use candor_train::ckpt::{save_checkpoint, write_model_dir, Snapshot, TrainerState};
 use candor_train::err;
@@ -90,6 +91,9 @@ pub(crate) struct Saver<'a> {
     pub critic_config: &'a ModelConfig,
     pub critic_vars: &'a VarMap,
     pub tok: &'a Tokenizer,
+    /// A LoRA run's adapters: both models are then written as adapter directories.
+    pub policy_adapters: Option<&'a Adapters>,
+    pub critic_adapters: Option<&'a Adapters>,
 }
 
 impl Saver<'_> {
@@ -108,6 +112,7 @@ impl Saver<'_> {
             head: Head::Lm,
             varmap: self.policy_vars,
             tokenizer: self.tok,
+            adapters: self.policy_adapters,
             metrics,
             state,
             optimizers: &[("policy", policy_opt), ("critic", critic_opt)],
@@ -115,13 +120,19 @@ impl Saver<'_> {
         save_checkpoint(self.out, &snap, meta, |dir| {
             let cdir = dir.join("critic");
             std::fs::create_dir_all(&cdir).map_err(|e| err(format!("{}: {e}", cdir.display())))?;
-            write_model_dir(
-                &cdir,
-                self.critic_config,
-                Head::Score,
-                self.critic_vars,
-                self.tok,
-            )?;
+            match self.critic_adapters {
+                Some(adapters) => {
+                    candor_model::lora::save_adapter(&cdir, adapters)?;
+                    self.tok.save(&cdir)?;
+                }
+                None => write_model_dir(
+                    &cdir,
+                    self.critic_config,
+                    Head::Score,
+                    self.critic_vars,
+                    self.tok,
+                )?,
+            }
             write_samples(dir, samples)
         })
     }

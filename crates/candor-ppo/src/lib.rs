@@ -111,6 +111,8 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         critic,
         critic_vars,
         critic_config,
+        policy_adapters,
+        critic_adapters,
     } = Roles::load(cfg, opts, &policy_dir, resuming)?;
     let mut policy_opt = AdamW::new(named_vars(&policy_vars), &cfg.train)?;
     let mut critic_opt = AdamW::new(named_vars(&critic_vars), &cfg.train)?;
@@ -209,6 +211,8 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
         critic_config: &critic_config,
         critic_vars: &critic_vars,
         tok: &tok,
+        policy_adapters: policy_adapters.as_ref(),
+        critic_adapters: critic_adapters.as_ref(),
     };
     let save = |state: &TrainerState,
                 metrics: &MetricsLog,

@@ -11,11 +11,13 @@ use candor_core::rng::Rng;
 use candor_data::chat::{stop_tokens, ChatTemplate};
 use candor_data::text::{pack_corpus, read_corpus, tokenize_documents};
 use candor_data::Tokenizer;
-use candor_model::io::{load_trainable, read_config};
+use candor_model::io::read_config;
+use candor_model::lora::Adapters;
 use candor_model::{Model, ModelConfig};
 use candor_train::batch::LmExample;
 use candor_train::ckpt::RunOptions;
 use candor_train::err;
+use candor_train::lora::load_for_training;
 use candor_train::precision::load_frozen;
 use candor_train::rollout::{load_prompts_with, Prompt};
 use candor_train::score::{check_judge_fields, judge, Judge, Scorer};
@@ -35,6 +37,8 @@ pub(crate) struct Roles {
     pub prompts: Vec<Prompt>,
     pub heldout: Vec<Prompt>,
     pub ptx: Vec<LmExample>,
+    /// The starting policy, frozen: in a LoRA run the policy with its adapters off (the
+    /// same weights, no second copy).
     pub reference: Model,
     /// Where the critic was loaded from.
     pub critic_src: PathBuf,
@@ -43,6 +47,9 @@ pub(crate) struct Roles {
     pub critic: Model,
     pub critic_vars: VarMap,
     pub critic_config: ModelConfig,
+    /// A LoRA run's adapters (`train.lora`): the policy's and the critic's (with its head).
+    pub policy_adapters: Option<Adapters>,
+    pub critic_adapters: Option<Adapters>,
 }
 
 impl Roles {
@@ -121,20 +128,41 @@ impl Roles {
             vec![]
         };
 
-        let reference = load_frozen(policy_dir, dtype, device)?;
         let mut init_rng = Rng::derive(cfg.seed, "critic-init");
-        let (policy_src, critic_src) = if resuming {
-            (opts.out.clone(), opts.out.join("critic"))
-        } else {
-            let critic_src = match (cfg.critic.init, &cfg.reward) {
-                (CriticInit::Reward, Some(r)) => r.clone(),
-                _ => policy_dir.to_path_buf(),
-            };
-            (policy_dir.to_path_buf(), critic_src)
+        let critic_init = match (cfg.critic.init, &cfg.reward) {
+            (CriticInit::Reward, Some(r)) => r.clone(),
+            _ => policy_dir.to_path_buf(),
         };
-        let (policy, policy_vars) = load_trainable(&policy_src, Head::Lm, &mut init_rng, device)?;
-        let (critic, critic_vars) =
-            load_trainable(&critic_src, Head::Score, &mut init_rng, device)?;
+        let critic_resume = opts.out.join("critic");
+        let (policy_spec, resume) = (
+            cfg.policy.as_deref().unwrap_or(policy_dir),
+            resuming.then_some(opts.out.as_path()),
+        );
+        // every weight, or with train.lora adapters (and the critic's head) on the starting
+        // checkpoints frozen; resuming, from our partial run
+        let (policy, policy_vars, policy_adapters) = load_for_training(
+            policy_spec,
+            policy_dir,
+            resume,
+            Head::Lm,
+            &cfg.train,
+            &mut init_rng,
+            device,
+        )?;
+        let (critic, critic_vars, critic_adapters) = load_for_training(
+            &critic_init,
+            &critic_init,
+            resuming.then_some(critic_resume.as_path()),
+            Head::Score,
+            &cfg.train,
+            &mut init_rng,
+            device,
+        )?;
+        let reference = match &policy_adapters {
+            Some(_) => policy.without_adapters(),
+            None => load_frozen(policy_dir, dtype, device)?,
+        };
+        let critic_src = if resuming { critic_resume } else { critic_init };
         let critic_config = read_config(&critic_src)?;
         Ok(Roles {
             tok,
@@ -153,6 +181,8 @@ impl Roles {
             critic,
             critic_vars,
             critic_config,
+            policy_adapters,
+            critic_adapters,
         })
     }
 }

@@ -155,7 +155,10 @@ pub(crate) fn ppo_epochs(
                 examples: e.ptx,
                 rows: &ptx_rows,
             };
-            let mut u = minibatch_grads(
+            // LoRA dropout, when there is any, in the update passes only
+            models.policy.set_adapter_training(true);
+            models.critic.set_adapter_training(true);
+            let u = minibatch_grads(
                 &models,
                 targets,
                 chunk,
@@ -164,7 +167,10 @@ pub(crate) fn ppo_epochs(
                 e.temperature,
                 e.pad,
                 e.dist,
-            )?;
+            );
+            models.policy.set_adapter_training(false);
+            models.critic.set_adapter_training(false);
+            let mut u = u?;
             if candor_train::fault::nan_at(e.iteration as u64 + 1) {
                 u.loss = f64::NAN;
             }

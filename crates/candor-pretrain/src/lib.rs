@@ -162,6 +162,7 @@ pub use candor_train::ckpt::RunOptions;
 pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let origin = &opts.origin;
     cfg.train.validate(origin)?;
+    cfg.train.refuse_lora(origin, "pretrain")?;
     if cfg.data.files.is_empty() {
         return Err(err(format!(
             "{origin}: data.files: list at least one text or JSONL file"
@@ -274,6 +275,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<CandorMeta> {
             head: Head::Lm,
             varmap: &varmap,
             tokenizer: &tokenizer,
+            adapters: None,
         },
         train_set: &train_set,
         heldout: &heldout,

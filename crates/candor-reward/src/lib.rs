@@ -23,12 +23,13 @@ use candor_core::rng::Rng;
 use candor_data::chat::ChatTemplate;
 use candor_data::preference::Labellers;
 use candor_data::Tokenizer;
-use candor_model::io::{load_trainable, read_config};
+use candor_model::io::read_config;
 use candor_model::Model;
 use candor_train::batch::split_heldout;
 use candor_train::ckpt::{final_metrics, resume_or_fresh, StageModel, Start};
 use candor_train::config::TrainConfig;
 use candor_train::err;
+use candor_train::lora::{describe, load_for_training};
 use candor_train::optim::{named_vars, AdamW};
 use candor_train::precision::compute_model;
 use candor_train::progress::Progress;
@@ -146,6 +147,7 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
         ))
     })?;
     // a checkpoint directory, or hf:ORG/NAME in the local Hugging Face cache
+    let init_spec = init;
     let init = &candor_model::resolve_model_dir(init)?;
     if cfg.data.files.is_empty() {
         return Err(err(format!(
@@ -170,7 +172,16 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
     let mut init_rng = Rng::derive(cfg.seed, "init");
     let from = if resuming { &opts.out } else { init };
     let model_config = read_config(from)?;
-    let (model, varmap) = load_trainable(from, Head::Score, &mut init_rng, device)?;
+    // every weight, or with train.lora adapters and the score head on the init frozen
+    let (model, varmap, adapters) = load_for_training(
+        init_spec,
+        init,
+        resuming.then_some(opts.out.as_path()),
+        Head::Score,
+        &cfg.train,
+        &mut init_rng,
+        device,
+    )?;
     let tokenizer = Tokenizer::from_dir(from)?;
     let template = ChatTemplate::for_tokenizer(&tokenizer);
     let pad = tokenizer.pad_id();
@@ -227,8 +238,8 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
         opts.dist.is_main(),
     );
     progress.log(&format!(
-        "{} params, {} training prompts ({n_pairs} pairs, {} prompts all tied), {} held-out prompts ({} pairs){}, {}{}",
-        model_config.param_count(Head::Score),
+        "{}, {} training prompts ({n_pairs} pairs, {} prompts all tied), {} held-out prompts ({} pairs){}, {}{}",
+        describe(&varmap, adapters.as_ref(), model_config.param_count(Head::Score)),
         train_set.len(),
         train_cmp.len() - train_set.len(),
         heldout.len(),
@@ -245,6 +256,7 @@ pub fn run(cfg: &RewardConfig, opts: &RunOptions) -> Result<CandorMeta> {
         head: Head::Score,
         varmap: &varmap,
         tokenizer: &tokenizer,
+        adapters: adapters.as_ref(),
     };
     let log_eval = |step: u64, metrics: &mut MetricsLog| -> Result<Option<EvalStats>> {
         if heldout.is_empty() {

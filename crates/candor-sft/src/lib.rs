@@ -17,12 +17,13 @@ use candor_core::record;
 use candor_core::rng::Rng;
 use candor_data::sft::{chat_tokenizer, load_sft_with, SftExample};
 use candor_data::Tokenizer;
-use candor_model::io::{load_trainable, read_config};
+use candor_model::io::read_config;
 use candor_train::batch::{pack_examples, split_heldout, LmExample};
 use candor_train::ckpt::{final_metrics, resume_or_fresh, StageModel, Start};
 use candor_train::config::TrainConfig;
 use candor_train::err;
 use candor_train::lm::{train_lm, LmTraining};
+use candor_train::lora::{describe, load_for_training};
 use candor_train::optim::{named_vars, AdamW};
 use candor_train::progress::Progress;
 use candor_train::train_loop::begin;
@@ -119,6 +120,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
     cfg.train.validate(origin)?;
     let init = cfg.init.as_ref().ok_or_else(|| err(format!("{origin}: init: give the checkpoint to fine-tune (the pretrained model) with --init DIR")))?;
     // a checkpoint directory, or hf:ORG/NAME in the local Hugging Face cache
+    let init_spec = init;
     let init = &candor_model::resolve_model_dir(init)?;
     if cfg.data.files.is_empty() {
         return Err(err(format!(
@@ -148,8 +150,16 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
             from.display()
         )));
     }
-    let (model, varmap) =
-        load_trainable(from, Head::Lm, &mut Rng::derive(cfg.seed, "init"), device)?;
+    // every weight, or with train.lora adapters on the init checkpoint frozen
+    let (model, varmap, adapters) = load_for_training(
+        init_spec,
+        init,
+        resuming.then_some(opts.out.as_path()),
+        Head::Lm,
+        &cfg.train,
+        &mut Rng::derive(cfg.seed, "init"),
+        device,
+    )?;
     let (tokenizer, template) = chat_tokenizer(
         &Tokenizer::from_dir(from)?,
         cfg.data.chat_template.as_deref(),
@@ -226,7 +236,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
         opts.dist.is_main(),
     );
     progress.log(&format!(
-        "{params} params, {n_conversations} training conversations ({response_tokens} of {all_tokens} tokens trained){}, {} held out{}, {}{}",
+        "{}, {n_conversations} training conversations ({response_tokens} of {all_tokens} tokens trained){}, {} held out{}, {}{}",
+        describe(&varmap, adapters.as_ref(), params),
         if cfg.data.packing { format!(" packed into {} rows of up to {max_len} tokens", train_set.len()) } else { String::new() },
         heldout.len(),
         if skipped > 0 { format!(", {skipped} longer than {max_len} tokens left out") } else { String::new() },
@@ -240,6 +251,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<CandorMeta> {
             head: Head::Lm,
             varmap: &varmap,
             tokenizer: &tokenizer,
+            adapters: adapters.as_ref(),
         },
         train_set: &train_set,
         heldout: &heldout,

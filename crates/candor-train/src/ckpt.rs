@@ -14,6 +14,7 @@ use candor_core::checkpoint::{CandorMeta, TRAINER_DIR};
 use candor_core::metrics::MetricsLog;
 use candor_core::rng::Rng;
 use candor_data::Tokenizer;
+use candor_model::lora::Adapters;
 use candor_model::{Head, ModelConfig};
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +85,8 @@ pub struct StageModel<'a> {
     pub head: Head,
     pub varmap: &'a VarMap,
     pub tokenizer: &'a Tokenizer,
+    /// A LoRA run's adapters (`varmap` is theirs): checkpoints are adapter directories.
+    pub adapters: Option<&'a Adapters>,
 }
 
 impl StageModel<'_> {
@@ -102,6 +105,7 @@ impl StageModel<'_> {
             head: self.head,
             varmap: self.varmap,
             tokenizer: self.tokenizer,
+            adapters: self.adapters,
             metrics,
             state,
             optimizers: &[("model", opt)],
@@ -293,6 +297,9 @@ pub struct Snapshot<'a> {
     pub head: Head,
     pub varmap: &'a VarMap,
     pub tokenizer: &'a Tokenizer,
+    /// A LoRA run's adapters (`varmap` is theirs): the model is written as PEFT's adapter
+    /// directory (`adapter_config.json`, `adapter_model.safetensors`) with the tokenizer.
+    pub adapters: Option<&'a Adapters>,
     pub metrics: &'a MetricsLog,
     pub state: &'a TrainerState,
     pub optimizers: &'a [(&'a str, &'a AdamW)],
@@ -307,13 +314,19 @@ pub fn save_checkpoint(
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let w = candor_core::checkpoint::CheckpointWriter::begin(out)?;
-    write_model_dir(
-        w.path(),
-        snap.config,
-        snap.head,
-        snap.varmap,
-        snap.tokenizer,
-    )?;
+    match snap.adapters {
+        Some(adapters) => {
+            candor_model::lora::save_adapter(w.path(), adapters)?;
+            snap.tokenizer.save(w.path())?;
+        }
+        None => write_model_dir(
+            w.path(),
+            snap.config,
+            snap.head,
+            snap.varmap,
+            snap.tokenizer,
+        )?,
+    }
     snap.metrics.write(w.path())?;
     write_trainer(w.path(), snap.state, snap.optimizers)?;
     extra(w.path())?;

@@ -68,6 +68,12 @@ pub struct TrainConfig {
     /// effective config only when on.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
+    /// Train LoRA adapters on a frozen base instead of every weight (Hu et al. 2021; TRL's
+    /// `peft_config`): `{rank, alpha, dropout, target_modules}`, see
+    /// [`candor_model::LoraConfig`] and docs/lora.md. Checkpoints are then PEFT adapter
+    /// directories. Default: none (full fine-tuning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<candor_model::LoraConfig>,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +97,7 @@ impl Default for TrainConfig {
             dtype: Default::default(),
             stop_on_health: false,
             gradient_checkpointing: false,
+            lora: None,
         }
     }
 }
@@ -113,6 +120,16 @@ impl TrainConfig {
         self.save_every > 0
             && step.is_multiple_of(self.save_every as u64)
             && step != self.steps as u64
+    }
+
+    /// Refuse `train.lora` in a stage that trains full weights only.
+    pub fn refuse_lora(&self, origin: &str, stage: &str) -> crate::Result<()> {
+        match self.lora {
+            Some(_) => Err(crate::Error::Msg(format!(
+                "{origin}: train.lora: the {stage} stage trains full weights only (LoRA: sft, reward, dpo, grpo, ppo)"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Check ranges; `origin` names the config file in errors.
@@ -139,6 +156,9 @@ impl TrainConfig {
         }
         if self.log_every == 0 {
             return bad("log_every", "must be at least 1");
+        }
+        if let Some(lora) = &self.lora {
+            lora.validate(&format!("{origin}: train.lora"))?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! - [`optim::AdamW`]: AdamW whose moments are saved for exact resume.
 //! - [`schedule::lr_at`]: linear warm-up, cosine decay.
 //! - [`batch`]: epoch-shuffled sampling with a resumable cursor; padded LM batches; packing.
+//! - [`lora`]: the model a stage trains, full or LoRA adapters on a frozen base.
 //! - [`loss`]: masked next-token cross-entropy.
 //! - [`train_loop`]: the loop of every stage whose step is a batch in, a loss out
 //!   ([`train_loop::train_loop`]: get batch, the stage's loss closure, backward, clip, step,
@@ -40,6 +41,7 @@ pub mod error;
 pub mod fault;
 pub mod health;
 pub mod lm;
+pub mod lora;
 pub mod loss;
 pub mod model_bench;
 pub mod optim;

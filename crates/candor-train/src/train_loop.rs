@@ -93,6 +93,7 @@ pub fn train_loop(
         let lr = lr_at(cfg, step);
         // forward/backward in train.dtype over this rank's shard, gradients summed over the ranks
         let step_model = compute_model(t.model, t.saved.varmap, cfg.dtype)?;
+        step_model.set_adapter_training(true); // LoRA dropout, when there is any
         let StepGrads {
             mut grads,
             loss,
@@ -100,6 +101,7 @@ pub fn train_loop(
         } = sharded_grads(&step_model, opt, &mut sampler, cfg, dist, t.terms, |mine| {
             (t.loss)(&step_model, mine)
         })?;
+        step_model.set_adapter_training(false);
         let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
         check_finite(loss, grad_norm, step as u64 + 1, t.out)?;
         opt.step(&grads, lr)?;
