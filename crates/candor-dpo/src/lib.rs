@@ -55,9 +55,7 @@ use loss::{pair_loss, sharded_loss, PairLogps, PairStats};
 pub type Error = candor_train::Error;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn err(msg: String) -> Error {
-    Error::Msg(msg)
-}
+use candor_train::err;
 
 /// Where the reference's log-probs live in a checkpoint (beside the optimiser state).
 pub const REFERENCE_LOGPS_FILE: &str = "reference_logps.safetensors";
@@ -501,16 +499,14 @@ pub fn run(cfg: &DpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             }
             stop = checked.stop;
         }
-        if cfg.train.stop_on_health {
-            stop = dist.broadcast_value(&stop)?;
-        }
-        if let Some(why) = stop {
-            return Err(err(format!(
-                "run health: {why}; stopped at step {} (train.stop_on_health), the last good checkpoint (if any) is kept in {}",
-                state.step,
-                opts.out.display()
-            )));
-        }
+        candor_train::health::stop_if_tripped(
+            stop,
+            cfg.train.stop_on_health,
+            dist,
+            "step",
+            state.step,
+            &opts.out,
+        )?;
         if !dist.is_main() {
             continue;
         }

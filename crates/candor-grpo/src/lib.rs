@@ -56,9 +56,7 @@ pub type Error = candor_train::Error;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub use candor_train::ckpt::RunOptions;
 
-fn err(msg: String) -> Error {
-    Error::Msg(msg)
-}
+use candor_train::err;
 
 /// Run GRPO; returns the output checkpoint's metadata.
 pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
@@ -534,16 +532,14 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             }
             stop = checked.stop;
         }
-        if cfg.train.stop_on_health {
-            stop = dist.broadcast_value(&stop)?;
-        }
-        if let Some(why) = stop {
-            return Err(err(format!(
-                "run health: {why}; stopped at step {} (train.stop_on_health), the last good checkpoint (if any) is kept in {}",
-                state.step,
-                opts.out.display()
-            )));
-        }
+        candor_train::health::stop_if_tripped(
+            stop,
+            cfg.train.stop_on_health,
+            dist,
+            "step",
+            state.step,
+            &opts.out,
+        )?;
         if !dist.is_main() {
             continue;
         }

@@ -380,16 +380,14 @@ pub fn run(cfg: &PpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             }
             stop = checked.stop;
         }
-        if cfg.train.stop_on_health {
-            stop = dist.broadcast_value(&stop)?;
-        }
-        if let Some(why) = stop {
-            return Err(err(format!(
-                "run health: {why}; stopped at iteration {} (train.stop_on_health), the last good checkpoint (if any) is kept in {}",
-                state.step,
-                opts.out.display()
-            )));
-        }
+        candor_train::health::stop_if_tripped(
+            stop,
+            cfg.train.stop_on_health,
+            dist,
+            "iteration",
+            state.step,
+            &opts.out,
+        )?;
         if !dist.is_main() {
             continue;
         }

@@ -489,6 +489,31 @@ pub fn observation_of(r: &Map<String, Value>) -> Observation {
     }
 }
 
+/// After a step's [`HealthMonitor::check`] on rank 0: with `train.stop_on_health` every
+/// rank takes rank 0's decision, and a stop becomes the run's error, naming the step (`unit`
+/// is what the stage calls one: `step`, `iteration`) and where the last good checkpoint is.
+pub fn stop_if_tripped(
+    stop: Option<String>,
+    stop_on_health: bool,
+    dist: &crate::dist::Dist,
+    unit: &str,
+    step: u64,
+    out: &std::path::Path,
+) -> crate::Result<()> {
+    let stop = if stop_on_health {
+        dist.broadcast_value(&stop)?
+    } else {
+        stop
+    };
+    match stop {
+        Some(why) => Err(crate::err(format!(
+            "run health: {why}; stopped at {unit} {step} (train.stop_on_health), the last good checkpoint (if any) is kept in {}",
+            out.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
