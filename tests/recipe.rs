@@ -429,3 +429,40 @@ fn bad_recipes_fail_before_training_naming_the_stage() {
         );
     }
 }
+
+/// Every recipe in configs/recipes/ plans (`--dry-run`): its stages' configs, every `set`
+/// key (a misspelt one is refused by name), roles and input files are valid, and nothing
+/// is written. The GGUF of an `import` stage (fetched, not committed) is stood in for by
+/// an existing file: a dry run checks that it exists, not what it holds.
+#[test]
+fn every_shipped_recipe_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut recipes: Vec<PathBuf> = std::fs::read_dir(repo_root().join("configs/recipes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    recipes.sort();
+    assert!(recipes.len() >= 7, "{recipes:?}");
+    for recipe in &recipes {
+        let text = std::fs::read_to_string(recipe).unwrap();
+        let out = tmp.path().join(recipe.file_stem().unwrap());
+        let mut c = candor();
+        c.args(["run"])
+            .arg(recipe)
+            .arg("--dry-run")
+            .arg("--set")
+            .arg(format!("out={}", out.display()));
+        if text.contains("kind: import") {
+            c.args(["--set", "base.gguf=Cargo.toml"]);
+        }
+        let stdout = ok(&mut c);
+        let stages = plan(&stdout);
+        assert!(
+            !stages.is_empty() && stages.iter().all(|(a, _)| a == "run"),
+            "{}: {stdout}",
+            recipe.display()
+        );
+        assert!(!out.exists(), "{}: a dry run wrote {}", recipe.display(), out.display());
+    }
+}
