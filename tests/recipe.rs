@@ -463,6 +463,11 @@ fn every_shipped_recipe_plans() {
             "{}: {stdout}",
             recipe.display()
         );
-        assert!(!out.exists(), "{}: a dry run wrote {}", recipe.display(), out.display());
+        assert!(
+            !out.exists(),
+            "{}: a dry run wrote {}",
+            recipe.display(),
+            out.display()
+        );
     }
 }
