@@ -114,9 +114,10 @@ def main() -> None:
         for i, r in enumerate(rs, 1):
             q = r.get("prompt", "").removeprefix("What is ").removesuffix("?").split(" ")
             ok = len(q) == 3 and q[1] in "+-" and q[0].isdigit() and q[2].isdigit()
+            ok = ok and int(q[0]) <= 19 and int(q[2]) <= 9 and (q[1] == "+" or int(q[2]) <= int(q[0]))
             if not ok or str(int(q[0]) + int(q[2]) if q[1] == "+" else int(q[0]) - int(q[2])) != r.get(key):
-                err(f"{path}:{i}: not a one-digit question with its exact answer")
-    if {r.get("prompt") for r in ah} & {r.get("prompt") for r in at + asft} or len(at) + len(ah) != 155:
+                err(f"{path}:{i}: not a question a + b or a - b (a <= 19, b <= 9) with its exact answer")
+    if {r.get("prompt") for r in ah} & {r.get("prompt") for r in at + asft} or len(at) + len(ah) != 355:
         err("arithmetic: held-out questions overlap the training ones, or some are missing")
 
     # sentiment

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Write data/arithmetic/: a verifiable task a tiny model can learn on 2 CPU cores.
 
-Every sum a + b and every difference a − b (b <= a) of one-digit numbers: 100 + 55 = 155
-questions "What is a + b?" with exact answers. A fixed seed splits them into 124 training
-questions and 31 held-out ones; the held-out set is disjoint from both training files.
+Every sum a + b and every difference a − b (b <= a) with a in 0..19 and b in 0..9:
+200 + 155 = 355 questions "What is a + b?" with exact answers. A fixed seed splits them
+into 284 training questions and 71 held-out ones; the held-out set is disjoint from both
+training files.
 
   train.jsonl    {"prompt", "reference"}   prompts GRPO/PPO pose, the `math` judge's answers
   sft.jsonl      {"prompt", "response"}    the same questions answered: teaches the format
@@ -20,16 +21,17 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[2] / "data" / "arithmetic"
 SEED = 15
-HELDOUT = 31
+HELDOUT = 71
+MAX_A, MAX_B = 19, 9
 
 
 def questions():
     qs = []
-    for a in range(10):
-        for b in range(10):
+    for a in range(MAX_A + 1):
+        for b in range(MAX_B + 1):
             qs.append((f"What is {a} + {b}?", a + b))
-    for a in range(10):
-        for b in range(a + 1):
+    for a in range(MAX_A + 1):
+        for b in range(min(a, MAX_B) + 1):
             qs.append((f"What is {a} - {b}?", a - b))
     return qs
 
