@@ -286,15 +286,17 @@ unsafe fn small_m_abt_generic(
     }
 }
 
-/// The same with AVX2/FMA: four rows of A against one row of B per pass, two 8-lane
-/// accumulators each, lanes summed in a fixed order.
+/// The same with AVX2/FMA, column by column: four rows of A against one row of B per pass,
+/// two 8-lane accumulators each (`s` for lanes p mod 16 < 8, `t` for the rest), each
+/// element's `s + t` summed horizontally on its own. [`small_m_abt_avx2`] runs the columns
+/// left over from its blocks of eight here; the tests compare the two bit for bit.
 ///
 /// # Safety
 /// As [`small_m_abt_generic`], and the CPU supports AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn small_m_abt_avx2(
+unsafe fn small_m_abt_avx2_columns(
     m: usize,
     k: usize,
     alpha: f32,
@@ -403,6 +405,184 @@ unsafe fn small_m_abt_avx2(
             i += 1;
         }
     }
+}
+
+/// The horizontal sums of eight 8-lane vectors at once: lane c of the result is
+/// `((v[c]₀ + v[c]₄) + (v[c]₂ + v[c]₆)) + ((v[c]₁ + v[c]₅) + (v[c]₃ + v[c]₇))`, the very
+/// additions, operand for operand, of [`small_m_abt_avx2_columns`]'s one-vector sum
+/// (halves, then `movehl`, then the last pair), so every result is its bit for bit — in 21
+/// instructions for eight sums instead of eight for each.
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum8_avx2(v: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // [lo(a) + hi(a), lo(b) + hi(b)]: lane i of each half is a_i + a_{i+4}
+    let halves = |a: __m256, b: __m256| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(a, b, 0x20),
+            _mm256_permute2f128_ps(a, b, 0x31),
+        )
+    };
+    let w04 = halves(v[0], v[4]);
+    let w15 = halves(v[1], v[5]);
+    let w26 = halves(v[2], v[6]);
+    let w37 = halves(v[3], v[7]);
+    // per 128-bit half: [x₀ + x₂, x₁ + x₃, y₀ + y₂, y₁ + y₃] (the `movehl` step)
+    let pairs = |x: __m256, y: __m256| {
+        _mm256_add_ps(_mm256_shuffle_ps(x, y, 0x44), _mm256_shuffle_ps(x, y, 0xEE))
+    };
+    let y01 = pairs(w04, w15); // columns 0, 1 | 4, 5
+    let y23 = pairs(w26, w37); // columns 2, 3 | 6, 7
+                               // per half: [u₀ + u₁, u₂ + u₃, z₀ + z₁, z₂ + z₃]: columns 0, 1, 2, 3 | 4, 5, 6, 7
+    _mm256_add_ps(
+        _mm256_shuffle_ps(y01, y23, 0x88),
+        _mm256_shuffle_ps(y01, y23, 0xDD),
+    )
+}
+
+/// [`small_m_abt_avx2_columns`] on blocks of eight columns: each row's eight accumulators
+/// (the same fused multiply-adds in the same order) are summed horizontally together by
+/// [`hsum8_avx2`] and the eight results written at once, so every element is the
+/// column-by-column kernel's bit for bit; the columns past the last block of eight run
+/// there. (At k = 32, attention's head width in decoding, one element's
+/// sum took more instructions than its four multiply-adds.)
+///
+/// # Safety
+/// As [`small_m_abt_generic`], and the CPU supports AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_abt_avx2(
+    m: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+    j0: usize,
+    j1: usize,
+) {
+    use std::arch::x86_64::*;
+    let k16 = k / 16 * 16;
+    // SAFETY (every block below): rows i < m of A and rows j < j1 ≤ n of B hold k floats
+    // (vector loads at offsets < k16 ≤ k, the tail's below k), and C(i, j..j + 8) lies in C
+    // for j + 8 ≤ j1 — the caller's contract.
+    let finish = |sums: __m256, i: usize, j: usize| unsafe {
+        let mut d = sums;
+        if k16 < k {
+            let mut e = [0f32; 8];
+            _mm256_storeu_ps(e.as_mut_ptr(), d);
+            let ar = a.add(i * lda);
+            for (col, x) in e.iter_mut().enumerate() {
+                let bj = b.add((j + col) * ldb);
+                for q in k16..k {
+                    *x += *ar.add(q) * *bj.add(q);
+                }
+            }
+            d = _mm256_loadu_ps(e.as_ptr());
+        }
+        // α·d, then d + β·c: separate products and sums, as the scalar code rounds them
+        let d = _mm256_mul_ps(_mm256_set1_ps(alpha), d);
+        let out = c.add(i * ldc + j);
+        let r = if beta == 0.0 {
+            d
+        } else {
+            _mm256_add_ps(d, _mm256_mul_ps(_mm256_set1_ps(beta), _mm256_loadu_ps(out)))
+        };
+        _mm256_storeu_ps(out, r);
+    };
+    let mut j = j0;
+    while j + 8 <= j1 {
+        let mut i = 0;
+        while i + 4 <= m {
+            // SAFETY: rows i..i + 4 ≤ m of A, columns j..j + 8 ≤ j1 (see above `finish`).
+            unsafe {
+                let (a0, a1, a2, a3) = (
+                    a.add(i * lda),
+                    a.add((i + 1) * lda),
+                    a.add((i + 2) * lda),
+                    a.add((i + 3) * lda),
+                );
+                let mut acc = [[_mm256_setzero_ps(); 8]; 4];
+                for col in 0..8 {
+                    let bj = b.add((j + col) * ldb);
+                    let (mut s0, mut s1, mut s2, mut s3) = (
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                    );
+                    let (mut t0, mut t1, mut t2, mut t3) = (
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                    );
+                    let mut p = 0;
+                    while p < k16 {
+                        let b0 = _mm256_loadu_ps(bj.add(p));
+                        let b1 = _mm256_loadu_ps(bj.add(p + 8));
+                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), b0, s0);
+                        t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), b1, t0);
+                        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p)), b0, s1);
+                        t1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p + 8)), b1, t1);
+                        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p)), b0, s2);
+                        t2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p + 8)), b1, t2);
+                        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p)), b0, s3);
+                        t3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p + 8)), b1, t3);
+                        p += 16;
+                    }
+                    acc[0][col] = _mm256_add_ps(s0, t0);
+                    acc[1][col] = _mm256_add_ps(s1, t1);
+                    acc[2][col] = _mm256_add_ps(s2, t2);
+                    acc[3][col] = _mm256_add_ps(s3, t3);
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    finish(hsum8_avx2(row), i + r, j);
+                }
+            }
+            i += 4;
+        }
+        while i < m {
+            // SAFETY: row i < m of A, columns j..j + 8 ≤ j1 (see above `finish`).
+            unsafe {
+                let a0 = a.add(i * lda);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (col, sum) in acc.iter_mut().enumerate() {
+                    let bj = b.add((j + col) * ldb);
+                    let (mut s0, mut t0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut p = 0;
+                    while p < k16 {
+                        s0 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(a0.add(p)),
+                            _mm256_loadu_ps(bj.add(p)),
+                            s0,
+                        );
+                        t0 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(a0.add(p + 8)),
+                            _mm256_loadu_ps(bj.add(p + 8)),
+                            t0,
+                        );
+                        p += 16;
+                    }
+                    *sum = _mm256_add_ps(s0, t0);
+                }
+                finish(hsum8_avx2(&acc), i, j);
+            }
+            i += 1;
+        }
+        j += 8;
+    }
+    // SAFETY: the caller's contract, on the columns j..j1 left.
+    unsafe { small_m_abt_avx2_columns(m, k, alpha, a, lda, b, ldb, beta, c, ldc, j, j1) }
 }
 
 /// [`small_m_abt_avx2`] with 16-lane accumulators, eight rows of A against one row of B per
@@ -887,6 +1067,71 @@ mod tests {
                 outs.push(c);
             }
             assert!(outs.windows(2).all(|w| w[0] == w[1]), "{is:?}");
+        }
+    }
+
+    /// The AVX2 few-rows kernel that sums eight columns' accumulators at once gives the
+    /// column-by-column kernel's results bit for bit (so decoding samples what it sampled
+    /// before), at every row count, for k with and without a tail, α ≠ 1, β = 0 and β ≠ 0,
+    /// and column ranges that start anywhere and leave columns over for the old path.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn few_rows_avx2_blocked_equals_column_by_column_bit_for_bit() {
+        if !Isa::Avx2.supported() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        for (k, n) in [
+            (128, 40),
+            (512, 19),
+            (32, 77),
+            (37, 21),
+            (16, 8),
+            (7, 11),
+            (3, 9),
+        ] {
+            for m in 1..=SMALL_M {
+                let (lda, ldb, ldc) = (k + 3, k + 1, n + 2);
+                let a: Vec<f32> = (0..m * lda)
+                    .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1.3e-3)
+                    .collect();
+                let b: Vec<f32> = (0..n * ldb)
+                    .map(|i| ((i * 104729 % 997) as f32 - 498.0) * 0.7e-3)
+                    .collect();
+                for beta in [0.0f32, 0.5] {
+                    for (j0, j1) in [(0, n), (3, n), (1, n - 2)] {
+                        let run = |blocked: bool| {
+                            let mut c: Vec<f32> =
+                                (0..m * ldc).map(|i| (i % 7) as f32 * 0.125).collect();
+                            // SAFETY: a, b, c are sized for these shapes and strides, j1 ≤ n;
+                            // the CPU has AVX2 and FMA (checked above).
+                            unsafe {
+                                let f = if blocked {
+                                    small_m_abt_avx2
+                                } else {
+                                    small_m_abt_avx2_columns
+                                };
+                                f(
+                                    m,
+                                    k,
+                                    1.5,
+                                    a.as_ptr(),
+                                    lda,
+                                    b.as_ptr(),
+                                    ldb,
+                                    beta,
+                                    c.as_mut_ptr(),
+                                    ldc,
+                                    j0,
+                                    j1,
+                                )
+                            };
+                            c.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+                        };
+                        assert_eq!(run(true), run(false), "m {m} k {k} n {n} {j0}..{j1}");
+                    }
+                }
+            }
         }
     }
 
