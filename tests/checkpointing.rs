@@ -86,12 +86,12 @@ fn bench_model_times_every_row_of_a_checkpoint() {
         .args(sizes)
         .arg("--out")
         .arg(&json));
-    for row in ["train ", "train-ckpt ", "generate "] {
+    for row in ["train ", "train-ckpt ", "lora ", "lora-ckpt ", "generate "] {
         assert!(table.lines().any(|l| l.starts_with(row)), "{row}: {table}");
     }
     let out = read_json(&json);
     let rows = out["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 5);
     for r in rows {
         assert!(r["tokens_per_sec"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["peak_rss_bytes"].as_u64().unwrap() >= r["loaded_rss_bytes"].as_u64().unwrap());

@@ -17,8 +17,9 @@ VmHWM, is its own; the two sides alternate row by row, so both see the same back
   train-ckpt  the same with gradient checkpointing (candor: `train.gradient_checkpointing`;
               transformers: `gradient_checkpointing_enable(use_reentrant=False)`).
   lora        PEFT LoRA r=16, alpha 32, dropout 0 on q/k/v/o/gate/up/down_proj, only the
-              adapters trained; `lora-ckpt` with gradient checkpointing. candor's rows once its
-              `candor bench` has them (a row candor lacks shows as "—").
+              adapters trained (candor: `train.lora` {rank 16, alpha 32, all-linear}, the
+              same optimiser); `lora-ckpt` with gradient checkpointing. A row an older
+              `candor bench` lacks shows as "—".
   generate    `batch` prompts of `prompt_len` random tokens, `new_tokens` new tokens each
               (no early stop), sampling at temperature 1, KV cache. transformers:
               `generate(do_sample=True, top_k=0, min_new_tokens=max_new_tokens)`.

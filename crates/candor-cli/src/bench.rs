@@ -40,7 +40,7 @@ pub struct BenchArgs {
     #[arg(long, requires = "model", default_value_t = 64)]
     pub new_tokens: usize,
     /// With --model: the rows to run, comma-separated (default: all of train, train-ckpt,
-    /// generate).
+    /// lora, lora-ckpt, generate).
     #[arg(long, requires = "model", value_delimiter = ',')]
     pub rows: Vec<String>,
     /// With --model: also write the results as one JSON object to this file.

@@ -295,24 +295,19 @@ pub fn load_trainable(
     device: &Device,
 ) -> Result<(Model, Adapters)> {
     let config = io::read_config(base_dir)?;
-    let weights = io::read_weights(base_dir, device)?;
+    let weights = io::open_weights(base_dir, device)?;
     let may_be_new = if config.head() == head {
         vec![]
     } else {
         io::head_var_names(head)
     };
-    let (_, vars) = io::build_trainable(&config, head, Some(&weights), &may_be_new, rng, device)?;
+    // plain tensors (no gradient, not optimised), each read once and cast to `dtype`
+    let tensors = io::frozen_tensors(&config, head, &weights, &may_be_new, dtype, rng, device)?;
     drop(weights);
     let resumed = resume
         .map(|dir| read_adapter_tensors(dir, device))
         .transpose()?;
     let varmap = VarMap::new();
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, var) in vars.data().lock().unwrap().iter() {
-        // detach: the same storage, no longer a variable (no gradient, not optimised)
-        tensors.insert(name.clone(), var.as_tensor().detach().to_dtype(dtype)?);
-    }
-    drop(vars); // with a bf16 base, the f32 copies go now
     let score = match head {
         Head::Score => {
             let init = match &resumed {

@@ -411,6 +411,34 @@ fn lm_head_xent_matches_token_logprobs() {
     let _ = DType::F32;
 }
 
+/// A frozen head (LoRA: the tied embedding is not trained) gets no gradient, and the hidden
+/// states' gradient is the one the trained head's case gives, bit for bit.
+#[test]
+fn lm_head_xent_with_a_frozen_head_gives_the_hidden_gradient_only() {
+    let mut rng = Rng::new(8);
+    let (n, c, v) = (300, 32, 513);
+    let hdn = var(&mut rng, &[n, c], 1.0);
+    let w = var(&mut rng, &[v, c], 0.5);
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+    let weights = vec![1.0f32; n];
+    let both = fused::lm_head_xent(hdn.as_tensor(), w.as_tensor(), &targets, &weights).unwrap();
+    let gb = (&both * 0.5).unwrap().backward().unwrap();
+    let frozen = w.as_tensor().detach();
+    let one = fused::lm_head_xent(hdn.as_tensor(), &frozen, &targets, &weights).unwrap();
+    assert_eq!(
+        one.to_scalar::<f32>().unwrap(),
+        both.to_scalar::<f32>().unwrap()
+    );
+    let go = (&one * 0.5).unwrap().backward().unwrap();
+    assert!(gb.get(w.as_tensor()).is_some());
+    assert!(go.get(&frozen).is_none(), "a frozen head got a gradient");
+    let (a, b) = (
+        go.get(hdn.as_tensor()).unwrap().flatten_all().unwrap(),
+        gb.get(hdn.as_tensor()).unwrap().flatten_all().unwrap(),
+    );
+    assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+}
+
 #[test]
 fn kernels_are_deterministic() {
     let mut rng = Rng::new(8);

@@ -439,6 +439,77 @@ fn checkpoint_weights_round_trip_and_new_heads_initialise() {
     assert_eq!(rm.scores(&h2).unwrap().dims(), &[1, 4]);
 }
 
+/// Loading reads each tensor from its file straight into the model's own buffer: trainable
+/// variables and frozen weights equal what candle's safetensors reader gives, bit for bit,
+/// from an f32 file and from a bf16 one (converted to f32 exactly as `to_dtype` does), and
+/// a model loaded as bf16 holds those f32 values cast once.
+#[test]
+fn loaded_weights_equal_the_file_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(false, true);
+    let (_, varmap) =
+        build_trainable(&cfg, Head::Lm, None, &[], &mut Rng::new(4), &Device::Cpu).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    for file_dtype in [DType::F32, DType::BF16] {
+        save_model(dir.path(), &cfg, Head::Lm, &varmap).unwrap();
+        let st = dir.path().join("model.safetensors");
+        if file_dtype == DType::BF16 {
+            let t = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+            let t: HashMap<String, Tensor> = t
+                .into_iter()
+                .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
+                .collect();
+            candle_core::safetensors::save(&t, &st).unwrap();
+        }
+        let file = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+        assert!(file.values().all(|t| t.dtype() == file_dtype));
+        let (_, vars) =
+            load_trainable(dir.path(), Head::Lm, &mut Rng::new(0), &Device::Cpu).unwrap();
+        let vars = vars.data().lock().unwrap();
+        assert_eq!(vars.len(), file.len());
+        for (name, t) in &file {
+            let v = &vars[name];
+            assert!(v.as_tensor().is_variable() && v.dtype() == DType::F32);
+            assert_eq!(bits(v.as_tensor()), bits(t), "{name} ({file_dtype:?} file)");
+        }
+        // frozen, f32 and bf16: the same values as the variables, cast once
+        let input = ids(&[&[1, 2, 3, 4]]);
+        let frozen = load_frozen(dir.path(), &Device::Cpu).unwrap();
+        let (trainable, _) =
+            load_trainable(dir.path(), Head::Lm, &mut Rng::new(0), &Device::Cpu).unwrap();
+        assert_eq!(
+            bits(&frozen.logits(&input).unwrap()),
+            bits(&trainable.logits(&input).unwrap())
+        );
+        let half = candor_model::io::load_frozen_as(dir.path(), DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
+        let cast: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().to_dtype(DType::BF16).unwrap()))
+            .collect();
+        let want = Model::new(
+            &cfg,
+            Head::Lm,
+            VarBuilder::from_tensors(cast, DType::BF16, &Device::Cpu),
+        )
+        .unwrap();
+        assert_eq!(
+            bits(&half.logits(&input).unwrap()),
+            bits(&want.logits(&input).unwrap())
+        );
+    }
+}
+
 #[test]
 fn bad_weights_are_named() {
     let dir = tempfile::tempdir().unwrap();

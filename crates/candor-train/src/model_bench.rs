@@ -1,6 +1,6 @@
 //! `candor bench --model`: what a real checkpoint costs on this machine — a training step
-//! (full weights, with and without gradient checkpointing) and generation with the KV cache,
-//! one [`Row`] each. `scripts/bench/model_twin.py` times the same rows in PyTorch +
+//! (full weights or LoRA adapters, each with and without gradient checkpointing) and
+//! generation with the KV cache, one [`Row`] each. `scripts/bench/model_twin.py` times the same rows in PyTorch +
 //! transformers (+ PEFT) on the same checkpoint, batch and sequence length.
 //!
 //! A row runs alone in its own process (the CLI starts one per row), so each row's peak
@@ -13,8 +13,8 @@ use std::time::Instant;
 use candle_core::Device;
 use candor_core::rng::Rng;
 use candor_model::generate::{generate, SamplingParams};
-use candor_model::io::{load_trainable, read_config};
-use candor_model::{Head, ModelConfig};
+use candor_model::io::read_config;
+use candor_model::{Head, LoraConfig, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{LmExample, Sampler};
@@ -23,14 +23,29 @@ use crate::config::TrainConfig;
 use crate::dist::Dist;
 use crate::error::{err, Result};
 use crate::lm::lm_grads;
+use crate::lora::load_for_training;
 use crate::optim::{clip_grad_norm, named_vars, AdamW};
 use crate::precision::{compute_model, load_frozen, Precision};
 
-/// How a training row trains (one field per switch: LoRA adds its own).
+/// How a training row trains (one field per switch).
 #[derive(Clone, Copy, Debug)]
 pub struct TrainSetup {
     /// `train.gradient_checkpointing`.
     pub gradient_checkpointing: bool,
+    /// Train LoRA adapters ([`bench_lora`]) on the frozen checkpoint instead of every weight.
+    pub lora: bool,
+}
+
+/// The LoRA rows' adapters, as `scripts/bench/model_twin.py` configures PEFT: rank 16,
+/// alpha 32, no dropout, on every linear projection of the blocks (q, k, v, o, gate, up,
+/// down; not the head).
+pub fn bench_lora() -> LoraConfig {
+    LoraConfig {
+        rank: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        target_modules: vec![candor_model::lora::ALL_LINEAR.into()],
+    }
 }
 
 /// What a row times.
@@ -63,6 +78,7 @@ pub const ROWS: &[Row] = &[
         what: "training step, full weights",
         work: Work::Train(TrainSetup {
             gradient_checkpointing: false,
+            lora: false,
         }),
     },
     Row {
@@ -70,6 +86,23 @@ pub const ROWS: &[Row] = &[
         what: "training step, full weights, gradient checkpointing",
         work: Work::Train(TrainSetup {
             gradient_checkpointing: true,
+            lora: false,
+        }),
+    },
+    Row {
+        name: "lora",
+        what: "training step, LoRA r16 (all linear)",
+        work: Work::Train(TrainSetup {
+            gradient_checkpointing: false,
+            lora: true,
+        }),
+    },
+    Row {
+        name: "lora-ckpt",
+        what: "training step, LoRA r16, gradient checkpointing",
+        work: Work::Train(TrainSetup {
+            gradient_checkpointing: true,
+            lora: true,
         }),
     },
     Row {
@@ -193,7 +226,6 @@ pub fn run_row(
     let mut first_loss = None;
     let (loaded, meter) = match row.work {
         Work::Train(setup) => {
-            let (model, varmap) = load_trainable(dir, Head::Lm, &mut rng, device)?;
             let examples: Vec<LmExample> = (0..sizes.batch)
                 .map(|_| LmExample::dense(random(&mut rng, sizes.seq_len + 1)))
                 .collect();
@@ -202,8 +234,13 @@ pub fn run_row(
                 lr: 1e-5,
                 dtype: precision,
                 gradient_checkpointing: setup.gradient_checkpointing,
+                lora: setup.lora.then(bench_lora),
                 ..Default::default()
             };
+            // every weight trainable, or (LoRA) the adapters on the checkpoint frozen
+            let (model, varmap, _) =
+                load_for_training(dir, dir, None, Head::Lm, &train, &mut rng, device)?;
+            model.set_adapter_training(true);
             let mut opt = AdamW::new(named_vars(&varmap), &train)?;
             let mut sampler = Sampler::new(examples.len(), 0, Default::default());
             let loaded = rss_bytes();
@@ -288,8 +325,9 @@ mod tests {
     use super::*;
     use candor_model::io::{build_trainable, save_model};
 
-    /// Every row runs on a small checkpoint and reports sane figures; an unknown row name
-    /// and a sequence longer than the model's context are one-line errors.
+    /// Every row runs on a small checkpoint and reports sane figures (the LoRA rows start
+    /// from the checkpoint's own loss: B is zero); an unknown row name and a sequence
+    /// longer than the model's context are one-line errors.
     #[test]
     fn every_row_runs_on_a_checkpoint() {
         let dir = std::env::temp_dir().join(format!("candor-model-bench-{}", std::process::id()));
@@ -306,6 +344,7 @@ mod tests {
             prompt_len: 4,
             new_tokens: 8,
         };
+        let mut full_loss = None;
         for r in ROWS {
             let res = run_row(&dir, r, &sizes, Precision::F32, &Device::Cpu).unwrap();
             assert!(
@@ -317,11 +356,14 @@ mod tests {
                 // random weights on random tokens: about ln(vocab)
                 let l = res.first_loss.unwrap();
                 assert!((l - 50f64.ln()).abs() < 1.0, "loss {l}");
+                // same tokens, same weights (LoRA adds zero at first): the same loss
+                let first = *full_loss.get_or_insert(l);
+                assert!((l - first).abs() < 1e-5, "{}: loss {l} vs {first}", r.name);
             }
         }
-        let e = row("lora").unwrap_err().to_string();
+        let e = row("qlora").unwrap_err().to_string();
         assert!(
-            e.contains("unknown row `lora`") && e.contains("train-ckpt"),
+            e.contains("unknown row `qlora`") && e.contains("lora-ckpt"),
             "{e}"
         );
         let long = Sizes {

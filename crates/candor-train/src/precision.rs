@@ -153,18 +153,11 @@ pub fn frozen_model(
 /// reference and reward models): f32 as `candor_model::io::load_frozen`, bf16 with every
 /// weight, activation and the KV cache in bf16.
 pub fn load_frozen(dir: &Path, precision: Precision, device: &Device) -> Result<Model> {
-    if precision == Precision::F32 {
-        return Ok(candor_model::io::load_frozen(dir, device)?);
-    }
-    let config = candor_model::io::read_config(dir)?;
-    // every tensor comes from the file (a score checkpoint has its head): the rng is unused
-    let (_, vars) = candor_model::io::load_trainable(
+    Ok(candor_model::io::load_frozen_as(
         dir,
-        config.head(),
-        &mut candor_core::rng::Rng::new(0),
+        precision.dtype(),
         device,
-    )?;
-    frozen_model(&config, config.head(), &vars, precision.dtype(), device)
+    )?)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! The output is the scalar `Σ_i −w_i·log p(t_i)`, so the gradient for an upstream gradient
-//! g is `g·(dH, dW)`: both are computed in the forward pass (when an input tracks
+//! g is `g·(dH, dW)`: each is computed in the forward pass (when its input tracks
 //! gradients) and only scaled by the backward, which saves recomputing the logits.
 //!
 //! Reference: `−(ops::token_logprobs(h·Wᵀ, t) · w).sum()` (what `candor_train::loss::lm_loss`
@@ -29,7 +29,10 @@ const CHUNK_FLOATS: usize = 1 << 21;
 struct Xent {
     targets: Vec<u32>,
     weights: Vec<f32>,
-    want_grad: bool,
+    /// Which gradients to compute: the hidden states', the head weight's (a frozen head,
+    /// as under LoRA, needs none).
+    want_dh: bool,
+    want_dw: bool,
     grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
@@ -64,11 +67,9 @@ impl CustomOp2 for Xent {
         let rows = (CHUNK_FLOATS / v).clamp(16, n.max(16));
         let mut logits = uninit(rows.min(n) * v);
         let mut loss = vec![0f32; n];
-        let (mut dh, mut dw) = if self.want_grad {
-            (uninit(n * c), uninit(v * c))
-        } else {
-            (vec![], vec![])
-        };
+        let want_grad = self.want_dh || self.want_dw;
+        let mut dh = if self.want_dh { uninit(n * c) } else { vec![] };
+        let mut dw = if self.want_dw { uninit(v * c) } else { vec![] };
         for start in (0..n).step_by(rows) {
             let r = rows.min(n - start);
             let l = &mut logits[..r * v];
@@ -85,7 +86,7 @@ impl CustomOp2 for Xent {
                 let sum = sum_f64(lr);
                 let lse = max as f64 + sum.ln();
                 *out = (-(wi as f64) * (lt as f64 - lse)) as f32;
-                if self.want_grad {
+                if want_grad {
                     let scale = (wi as f64 / sum) as f32;
                     lr.iter_mut().for_each(|x| *x *= scale);
                     lr[t] -= wi;
@@ -103,7 +104,7 @@ impl CustomOp2 for Xent {
                     .enumerate()
                     .for_each(row);
             }
-            if self.want_grad {
+            if self.want_dh {
                 sgemm(
                     false,
                     false,
@@ -119,11 +120,13 @@ impl CustomOp2 for Xent {
                     &mut dh[start * c..(start + r) * c],
                     c,
                 );
+            }
+            if self.want_dw {
                 let beta = if start == 0 { 0.0 } else { 1.0 };
                 sgemm(true, false, v, c, r, 1.0, l, v, hc, c, beta, &mut dw, c);
             }
         }
-        if self.want_grad {
+        if want_grad {
             *self.grads.lock().unwrap() = Some((dh, dw));
         }
         let total: f64 = loss.iter().map(|&x| x as f64).sum();
@@ -146,23 +149,26 @@ impl CustomOp2 for Xent {
             scale(&mut dh);
             scale(&mut dw);
         }
-        Ok((Some(tensor(dh, h.shape())?), Some(tensor(dw, w.shape())?)))
+        let dh = self.want_dh.then(|| tensor(dh, h.shape())).transpose()?;
+        let dw = self.want_dw.then(|| tensor(dw, w.shape())).transpose()?;
+        Ok((dh, dw))
     }
 }
 
 /// `Σ_i −w_i · log softmax(hidden_i · weightᵀ)[targets_i]` for `hidden (N, C)` and the LM
-/// head `weight (V, C)`: a scalar, with gradients for both inputs.
+/// head `weight (V, C)`: a scalar, with gradients for the inputs that track them (a frozen
+/// head, as under LoRA, gets none, and none is computed).
 pub fn lm_head_xent(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[u32],
     row_weights: &[f32],
 ) -> Result<Tensor> {
-    let want_grad = hidden.track_op() || weight.track_op();
     let op = Xent {
         targets: targets.to_vec(),
         weights: row_weights.to_vec(),
-        want_grad,
+        want_dh: hidden.track_op(),
+        want_dw: weight.track_op(),
         grads: Mutex::new(None),
     };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
