@@ -512,6 +512,8 @@ unsafe fn small_m_abt_avx2(
                     a.add((i + 3) * lda),
                 );
                 let mut acc = [[_mm256_setzero_ps(); 8]; 4];
+                // `col` picks B's column and the same slot in four rows' accumulators
+                #[allow(clippy::needless_range_loop)]
                 for col in 0..8 {
                     let bj = b.add((j + col) * ldb);
                     let (mut s0, mut s1, mut s2, mut s3) = (
