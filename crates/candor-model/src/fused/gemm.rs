@@ -345,66 +345,98 @@ unsafe fn small_m_abt_avx2_columns(
         while i + 4 <= m {
             // SAFETY: rows i..i+4 ≤ m of A, loads below k16 (see above `finish`).
             unsafe {
-                let (a0, a1, a2, a3) = (
+                let rows = [
                     a.add(i * lda),
                     a.add((i + 1) * lda),
                     a.add((i + 2) * lda),
                     a.add((i + 3) * lda),
-                );
-                let (mut s0, mut s1, mut s2, mut s3) = (
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                );
-                let (mut t0, mut t1, mut t2, mut t3) = (
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                );
-                let mut p = 0;
-                while p < k16 {
-                    let b0 = _mm256_loadu_ps(bj.add(p));
-                    let b1 = _mm256_loadu_ps(bj.add(p + 8));
-                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), b0, s0);
-                    t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), b1, t0);
-                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p)), b0, s1);
-                    t1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p + 8)), b1, t1);
-                    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p)), b0, s2);
-                    t2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p + 8)), b1, t2);
-                    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p)), b0, s3);
-                    t3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p + 8)), b1, t3);
-                    p += 16;
+                ];
+                for (r, sum) in dots4_avx2(rows, bj, k16).into_iter().enumerate() {
+                    finish(sum, i + r, bj, j);
                 }
-                finish(_mm256_add_ps(s0, t0), i, bj, j);
-                finish(_mm256_add_ps(s1, t1), i + 1, bj, j);
-                finish(_mm256_add_ps(s2, t2), i + 2, bj, j);
-                finish(_mm256_add_ps(s3, t3), i + 3, bj, j);
             }
             i += 4;
         }
         while i < m {
             // SAFETY: row i < m of A, loads below k16 (see above `finish`).
             unsafe {
-                let a0 = a.add(i * lda);
-                let (mut s0, mut t0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut p = 0;
-                while p < k16 {
-                    s0 =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), _mm256_loadu_ps(bj.add(p)), s0);
-                    t0 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(a0.add(p + 8)),
-                        _mm256_loadu_ps(bj.add(p + 8)),
-                        t0,
-                    );
-                    p += 16;
-                }
-                finish(_mm256_add_ps(s0, t0), i, bj, j);
+                finish(dot1_avx2(a.add(i * lda), bj, k16), i, bj, j);
             }
             i += 1;
         }
     }
+}
+
+/// Rows `a0..a3` of A against row `bj` of B over the first `k16` (a multiple of 16)
+/// elements: per row the two 8-lane accumulators `s` (offsets p) and `t` (p + 8), then
+/// `s + t` — the partial dot products both AVX2 decoding kernels finish.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; every row holds at least `k16` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dots4_avx2(
+    [a0, a1, a2, a3]: [*const f32; 4],
+    bj: *const f32,
+    k16: usize,
+) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    let (mut s0, mut s1, mut s2, mut s3) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    let (mut t0, mut t1, mut t2, mut t3) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    let mut p = 0;
+    while p < k16 {
+        let b0 = _mm256_loadu_ps(bj.add(p));
+        let b1 = _mm256_loadu_ps(bj.add(p + 8));
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), b0, s0);
+        t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), b1, t0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p)), b0, s1);
+        t1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p + 8)), b1, t1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p)), b0, s2);
+        t2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p + 8)), b1, t2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p)), b0, s3);
+        t3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p + 8)), b1, t3);
+        p += 16;
+    }
+    [
+        _mm256_add_ps(s0, t0),
+        _mm256_add_ps(s1, t1),
+        _mm256_add_ps(s2, t2),
+        _mm256_add_ps(s3, t3),
+    ]
+}
+
+/// [`dots4_avx2`] for one row.
+///
+/// # Safety
+/// As [`dots4_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot1_avx2(a0: *const f32, bj: *const f32, k16: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let (mut s0, mut t0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut p = 0;
+    while p < k16 {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), _mm256_loadu_ps(bj.add(p)), s0);
+        t0 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a0.add(p + 8)),
+            _mm256_loadu_ps(bj.add(p + 8)),
+            t0,
+        );
+        p += 16;
+    }
+    _mm256_add_ps(s0, t0)
 }
 
 /// The horizontal sums of eight 8-lane vectors at once: lane c of the result is
@@ -505,47 +537,18 @@ unsafe fn small_m_abt_avx2(
         while i + 4 <= m {
             // SAFETY: rows i..i + 4 ≤ m of A, columns j..j + 8 ≤ j1 (see above `finish`).
             unsafe {
-                let (a0, a1, a2, a3) = (
+                let rows = [
                     a.add(i * lda),
                     a.add((i + 1) * lda),
                     a.add((i + 2) * lda),
                     a.add((i + 3) * lda),
-                );
+                ];
                 let mut acc = [[_mm256_setzero_ps(); 8]; 4];
-                // `col` picks B's column and the same slot in four rows' accumulators
-                #[allow(clippy::needless_range_loop)]
                 for col in 0..8 {
-                    let bj = b.add((j + col) * ldb);
-                    let (mut s0, mut s1, mut s2, mut s3) = (
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                    );
-                    let (mut t0, mut t1, mut t2, mut t3) = (
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                    );
-                    let mut p = 0;
-                    while p < k16 {
-                        let b0 = _mm256_loadu_ps(bj.add(p));
-                        let b1 = _mm256_loadu_ps(bj.add(p + 8));
-                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p)), b0, s0);
-                        t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(p + 8)), b1, t0);
-                        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p)), b0, s1);
-                        t1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1.add(p + 8)), b1, t1);
-                        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p)), b0, s2);
-                        t2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2.add(p + 8)), b1, t2);
-                        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p)), b0, s3);
-                        t3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3.add(p + 8)), b1, t3);
-                        p += 16;
+                    let sums = dots4_avx2(rows, b.add((j + col) * ldb), k16);
+                    for (row, sum) in acc.iter_mut().zip(sums) {
+                        row[col] = sum;
                     }
-                    acc[0][col] = _mm256_add_ps(s0, t0);
-                    acc[1][col] = _mm256_add_ps(s1, t1);
-                    acc[2][col] = _mm256_add_ps(s2, t2);
-                    acc[3][col] = _mm256_add_ps(s3, t3);
                 }
                 for (r, row) in acc.iter().enumerate() {
                     finish(hsum8_avx2(row), i + r, j);
@@ -559,23 +562,7 @@ unsafe fn small_m_abt_avx2(
                 let a0 = a.add(i * lda);
                 let mut acc = [_mm256_setzero_ps(); 8];
                 for (col, sum) in acc.iter_mut().enumerate() {
-                    let bj = b.add((j + col) * ldb);
-                    let (mut s0, mut t0) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    let mut p = 0;
-                    while p < k16 {
-                        s0 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(a0.add(p)),
-                            _mm256_loadu_ps(bj.add(p)),
-                            s0,
-                        );
-                        t0 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(a0.add(p + 8)),
-                            _mm256_loadu_ps(bj.add(p + 8)),
-                            t0,
-                        );
-                        p += 16;
-                    }
-                    *sum = _mm256_add_ps(s0, t0);
+                    *sum = dot1_avx2(a0, b.add((j + col) * ldb), k16);
                 }
                 finish(hsum8_avx2(&acc), i, j);
             }
