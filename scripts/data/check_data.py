@@ -103,7 +103,7 @@ def main() -> None:
     if leaked:
         err(f"instructions-heldout prompts found in the SFT set: {leaked}")
 
-    # arithmetic: exact answers, held-out questions disjoint from the training ones
+    # arithmetic: exact answers; SFT demonstrations, RL questions and held-out ones disjoint
     ar = DATA / "arithmetic"
     at, asft, ah = rows(ar / "train.jsonl"), rows(ar / "sft.jsonl"), rows(ar / "heldout.jsonl")
     check_keys(ar / "train.jsonl", at, [{"prompt", "reference"}])
@@ -117,8 +117,9 @@ def main() -> None:
             ok = ok and int(q[0]) <= 19 and int(q[2]) <= 9 and (q[1] == "+" or int(q[2]) <= int(q[0]))
             if not ok or str(int(q[0]) + int(q[2]) if q[1] == "+" else int(q[0]) - int(q[2])) != r.get(key):
                 err(f"{path}:{i}: not a question a + b or a - b (a <= 19, b <= 9) with its exact answer")
-    if {r.get("prompt") for r in ah} & {r.get("prompt") for r in at + asft} or len(at) + len(ah) != 355:
-        err("arithmetic: held-out questions overlap the training ones, or some are missing")
+    sets = [{r.get("prompt") for r in rs} for rs in (at, asft, ah)]
+    if sum(map(len, sets)) != 355 or len(sets[0] | sets[1] | sets[2]) != 355:
+        err("arithmetic: the SFT, RL and held-out questions overlap, or some are missing")
 
     # sentiment
     lex = text(DATA / "sentiment" / "vader_lexicon.txt").split("\n")[:-1]

@@ -3,12 +3,14 @@
 
 Every sum a + b and every difference a − b (b <= a) with a in 0..19 and b in 0..9:
 200 + 155 = 355 questions "What is a + b?" with exact answers. A fixed seed splits them
-into 284 training questions and 71 held-out ones; the held-out set is disjoint from both
-training files.
+into three disjoint sets: 142 answered questions for SFT, 142 other questions with only
+their references for RL, and 71 held out.
 
-  train.jsonl    {"prompt", "reference"}   prompts GRPO/PPO pose, the `math` judge's answers
-  sft.jsonl      {"prompt", "response"}    the same questions answered: teaches the format
-                                           (the bare number, then end of turn)
+  sft.jsonl      {"prompt", "response"}    answered questions: teach the format (the bare
+                                           number, then end of turn) and some facts
+  train.jsonl    {"prompt", "reference"}   the prompts GRPO/PPO pose, the `math` judge's
+                                           answers; no demonstrations of these anywhere, so
+                                           the judge's reward carries what SFT did not show
   heldout.jsonl  {"prompt", "reference"}   held-out exact-match accuracy
 
 Deterministic: running it again rewrites the files byte for byte. Needs python3 only.
@@ -45,12 +47,13 @@ def write(name, rows):
 def main():
     qs = questions()
     random.Random(SEED).shuffle(qs)
-    heldout, train = qs[:HELDOUT], qs[HELDOUT:]
+    heldout, rest = qs[:HELDOUT], qs[HELDOUT:]
+    sft, rl = rest[: len(rest) // 2], rest[len(rest) // 2 :]
     OUT.mkdir(parents=True, exist_ok=True)
-    write("train.jsonl", [{"prompt": q, "reference": str(a)} for q, a in train])
-    write("sft.jsonl", [{"prompt": q, "response": str(a)} for q, a in train])
+    write("sft.jsonl", [{"prompt": q, "response": str(a)} for q, a in sft])
+    write("train.jsonl", [{"prompt": q, "reference": str(a)} for q, a in rl])
     write("heldout.jsonl", [{"prompt": q, "reference": str(a)} for q, a in heldout])
-    print(f"{OUT}: {len(train)} training questions (train.jsonl, sft.jsonl), {len(heldout)} held out")
+    print(f"{OUT}: {len(sft)} SFT demonstrations (sft.jsonl), {len(rl)} RL questions (train.jsonl), {len(heldout)} held out")
 
 
 if __name__ == "__main__":
