@@ -166,7 +166,10 @@ fn per_judge_rewards_are_logged_and_drawn_and_a_flat_reward_trips_health() {
         "rollout.group_size=3",
         "train.batch_size=6",
         "score.judge=null",
-        "score.judges=[{name: math, label: exact}, {name: \"length:0-100000\", weight: 0.5, label: any}]",
+        // two judges no completion can tell apart: `never` scores every one 0 (no response
+        // is that long), `any` every one 1 (the tiny SFT model answers some arithmetic
+        // questions right, so `math` would not be flat)
+        "score.judges=[{name: \"length:100000-200000\", label: never}, {name: \"length:0-100000\", weight: 0.5, label: any}]",
         "health.window=2",
     ];
     let out = tmp.path().join("grpo");
@@ -181,15 +184,15 @@ fn per_judge_rewards_are_logged_and_drawn_and_a_flat_reward_trips_health() {
         .collect();
     assert_eq!(trained.len(), 3, "{m:?}");
     for r in &trained {
-        // `any` scores every completion 1; the reward is exact + 0.5·any, and the raw
-        // reward (no reward model, no score.judge) the same weighted sum
-        let (exact, any) = (
-            r["reward_exact"].as_f64().unwrap(),
+        // the reward is never + 0.5·any = 0.5, and the raw reward (no reward model, no
+        // score.judge) the same weighted sum
+        let (never, any) = (
+            r["reward_never"].as_f64().unwrap(),
             r["reward_any"].as_f64().unwrap(),
         );
-        assert_eq!(any, 1.0, "{r}");
+        assert_eq!((never, any), (0.0, 1.0), "{r}");
         assert!(
-            (r["reward_raw_mean"].as_f64().unwrap() - (exact + 0.5)).abs() < 1e-12,
+            (r["reward_raw_mean"].as_f64().unwrap() - 0.5).abs() < 1e-12,
             "{r}"
         );
         assert_eq!(r["zero_spread"].as_f64(), Some(1.0), "{r}");
@@ -227,7 +230,7 @@ fn per_judge_rewards_are_logged_and_drawn_and_a_flat_reward_trips_health() {
             std::fs::read_to_string(p)
         })
         .unwrap();
-    assert!(svg.contains("reward_exact") && svg.contains("reward_any"));
+    assert!(svg.contains("reward_never") && svg.contains("reward_any"));
 
     // train.stop_on_health: stops at step 2 with one error line; step 1's checkpoint stays
     let stopped = tmp.path().join("stopped");

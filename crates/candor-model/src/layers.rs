@@ -91,8 +91,20 @@ pub struct Lin {
 }
 
 impl Lin {
-    /// `Linear::forward` (the fused kernel for f32 on the CPU), plus the adapter's term.
+    /// `Linear::forward` (the fused kernel for f32 on the CPU), plus the adapter's term: one
+    /// fused op for both when [`Adapter::fusable`] says so.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(a) = self
+            .adapter
+            .as_ref()
+            .filter(|a| a.fusable(x, self.base.weight()))
+        {
+            let y = fused::lora_linear(x, self.base.weight(), &a.a, &a.b, a.scale)?;
+            return match self.base.bias() {
+                Some(b) => Ok(y.broadcast_add(b)?),
+                None => Ok(y),
+            };
+        }
         let y = if fused::enabled(x) {
             let y = fused::linear(x, self.base.weight())?;
             match self.base.bias() {

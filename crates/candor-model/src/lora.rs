@@ -223,6 +223,19 @@ impl Adapter {
         Ok((y.to_dtype(d.dtype())? + d)?.to_dtype(dtype)?)
     }
 
+    /// Whether the base product `x · weightᵀ` and this adapter's term may run as one
+    /// [`fused::lora_linear`](crate::fused::lora_linear): the adapter is on, everything is
+    /// f32 on the CPU, the base weight is frozen (the op gives it no gradient), and no
+    /// dropout applies (the op feeds the same x to both terms).
+    pub fn fusable(&self, x: &Tensor, weight: &Tensor) -> bool {
+        self.state.enabled()
+            && crate::fused::enabled(x)
+            && crate::fused::enabled(weight)
+            && crate::fused::enabled(&self.a)
+            && !weight.track_op()
+            && !(self.dropout > 0.0 && self.state.training.load(Ordering::Relaxed))
+    }
+
     /// Inverted dropout with the shared seeded stream (reproducible for a given seed).
     fn dropout(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.dropout;

@@ -96,6 +96,45 @@ fn linear_matches_matmul() {
     }
 }
 
+/// The frozen base product plus a LoRA adapter's term against the same composed from
+/// candle's matmuls; the frozen weight gets no gradient, x, A and B theirs.
+#[test]
+fn lora_linear_matches_base_plus_adapter() {
+    let mut rng = Rng::new(7);
+    for (lead, k, n, rank, scale) in [
+        (vec![2, 5], 7, 3, 2, 2.0),
+        (vec![3, 33], 64, 100, 16, 2.0),
+        (vec![1, 1], 16, 8, 4, 0.5),
+        (vec![130], 48, 257, 8, 4.0),
+    ] {
+        let mut xs = lead.clone();
+        xs.push(k);
+        let x = var(&mut rng, &xs, 1.0);
+        let w = randn(&mut rng, &[n, k], 0.3);
+        let a = var(&mut rng, &[rank, k], 0.3);
+        let b = var(&mut rng, &[n, rank], 0.3);
+        let mut ys = lead.clone();
+        ys.push(n);
+        let r = randn(&mut rng, &ys, 1.0);
+        check(
+            &format!("lora linear {xs:?}x{n} r{rank}"),
+            &[&x, &a, &b],
+            &r,
+            || fused::lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale).unwrap(),
+            || {
+                let x = x.as_tensor();
+                let base = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+                let h = x.broadcast_matmul(&a.as_tensor().t().unwrap()).unwrap();
+                let d = h.broadcast_matmul(&b.as_tensor().t().unwrap()).unwrap();
+                (base + (d * scale).unwrap()).unwrap()
+            },
+        );
+        let y = fused::lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale).unwrap();
+        let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
+    }
+}
+
 #[test]
 fn rms_norm_matches_ops_rms_norm() {
     let mut rng = Rng::new(2);
@@ -368,7 +407,8 @@ fn attention_with_cache_matches_full_attention() {
 #[test]
 fn lm_head_xent_matches_token_logprobs() {
     let mut rng = Rng::new(7);
-    for (n, c, v) in [(5, 8, 7), (300, 32, 513), (1000, 16, 4096)] {
+    // (4500, 8, 4096): more rows than one chunk of logits holds (xent::CHUNK_FLOATS)
+    for (n, c, v) in [(5, 8, 7), (300, 32, 513), (1000, 16, 4096), (4500, 8, 4096)] {
         let hdn = var(&mut rng, &[n, c], 1.0);
         let w = var(&mut rng, &[v, c], 0.5);
         let targets: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();

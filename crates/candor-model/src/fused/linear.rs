@@ -28,9 +28,7 @@ impl CustomOp2 for Linear {
         let m = x.len() / k;
         let mut y = uninit(m * n);
         sgemm(false, true, m, n, k, 1.0, x, k, w, k, 0.0, &mut y, n);
-        let mut dims = xl.shape().dims().to_vec();
-        *dims.last_mut().unwrap() = n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), out_shape(xl, n)))
     }
 
     fn bwd(
@@ -65,6 +63,13 @@ impl CustomOp2 for Linear {
             Ok((dx, dw))
         })?
     }
+}
+
+/// The shape of a projection's output: x's (..., K) with the last dimension N.
+pub(crate) fn out_shape(x: &Layout, n: usize) -> Shape {
+    let mut dims = x.shape().dims().to_vec();
+    *dims.last_mut().unwrap() = n;
+    Shape::from(dims)
 }
 
 /// `x (..., K) · wᵀ` for `w (N, K)`: (..., N), on contiguous f32 CPU tensors.

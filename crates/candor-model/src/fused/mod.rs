@@ -12,6 +12,7 @@
 //! - [`isa`]: which SIMD level the kernels use (AVX-512, AVX2+FMA, portable), chosen at run
 //!   time and capped by `CANDOR_ISA`.
 //! - [`linear`]: `x · Wᵀ` with its own backward (two more products).
+//! - [`lora_linear`]: a frozen `x · Wᵀ` plus its LoRA adapter's term in one op.
 //! - [`rmsnorm`], [`rope`], [`swiglu`]: row-wise and element-wise kernels.
 //! - [`attention`]: causal attention over (B, T, H, D) queries blocked by query rows, with
 //!   candor's additive bias (padding, packed segments) and the KV cache.
@@ -27,6 +28,7 @@ pub mod attention;
 pub mod gemm;
 pub mod isa;
 pub mod linear;
+pub mod lora_linear;
 mod packed;
 pub mod rmsnorm;
 pub mod rope;
@@ -41,6 +43,7 @@ use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storag
 
 pub use attention::{attention, AttnMask};
 pub use linear::linear;
+pub use lora_linear::lora_linear;
 pub use rmsnorm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;
