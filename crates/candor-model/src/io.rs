@@ -180,11 +180,12 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The tensors of one safetensors file, from its header (an 8-byte little-endian length,
-/// then a JSON object `name → {dtype, shape, data_offsets}` and the data): checked as the
-/// `safetensors` crate checks a file — offsets in order, without gaps, ending at the
-/// file's end, each tensor's length its shape's — and every tensor a float one.
+/// then a JSON object `name → {dtype, shape, data_offsets}` and the data), without reading
+/// the data: the `safetensors` crate's [`Metadata`](safetensors::tensor::Metadata) parses
+/// and checks the header (offsets in order, without gaps, each tensor's length its
+/// shape's); the data must end at the file's end and every tensor be a float one.
 fn index_file(path: &Path) -> Result<Vec<(String, Stored)>> {
-    use serde_json::Value;
+    use safetensors::Dtype;
     let bad = |msg: String| file_err(path, format!("not a valid safetensors file: {msg}"));
     let mut f = File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
     let size = f
@@ -203,89 +204,45 @@ fn index_file(path: &Path) -> Result<Vec<(String, Stored)>> {
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)
         .map_err(|e| bad(format!("header: {e}")))?;
-    let header: serde_json::Map<String, Value> =
+    let metadata: safetensors::tensor::Metadata =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
     let data_start = 8 + n;
     let data_len = size - data_start;
+    if metadata.data_len() as u64 != data_len {
+        return Err(bad(format!(
+            "the header describes {} bytes of data, the file holds {data_len}",
+            metadata.data_len()
+        )));
+    }
     let file = Arc::new(f);
     let mut out = vec![];
-    for (name, entry) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let field = |k: &str| {
-            entry
-                .get(k)
-                .ok_or_else(|| bad(format!("tensor `{name}` has no `{k}`")))
-        };
-        let dtype_name = field("dtype")?
-            .as_str()
-            .ok_or_else(|| bad(format!("tensor `{name}`: `dtype` is not a string")))?;
-        let dtype = match dtype_name {
-            "F32" => DType::F32,
-            "F64" => DType::F64,
-            "F16" => DType::F16,
-            "BF16" => DType::BF16,
+    // in offset order: the data is the tensors back to back
+    for name in metadata.offset_keys() {
+        let info = metadata.info(&name).expect("a name offset_keys gave");
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F64 => DType::F64,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
             other => {
                 return Err(file_err(
                     path,
-                    format!("tensor `{name}` has dtype {other}, expected a float type (F32, BF16, F16 or F64)"),
+                    format!("tensor `{name}` has dtype {other:?}, expected a float type (F32, BF16, F16 or F64)"),
                 ))
             }
         };
-        let ints = |k: &str| -> Result<Vec<u64>> {
-            field(k)?
-                .as_array()
-                .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
-                .ok_or_else(|| bad(format!("tensor `{name}`: `{k}` is not a list of integers")))
-        };
-        let shape: Vec<usize> = ints("shape")?.into_iter().map(|d| d as usize).collect();
-        let offsets = ints("data_offsets")?;
-        let [begin, end] = offsets[..] else {
-            return Err(bad(format!(
-                "tensor `{name}`: `data_offsets` is not [begin, end]"
-            )));
-        };
-        let want = shape
-            .iter()
-            .try_fold(dtype.size_in_bytes() as u64, |a, &d| {
-                a.checked_mul(d as u64)
-            });
-        if begin > end || want != Some(end - begin) {
-            return Err(bad(format!(
-                "tensor `{name}`: data_offsets [{begin}, {end}] do not hold shape {shape:?} of {dtype_name}"
-            )));
-        }
+        let (begin, end) = info.data_offsets;
         out.push((
             name,
             Stored {
                 file: file.clone(),
                 path: path.to_path_buf(),
                 dtype,
-                shape,
-                offset: data_start + begin,
-                len: (end - begin) as usize,
+                shape: info.shape.clone(),
+                offset: data_start + begin as u64,
+                len: end - begin,
             },
         ));
-    }
-    // the data is the tensors back to back, in offset order, to the end of the file
-    out.sort_by_key(|(_, s)| s.offset);
-    let mut at = data_start;
-    for (name, s) in &out {
-        if s.offset != at {
-            return Err(bad(format!(
-                "tensor `{name}` starts at byte {} of the data, expected {}",
-                s.offset - data_start,
-                at - data_start
-            )));
-        }
-        at += s.len as u64;
-    }
-    if at != size {
-        return Err(bad(format!(
-            "the header describes {} bytes of data, the file holds {data_len}",
-            at - data_start
-        )));
     }
     Ok(out)
 }

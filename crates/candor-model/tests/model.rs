@@ -562,6 +562,28 @@ fn bad_weights_are_named() {
         .to_string();
     assert!(e.contains("unexpected tensor `model.layers.1."), "{e}");
 
+    // an integer tensor where weights should be
+    let ids = Tensor::new(&[1i64, 2], &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("model.norm.weight", ids)]), &st).unwrap();
+    let e = read_weights(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tensor `model.norm.weight` has dtype I64, expected a float type"),
+        "{e}"
+    );
+
+    // data past what the header describes
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&[0u8; 4]);
+    std::fs::write(&st, &longer).unwrap();
+    let e = read_weights(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("bytes of data, the file holds"), "{e}");
+
     // no weights at all
     std::fs::remove_file(&st).unwrap();
     let e = read_weights(dir.path(), &Device::Cpu)

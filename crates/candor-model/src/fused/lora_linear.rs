@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::gemm::sgemm;
 use super::linear::out_shape;
-use super::{f32_slice, tensor, uninit, with_f32};
+use super::{cpu_f32, f32_slice, tensor, uninit, with_f32};
 
 struct LoraLinear {
     /// The frozen base weight (out, in), contiguous f32.
@@ -72,44 +72,47 @@ impl CustomOp3 for LoraLinear {
         let m = x.elem_count() / k;
         let dy = dy.contiguous()?;
         let s = self.scale;
-        with_f32(&dy, "lora linear bwd", |dy| {
-            with_f32(x, "lora linear bwd", |x_| {
-                with_f32(a, "lora linear bwd", |a_| {
-                    with_f32(b, "lora linear bwd", |b_| {
-                        // g = s · dy · B (rows × r): the gradient reaching h, scaled
-                        let mut g = uninit(m * r);
-                        sgemm(false, false, m, r, n, s, dy, n, b_, r, 0.0, &mut g, r);
-                        let dx = if x.track_op() {
-                            let mut dx = uninit(m * k);
-                            with_f32(&self.weight, "lora linear bwd", |w| {
-                                sgemm(false, false, m, k, n, 1.0, dy, n, w, k, 0.0, &mut dx, k)
-                            })?;
-                            sgemm(false, false, m, k, r, 1.0, &g, r, a_, k, 1.0, &mut dx, k);
-                            Some(tensor(dx, x.shape())?)
-                        } else {
-                            None
-                        };
-                        let da = if a.track_op() {
-                            let mut da = uninit(r * k);
-                            sgemm(true, false, r, k, m, 1.0, &g, r, x_, k, 0.0, &mut da, k);
-                            Some(tensor(da, (r, k))?)
-                        } else {
-                            None
-                        };
-                        let db = if b.track_op() {
-                            let mut h = uninit(m * r);
-                            sgemm(false, true, m, r, k, 1.0, x_, k, a_, k, 0.0, &mut h, r);
-                            let mut db = uninit(n * r);
-                            sgemm(true, false, n, r, m, s, dy, n, &h, r, 0.0, &mut db, r);
-                            Some(tensor(db, (n, r))?)
-                        } else {
-                            None
-                        };
-                        Ok((dx, da, db))
-                    })?
-                })?
-            })?
-        })?
+        let op = "lora linear bwd";
+        // the storages stay read-locked (the guards) while the products read them
+        let (dys, dyl) = dy.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (a_s, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (ws, wl) = self.weight.storage_and_layout();
+        let (dy_, x_) = (cpu_f32(&dys, dyl, op)?, cpu_f32(&xs, xl, op)?);
+        let (a_, b_, w) = (
+            cpu_f32(&a_s, al, op)?,
+            cpu_f32(&bs, bl, op)?,
+            cpu_f32(&ws, wl, op)?,
+        );
+        // g = s · dy · B (rows × r): the gradient reaching h, scaled
+        let mut g = uninit(m * r);
+        sgemm(false, false, m, r, n, s, dy_, n, b_, r, 0.0, &mut g, r);
+        let dx = if x.track_op() {
+            let mut dx = uninit(m * k);
+            sgemm(false, false, m, k, n, 1.0, dy_, n, w, k, 0.0, &mut dx, k);
+            sgemm(false, false, m, k, r, 1.0, &g, r, a_, k, 1.0, &mut dx, k);
+            Some(tensor(dx, x.shape())?)
+        } else {
+            None
+        };
+        let da = if a.track_op() {
+            let mut da = uninit(r * k);
+            sgemm(true, false, r, k, m, 1.0, &g, r, x_, k, 0.0, &mut da, k);
+            Some(tensor(da, (r, k))?)
+        } else {
+            None
+        };
+        let db = if b.track_op() {
+            let mut h = uninit(m * r);
+            sgemm(false, true, m, r, k, 1.0, x_, k, a_, k, 0.0, &mut h, r);
+            let mut db = uninit(n * r);
+            sgemm(true, false, n, r, m, s, dy_, n, &h, r, 0.0, &mut db, r);
+            Some(tensor(db, (n, r))?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
     }
 }
 
