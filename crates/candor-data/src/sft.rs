@@ -267,8 +267,13 @@ pub fn load_sft_with(
     Ok(out)
 }
 
+/// The name that stands for plain ChatML ([`DEFAULT_TEMPLATE`]) where a template is given:
+/// the `<|im_start|>role … <|im_end|>` turns without a default system message (SmolLM2's and
+/// Qwen's own templates add one to every conversation that has none).
+pub const CHATML: &str = "chatml";
+
 /// The tokenizer a chat model is trained and saved with, and its template: `template`
-/// (given), else the tokenizer's own, else [`DEFAULT_TEMPLATE`], written into its
+/// (given; [`CHATML`] names plain ChatML), else the tokenizer's own, else [`DEFAULT_TEMPLATE`], written into its
 /// `chat_template`; and, when the template ends an assistant turn with a known end-of-turn
 /// token other than the EOS token (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`) and does
 /// not itself print `eos_token`, that token as `eos_token`, so generation from the saved
@@ -279,6 +284,7 @@ pub fn chat_tokenizer(
 ) -> Result<(Tokenizer, ChatTemplate)> {
     let mut tok = tok.clone();
     let source = match template {
+        Some(CHATML) => DEFAULT_TEMPLATE.to_string(),
         Some(t) => t.to_string(),
         None => tok
             .config
@@ -514,6 +520,30 @@ mod tests {
         assert_eq!(
             (set.examples.len(), set.skipped, set.examples[0].2),
             (1, 1, 1)
+        );
+    }
+
+    /// `chatml` replaces a template that adds a default system message (SmolLM2's, from its
+    /// tokenizer_config.json) with plain ChatML: a bare user turn gets no system turn.
+    #[test]
+    fn chatml_names_plain_chatml_without_a_default_system_message() {
+        let smollm2 = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let mut tok = tokenizer();
+        tok.config.chat_template = Some(serde_json::Value::String(smollm2.into()));
+        let hi = [Message::new("user", "Hi")];
+        let (_, own) = chat_tokenizer(&tok, None).unwrap();
+        assert!(own
+            .render(&hi, true)
+            .unwrap()
+            .starts_with("<|im_start|>system\nYou are"));
+        let (chat, plain) = chat_tokenizer(&tok, Some(CHATML)).unwrap();
+        assert_eq!(
+            plain.render(&hi, true).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(
+            chat.config.chat_template().as_deref(),
+            Some(DEFAULT_TEMPLATE)
         );
     }
 

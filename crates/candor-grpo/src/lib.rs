@@ -44,7 +44,7 @@ use candor_train::rl::{masked_mean, scalar};
 use candor_train::rollout::{load_prompts, sample_responses, sample_responses_per_row, Prompt};
 use candor_train::schedule::lr_at;
 use candor_train::score::{check_judge_fields, judge, judge_means, judge_scores, Scorer};
-use candor_train::seq::{logprobs, rows, seq_batch, tensor};
+use candor_train::seq::{grouped, logprobs, response_logprobs, seq_batch, tensor};
 
 pub use config::*;
 use math::{
@@ -320,8 +320,8 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
             )?;
             time_generate += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let sb = out.seq_batch(&posed, pad, device)?;
-            let scores = scorer.score(&sb, &posed, &out.texts, &out.stopped)?;
+            let scores =
+                scorer.score_grouped(&posed, &out.tokens, pad, &out.texts, &out.stopped)?;
             let n = out.tokens.len();
             let reward: Vec<f64> = (0..n)
                 .map(|i| {
@@ -334,17 +334,9 @@ pub fn run(cfg: &GrpoConfig, opts: &RunOptions) -> Result<CandorMeta> {
                             )
                 })
                 .collect();
-            let per_token = |m: &Model| -> Result<Vec<Vec<f64>>> {
-                let lp = rows(&logprobs(m, &sb, temperature)?.0.detach())?;
-                Ok(lp
-                    .into_iter()
-                    .zip(&out.tokens)
-                    .map(|(mut r, t)| {
-                        r.truncate(t.len());
-                        r
-                    })
-                    .collect())
-            };
+            let posed_ids: Vec<&[u32]> = posed.iter().map(|p| p.ids.as_slice()).collect();
+            let drawn: Vec<&[u32]> = out.tokens.iter().map(Vec::as_slice).collect();
+            let per_token = |m: &Model| response_logprobs(m, &posed_ids, &drawn, temperature, pad);
             let old_logprobs = if need_old {
                 per_token(&policy_now)?
             } else {
@@ -589,17 +581,23 @@ fn update(
     let device = policy.device();
     let mut local = [0.0f64; 8];
     let mut grads = opt.zero_grads();
-    if !mine.is_empty() {
+    let pr: Vec<&[u32]> = mine
+        .iter()
+        .map(|&i| prompts[batch.prompt[i]].ids.as_slice())
+        .collect();
+    let rs: Vec<&[u32]> = mine.iter().map(|&i| batch.tokens[i].as_slice()).collect();
+    // rows of similar length together, each group padded to its own longest and its
+    // gradients added to the others' (each part's loss is already divided by the whole
+    // update's normaliser, so the parts sum to the update's loss)
+    for group in grouped(&pr, &rs) {
+        let rows: Vec<usize> = group.iter().map(|&g| mine[g]).collect();
         let recording = Recording::start(&[policy], gradient_checkpointing);
-        let pr: Vec<&[u32]> = mine
-            .iter()
-            .map(|&i| prompts[batch.prompt[i]].ids.as_slice())
-            .collect();
-        let rs: Vec<&[u32]> = mine.iter().map(|&i| batch.tokens[i].as_slice()).collect();
+        let pr: Vec<&[u32]> = group.iter().map(|&g| pr[g]).collect();
+        let rs: Vec<&[u32]> = group.iter().map(|&g| rs[g]).collect();
         let sb = seq_batch(&pr, &rs, pad, device)?;
         let width = sb.response_width;
         let padded = |x: &[Vec<f64>]| -> Vec<Vec<f64>> {
-            mine.iter()
+            rows.iter()
                 .map(|&i| {
                     let mut r = x[i].clone();
                     r.resize(width, 0.0);
@@ -608,13 +606,13 @@ fn update(
                 .collect()
         };
         let (lp, logits) = logprobs(policy, &sb, temperature)?; // (B, R), (B, R, V)
-        let keep_rows: Vec<f32> = mine
+        let keep_rows: Vec<f32> = rows
             .iter()
             .map(|&i| if keep[i] { 1.0 } else { 0.0 })
             .collect();
-        let keep_t = Tensor::from_vec(keep_rows, (mine.len(), 1), device)?;
+        let keep_t = Tensor::from_vec(keep_rows, (rows.len(), 1), device)?;
         let mask = sb.mask.broadcast_mul(&keep_t)?; // (B, R)
-        let old = if batch.old_logprobs[mine[0]].is_empty() {
+        let old = if batch.old_logprobs[rows[0]].is_empty() {
             lp.detach()
         } else {
             tensor(&padded(&batch.old_logprobs), device)?
@@ -624,12 +622,12 @@ fn update(
         } else {
             None
         };
-        let adv: Vec<f32> = mine.iter().map(|&i| advantages[i] as f32).collect();
-        let adv = Tensor::from_vec(adv, mine.len(), device)?;
+        let adv: Vec<f32> = rows.iter().map(|&i| advantages[i] as f32).collect();
+        let adv = Tensor::from_vec(adv, rows.len(), device)?;
         let out = grpo_loss(&lp, &old, reference.as_ref(), &adv, &mask, s, norm)?;
         let entropy = candor_model::ops::entropy(&logits.detach())?;
         let tokens = out.tokens;
-        local = [
+        let part = [
             scalar(&out.loss)?,
             out.kl_sum,
             tokens,
@@ -639,6 +637,9 @@ fn update(
             out.clip_region,
             out.clip_count,
         ];
+        for (sum, x) in local.iter_mut().zip(part) {
+            *sum += x;
+        }
         drop((lp, logits)); // the head's graph goes with the loss, before any recomputation
         recording.backward(out.loss, |store| opt.accumulate(store, &mut grads))?;
     }

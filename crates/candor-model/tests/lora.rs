@@ -245,6 +245,54 @@ fn every_adapter_parameter_gets_a_nonzero_gradient_and_the_base_none() {
     }
 }
 
+/// With gradient checkpointing the fused LoRA products are kept and handed back when their
+/// block is recomputed (not multiplied again); the adapters' gradients are still the plain
+/// backward's, and a second checkpointed backward repeats the first bit for bit.
+#[test]
+fn checkpointed_adapter_gradients_equal_plain_ones() {
+    for (cfg, head) in cases() {
+        let (model, vars) = adapted(&cfg, head, DType::F32);
+        let grads = |on: bool| -> HashMap<String, Vec<f32>> {
+            let rec = candor_model::Recording::start(&[&model], on);
+            let l = loss(&model);
+            let mut out: HashMap<String, Vec<f32>> = HashMap::new();
+            rec.backward(l, |store| -> candor_model::Result<()> {
+                for (name, var) in &vars {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                        let acc = out
+                            .entry(name.clone())
+                            .or_insert_with(|| vec![0.0; g.len()]);
+                        for (a, x) in acc.iter_mut().zip(g) {
+                            *a += x;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+            out
+        };
+        let plain = grads(false);
+        let ckpt = grads(true);
+        for (name, _) in &vars {
+            let (p, c) = (&plain[name], &ckpt[name]);
+            let scale = p.iter().fold(0f32, |m, g| m.max(g.abs()));
+            assert!(scale > 0.0, "{name}: zero gradient");
+            let worst = p.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 1e-6 * scale,
+                "{name} ({head}): off by {worst} of {scale}"
+            );
+        }
+        assert_eq!(
+            ckpt,
+            grads(true),
+            "a second checkpointed backward repeats the first"
+        );
+    }
+}
+
 #[test]
 fn adapter_gradients_match_finite_differences_in_f64() {
     for (cfg, head) in cases() {

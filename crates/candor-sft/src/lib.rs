@@ -86,7 +86,10 @@ pub struct SftData {
     pub packing: bool,
     /// A Jinja chat template (Hugging Face convention) to train with, instead of the init
     /// checkpoint's own (or ChatML, `candor_data::chat::DEFAULT_TEMPLATE`, when it has
-    /// none). It is written into the output's `tokenizer_config.json`. Default: none.
+    /// none); `chatml` names plain ChatML, without the default system message some models'
+    /// templates add to every conversation. It is written into the output's
+    /// `tokenizer_config.json`, so every stage after reads it. TRL: `chat_template_path`.
+    /// Default: none.
     pub chat_template: Option<String>,
 }
 

@@ -19,16 +19,41 @@ use crate::error::{Error, Result};
 
 /// The score-head output at the last token of each sequence, (N,): a reward model's reward.
 ///
-/// The sequences are right-padded into one (N, T) batch with the plain causal mask: a real
-/// token never attends to the padding after it, so positions and attention are exactly
-/// those of the sequence alone. Differentiable (training uses it).
+/// The sequences are right-padded with the plain causal mask: a real token never attends to
+/// the padding after it, so positions and attention are exactly those of the sequence
+/// alone. Sequences of very different lengths run as separate batches
+/// ([`crate::seq::length_groups`]), each padded to its own longest, and the scores come back
+/// in the order given. Differentiable (training uses it).
 pub fn last_token_scores(model: &Model, seqs: &[&[u32]], pad_id: u32) -> Result<Tensor> {
-    let (n, t) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(0));
-    if n == 0 || seqs.iter().any(|s| s.is_empty()) {
+    if seqs.is_empty() || seqs.iter().any(|s| s.is_empty()) {
         return Err(Error::Msg(
             "cannot score an empty batch or an empty sequence".into(),
         ));
     }
+    let widths: Vec<(usize, usize)> = seqs.iter().map(|s| (s.len(), 0)).collect();
+    let groups = crate::seq::length_groups(&widths, crate::seq::GROUP_OVERHEAD);
+    if groups.len() == 1 {
+        return padded_last_token_scores(model, seqs, pad_id);
+    }
+    let mut parts = Vec::with_capacity(groups.len());
+    let mut place = vec![0u32; seqs.len()]; // where each sequence's score lands in `parts`
+    let mut at = 0;
+    for group in &groups {
+        let members: Vec<&[u32]> = group.iter().map(|&i| seqs[i]).collect();
+        parts.push(padded_last_token_scores(model, &members, pad_id)?);
+        for &i in group {
+            place[i] = at;
+            at += 1;
+        }
+    }
+    let all = Tensor::cat(&parts, 0)?;
+    let place = Tensor::from_vec(place, seqs.len(), model.device())?;
+    Ok(all.index_select(&place, 0)?)
+}
+
+/// [`last_token_scores`] of one right-padded (N, T) batch.
+fn padded_last_token_scores(model: &Model, seqs: &[&[u32]], pad_id: u32) -> Result<Tensor> {
+    let (n, t) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(0));
     let mut ids = vec![pad_id; n * t];
     let mut last = Vec::with_capacity(n);
     for (r, s) in seqs.iter().enumerate() {
@@ -261,6 +286,57 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert!((other[1] - batch[1]).abs() < 1e-6);
+    }
+
+    /// Sequences of very different lengths run as separate batches; their scores, in the
+    /// order given, and every parameter's gradient equal one padded batch's.
+    #[test]
+    fn grouped_scores_and_gradients_equal_one_padded_batch() {
+        let cfg = ModelConfig::llama(300, 32, 2, 2, 2, 64, 256, 10000.0, true);
+        let dev = candle_core::Device::Cpu;
+        let (model, vm) =
+            build_trainable(&cfg, Head::Score, None, &[], &mut Rng::new(2), &dev).unwrap();
+        let mut rng = Rng::new(9);
+        let seqs: Vec<Vec<u32>> = [3, 200, 5, 190, 4]
+            .iter()
+            .map(|&n| (0..n).map(|_| 1 + rng.below(290) as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let widths: Vec<(usize, usize)> = seqs.iter().map(|s| (s.len(), 0)).collect();
+        let groups = crate::seq::length_groups(&widths, crate::seq::GROUP_OVERHEAD);
+        assert_eq!(groups, vec![vec![0, 2, 4], vec![1, 3]]);
+        let grouped = last_token_scores(&model, &refs, 0).unwrap();
+        let whole = padded_last_token_scores(&model, &refs, 0).unwrap();
+        let (g, w): (Vec<f32>, Vec<f32>) = (grouped.to_vec1().unwrap(), whole.to_vec1().unwrap());
+        for (a, b) in g.iter().zip(&w) {
+            assert!((a - b).abs() < 1e-5, "{g:?} vs {w:?}");
+        }
+        // a loss that weighs each sequence differently, so a mix-up of the order shows
+        let weights = Tensor::new(&[1.0f32, -2.0, 3.0, 0.5, -1.5], &dev).unwrap();
+        let gg = (&grouped * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gw = (&whole * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let max_abs = |t: &Tensor| -> f32 {
+            let t = t.abs().and_then(|t| t.max_all()).unwrap();
+            t.to_scalar::<f32>().unwrap()
+        };
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            let (a, b) = (gg.get(var).unwrap(), gw.get(var).unwrap());
+            let (diff, size) = (max_abs(&(a - b).unwrap()), max_abs(b));
+            assert!(
+                diff <= 1e-4 * size.max(1e-3),
+                "{name}: {diff} (max |grad| {size})"
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::dist::Dist;
 use crate::precision::{load_frozen, Precision};
 
 use crate::rollout::Prompt;
-use crate::seq::{sequence_scores, SeqBatch};
+use crate::seq::{grouped_sequence_scores, sequence_scores, SeqBatch};
 use crate::{Error, Result};
 /// The judges' trait, for stages that hold one.
 pub use candor_judge::Judge;
@@ -278,11 +278,47 @@ impl Scorer {
         responses: &[String],
         stopped: &[bool],
     ) -> Result<Scores> {
+        let rm = match &self.reward_model {
+            Some(rm) => Some(sequence_scores(rm, sb)?),
+            None => None,
+        };
+        self.combine(rm, prompts, responses, stopped)
+    }
+
+    /// [`Scorer::score`] with the reward model reading the rows in length groups
+    /// ([`crate::seq::grouped_sequence_scores`]): `tokens[i]` is row i's response tokens.
+    pub fn score_grouped(
+        &self,
+        prompts: &[&Prompt],
+        tokens: &[Vec<u32>],
+        pad: u32,
+        responses: &[String],
+        stopped: &[bool],
+    ) -> Result<Scores> {
+        let rm = match &self.reward_model {
+            Some(rm) => {
+                let pr: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+                let rs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+                Some(grouped_sequence_scores(rm, &pr, &rs, pad)?)
+            }
+            None => None,
+        };
+        self.combine(rm, prompts, responses, stopped)
+    }
+
+    /// The scores from the reward model's raw scores `rm` (when there is one) and the judges.
+    fn combine(
+        &self,
+        rm: Option<Vec<f64>>,
+        prompts: &[&Prompt],
+        responses: &[String],
+        stopped: &[bool],
+    ) -> Result<Scores> {
         let n = prompts.len();
         let mut combined = vec![0.0; n];
         let mut raw = vec![0.0; n];
-        if let Some(rm) = &self.reward_model {
-            raw = sequence_scores(rm, sb)?;
+        if let Some(rm_raw) = rm {
+            raw = rm_raw;
             for i in 0..n {
                 let norm = match (self.cfg.normalize, self.stats) {
                     (true, Some((m, s))) => (raw[i] - m) / s,

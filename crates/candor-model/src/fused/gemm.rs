@@ -852,6 +852,13 @@ pub const SPEED_SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
     ("bwd-dx 2048x1024x384", 2048, 1024, 384, false, false),
     ("bwd-dW 384x2048x1024", 384, 2048, 1024, true, false),
     ("fwd 2048x128x384", 2048, 128, 384, false, true),
+    // SmolLM2-135M (hidden 576, MLP 1536): a LoRA training row of 4×256 tokens, and
+    // decoding 64 and 16 sequences at once
+    ("fwd 1024x576x1536", 1024, 576, 1536, false, true),
+    ("bwd-dx 1024x1536x576", 1024, 1536, 576, false, false),
+    ("decode 64x576x1536", 64, 576, 1536, false, true),
+    ("decode 64x1536x576", 64, 1536, 576, false, true),
+    ("decode 16x576x1536", 16, 576, 1536, false, true),
 ];
 
 /// Best-of-several GFLOP/s of [`sgemm`] (the process's backend, ISA and rayon threads) on

@@ -25,6 +25,10 @@ struct LoraLinear {
     weight: Tensor,
     /// `alpha / rank` (or `/ √rank`, rsLoRA).
     scale: f32,
+    /// The output this product gave when its block was recorded, while gradient
+    /// checkpointing recomputes the block ([`super::keep`]): the forward copies it instead
+    /// of multiplying.
+    kept: Option<Tensor>,
 }
 
 impl CustomOp3 for LoraLinear {
@@ -47,6 +51,16 @@ impl CustomOp3 for LoraLinear {
         let (r, k) = al.shape().dims2()?;
         let n = bl.shape().dims2()?.0;
         let m = x.len() / k;
+        if let Some(kept) = &self.kept {
+            if kept.elem_count() != m * n {
+                candle_core::bail!(
+                    "gradient checkpointing: a kept product has {} elements, the recomputed one {m}×{n}",
+                    kept.elem_count()
+                );
+            }
+            let y = with_f32(kept, "lora linear", <[f32]>::to_vec)?;
+            return Ok((CpuStorage::F32(y), out_shape(xl, n)));
+        }
         let mut h = uninit(m * r);
         sgemm(false, true, m, r, k, 1.0, x, k, a, k, 0.0, &mut h, r);
         let mut y = uninit(m * n);
@@ -117,7 +131,9 @@ impl CustomOp3 for LoraLinear {
 }
 
 /// `x (..., in) · Wᵀ + scale · (x · Aᵀ) · Bᵀ` for a frozen `weight` (out, in), adapters
-/// `a` (r, in) and `b` (out, r), on f32 CPU tensors; no gradient flows to `weight`.
+/// `a` (r, in) and `b` (out, r), on f32 CPU tensors; no gradient flows to `weight`. Under
+/// gradient checkpointing its output is kept and handed back when the block is recomputed
+/// ([`super::keep`]).
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -128,7 +144,11 @@ pub fn lora_linear(
     let op = LoraLinear {
         weight: weight.contiguous()?.detach(),
         scale: scale as f32,
+        kept: super::keep::next(),
     };
-    x.contiguous()?
-        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+    let y = x
+        .contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
+    super::keep::keep(&y);
+    Ok(y)
 }

@@ -13,6 +13,7 @@
 //!   time and capped by `CANDOR_ISA`.
 //! - [`linear`]: `x · Wᵀ` with its own backward (two more products).
 //! - [`lora_linear`]: a frozen `x · Wᵀ` plus its LoRA adapter's term in one op.
+//! - [`keep`]: those products' outputs kept across gradient checkpointing's recomputation.
 //! - [`rmsnorm`], [`rope`], [`swiglu`]: row-wise and element-wise kernels.
 //! - [`attention`]: causal attention over (B, T, H, D) queries blocked by query rows, with
 //!   candor's additive bias (padding, packed segments) and the KV cache.
@@ -27,6 +28,7 @@
 pub mod attention;
 pub mod gemm;
 pub mod isa;
+pub(crate) mod keep;
 pub mod linear;
 pub mod lora_linear;
 mod packed;
