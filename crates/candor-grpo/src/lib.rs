@@ -44,7 +44,7 @@ use candor_train::rl::{masked_mean, scalar};
 use candor_train::rollout::{load_prompts, sample_responses, sample_responses_per_row, Prompt};
 use candor_train::schedule::lr_at;
 use candor_train::score::{check_judge_fields, judge, judge_means, judge_scores, Scorer};
-use candor_train::seq::{grouped, logprobs, response_logprobs, seq_batch, tensor};
+use candor_train::seq::{grouped_batches, logprobs, response_logprobs, tensor};
 
 pub use config::*;
 use math::{
@@ -589,12 +589,9 @@ fn update(
     // rows of similar length together, each group padded to its own longest and its
     // gradients added to the others' (each part's loss is already divided by the whole
     // update's normaliser, so the parts sum to the update's loss)
-    for group in grouped(&pr, &rs) {
+    for (group, sb) in grouped_batches(&pr, &rs, pad, device)? {
         let rows: Vec<usize> = group.iter().map(|&g| mine[g]).collect();
         let recording = Recording::start(&[policy], gradient_checkpointing);
-        let pr: Vec<&[u32]> = group.iter().map(|&g| pr[g]).collect();
-        let rs: Vec<&[u32]> = group.iter().map(|&g| rs[g]).collect();
-        let sb = seq_batch(&pr, &rs, pad, device)?;
         let width = sb.response_width;
         let padded = |x: &[Vec<f64>]| -> Vec<Vec<f64>> {
             rows.iter()

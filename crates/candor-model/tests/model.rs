@@ -520,12 +520,23 @@ fn bad_weights_are_named() {
     let st = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
 
+    // the one-line errors of loading the model, and of reading its weights alone
+    let load_err = || {
+        load_frozen(dir.path(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let read_err = || {
+        read_weights(dir.path(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+
     // truncated file
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    let e = load_frozen(dir.path(), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_err();
     assert!(
         e.contains("model.safetensors: not a valid safetensors file"),
         "{e}"
@@ -536,39 +547,27 @@ fn bad_weights_are_named() {
     let mut wide = cfg.clone();
     wide.intermediate_size = 32;
     wide.write(&dir.path().join("config.json")).unwrap();
-    let e = load_frozen(dir.path(), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_err();
     assert!(e.contains("model.safetensors: tensor `model.layers.0.mlp.down_proj.weight` has shape [16, 24], expected [16, 32]"), "{e}");
 
     // missing tensor: an untied config needs lm_head.weight
     let mut untied = cfg.clone();
     untied.tie_word_embeddings = false;
     untied.write(&dir.path().join("config.json")).unwrap();
-    let e = load_frozen(dir.path(), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_err();
     assert!(e.contains("missing tensor(s) `lm_head.weight`"), "{e}");
 
     // unexpected tensor: fewer layers in the config than in the file
     let mut shallow = cfg.clone();
     shallow.num_hidden_layers = 1;
     shallow.write(&dir.path().join("config.json")).unwrap();
-    let e = load_frozen(dir.path(), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_err();
     assert!(e.contains("unexpected tensor `model.layers.1."), "{e}");
 
     // an integer tensor where weights should be
     let ids = Tensor::new(&[1i64, 2], &Device::Cpu).unwrap();
     candle_core::safetensors::save(&HashMap::from([("model.norm.weight", ids)]), &st).unwrap();
-    let e = read_weights(dir.path(), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = read_err();
     assert!(
         e.contains("tensor `model.norm.weight` has dtype I64, expected a float type"),
         "{e}"
@@ -578,18 +577,12 @@ fn bad_weights_are_named() {
     let mut longer = bytes.clone();
     longer.extend_from_slice(&[0u8; 4]);
     std::fs::write(&st, &longer).unwrap();
-    let e = read_weights(dir.path(), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = read_err();
     assert!(e.contains("bytes of data, the file holds"), "{e}");
 
     // no weights at all
     std::fs::remove_file(&st).unwrap();
-    let e = read_weights(dir.path(), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = read_err();
     assert!(e.contains("no model.safetensors"), "{e}");
     let _unused: HashMap<String, Tensor> = HashMap::new();
 }

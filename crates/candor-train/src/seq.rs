@@ -180,10 +180,7 @@ pub fn response_logprobs(
     pad: u32,
 ) -> Result<Vec<Vec<f64>>> {
     let mut out = vec![vec![]; prompts.len()];
-    for group in grouped(prompts, responses) {
-        let pr: Vec<&[u32]> = group.iter().map(|&i| prompts[i]).collect();
-        let rs: Vec<&[u32]> = group.iter().map(|&i| responses[i]).collect();
-        let sb = seq_batch(&pr, &rs, pad, model.device())?;
+    for (group, sb) in grouped_batches(prompts, responses, pad, model.device())? {
         let lp = rows(&logprobs(model, &sb, temperature)?.0.detach())?;
         for (mut row, &i) in lp.into_iter().zip(&group) {
             row.truncate(responses[i].len());
@@ -201,10 +198,7 @@ pub fn grouped_sequence_scores(
     pad: u32,
 ) -> Result<Vec<f64>> {
     let mut out = vec![0.0; prompts.len()];
-    for group in grouped(prompts, responses) {
-        let pr: Vec<&[u32]> = group.iter().map(|&i| prompts[i]).collect();
-        let rs: Vec<&[u32]> = group.iter().map(|&i| responses[i]).collect();
-        let sb = seq_batch(&pr, &rs, pad, reward_model.device())?;
+    for (group, sb) in grouped_batches(prompts, responses, pad, reward_model.device())? {
         for (s, &i) in sequence_scores(reward_model, &sb)?.into_iter().zip(&group) {
             out[i] = s;
         }
@@ -212,15 +206,28 @@ pub fn grouped_sequence_scores(
     Ok(out)
 }
 
-/// [`length_groups`] of prompt + response rows (an empty response takes one column, as in
-/// [`seq_batch`]).
-pub fn grouped(prompts: &[&[u32]], responses: &[&[u32]]) -> Vec<Vec<usize>> {
+/// Prompt + response rows in [`length_groups`] (an empty response takes one column, as in
+/// [`seq_batch`]): each group's row indices and its [`seq_batch`].
+pub fn grouped_batches(
+    prompts: &[&[u32]],
+    responses: &[&[u32]],
+    pad: u32,
+    device: &Device,
+) -> Result<Vec<(Vec<usize>, SeqBatch)>> {
     let widths: Vec<(usize, usize)> = prompts
         .iter()
         .zip(responses)
         .map(|(p, r)| (p.len(), r.len().max(1)))
         .collect();
     length_groups(&widths, GROUP_OVERHEAD)
+        .into_iter()
+        .map(|group| {
+            let pr: Vec<&[u32]> = group.iter().map(|&i| prompts[i]).collect();
+            let rs: Vec<&[u32]> = group.iter().map(|&i| responses[i]).collect();
+            let sb = seq_batch(&pr, &rs, pad, device)?;
+            Ok((group, sb))
+        })
+        .collect()
 }
 
 /// Rows of a (B, R) tensor as f64.
@@ -282,7 +289,10 @@ mod tests {
         let responses: Vec<Vec<u32>> = [40, 2, 3, 1, 35, 0].iter().map(|&n| draw(n)).collect();
         let pr: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         let rs: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
-        assert!(grouped(&pr, &rs).len() > 1, "the test batch must split");
+        assert!(
+            grouped_batches(&pr, &rs, 0, &dev).unwrap().len() > 1,
+            "the test batch must split"
+        );
         let sb = seq_batch(&pr, &rs, 0, &dev).unwrap();
         let whole = rows(&logprobs(&model, &sb, 0.7).unwrap().0).unwrap();
         let parts = response_logprobs(&model, &pr, &rs, 0.7, 0).unwrap();

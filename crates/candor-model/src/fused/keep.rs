@@ -36,32 +36,30 @@ impl Drop for Scope {
     }
 }
 
+/// `f()` with `state` as this thread's scope; returns the scope's state at the end.
+fn scoped<R>(state: Kept, f: impl FnOnce() -> R) -> (R, Option<Kept>) {
+    KEPT.with(|k| *k.borrow_mut() = Some(state));
+    let _scope = Scope;
+    let r = f();
+    (r, KEPT.with(|k| k.borrow_mut().take()))
+}
+
 /// `f()`, keeping the output of every product that [`keep`]s its own; returns them in
 /// call order.
 pub(crate) fn saving<R>(f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
-    KEPT.with(|k| *k.borrow_mut() = Some(Kept::Saving(vec![])));
-    let scope = Scope;
-    let r = f();
-    let kept = match KEPT.with(|k| k.borrow_mut().take()) {
-        Some(Kept::Saving(v)) => v,
-        _ => vec![],
-    };
-    drop(scope);
-    (r, kept)
+    match scoped(Kept::Saving(vec![]), f) {
+        (r, Some(Kept::Saving(kept))) => (r, kept),
+        (r, _) => (r, vec![]),
+    }
 }
 
 /// `f()`, each product taking its output from `kept` in order ([`next`]); returns also how
 /// many were left unused (0 when `f` ran the products it ran while saving).
 pub(crate) fn replaying<R>(kept: Vec<Tensor>, f: impl FnOnce() -> R) -> (R, usize) {
-    KEPT.with(|k| *k.borrow_mut() = Some(Kept::Replaying(kept.into_iter())));
-    let scope = Scope;
-    let r = f();
-    let left = match KEPT.with(|k| k.borrow_mut().take()) {
-        Some(Kept::Replaying(rest)) => rest.len(),
-        _ => 0,
-    };
-    drop(scope);
-    (r, left)
+    match scoped(Kept::Replaying(kept.into_iter()), f) {
+        (r, Some(Kept::Replaying(rest))) => (r, rest.len()),
+        (r, _) => (r, 0),
+    }
 }
 
 /// In a [`replaying`] scope, the next kept output; else `None` (compute it).
