@@ -429,7 +429,13 @@ fn health_signals_trip_on_a_broken_run() {
     );
 
     let stopped = tmp.path().join("stopped");
-    let e = fails(ppo(&sft, &stopped, &broken).args(["--set", "train.stop_on_health=true"]));
+    // saving every iteration, so that a checkpoint exists whichever signal trips first
+    let e = fails(ppo(&sft, &stopped, &broken).args([
+        "--set",
+        "train.stop_on_health=true",
+        "--set",
+        "train.save_every=1",
+    ]));
     assert!(
         e.contains("run health: ") && e.contains("train.stop_on_health"),
         "{e}"

@@ -1,5 +1,6 @@
-//! Gradient checkpointing ([`candor_model::Recording`]): the gradients it assembles from the
-//! loss's backward and the recomputed blocks equal the plain `loss.backward()`'s — f64
+//! The block-by-block backward ([`candor_model::Recording`]), with gradient checkpointing
+//! (recomputed blocks) and without (kept graphs): the gradients it assembles from the
+//! loss's backward and the blocks' equal the plain `loss.backward()`'s — f64
 //! (composed ops) and f32 (fused kernels), Llama and GPT-2, LM and score heads, tied and
 //! untied, padded (bias + positions) and dense batches, two forwards in one loss and two
 //! models in one loss — and every parameter gets a non-zero gradient.
@@ -137,16 +138,21 @@ fn collect(vars: &[(String, Var)], stores: &mut HashMap<String, Vec<f64>>, store
     }
 }
 
-/// Gradients of `f`'s loss with checkpointing `on` or off, through `Recording`.
+/// Gradients of `f`'s loss: one `loss.backward()` (`None`), or block by block through
+/// `Recording` with checkpointing on or off (`Some(on)`).
 fn grads(
     models: &[&Model],
     vars: &[(String, Var)],
-    on: bool,
+    mode: Option<bool>,
     f: impl Fn() -> Tensor,
 ) -> (HashMap<String, Vec<f64>>, usize) {
+    let mut out = HashMap::new();
+    let Some(on) = mode else {
+        collect(vars, &mut out, &f().backward().unwrap());
+        return (out, 1);
+    };
     let rec = Recording::start(models, on);
     let l = f();
-    let mut out = HashMap::new();
     let mut pieces = 0;
     rec.backward(l, |store| -> candor_model::Result<()> {
         collect(vars, &mut out, store);
@@ -201,11 +207,12 @@ fn checkpointed_gradients_equal_plain_gradients() {
                 let (m, vars) = model(&cfg, head, dtype);
                 let (ids, layout) = batch(padded);
                 let f = || loss(&m, &ids, layout.as_ref(), 1.0);
-                let (plain, one) = grads(&[&m], &vars, false, f);
-                let (ckpt, pieces) = grads(&[&m], &vars, true, f);
-                assert_eq!(one, 1, "off, the loss's backward alone");
+                let (plain, _) = grads(&[&m], &vars, None, f);
+                let (ckpt, pieces) = grads(&[&m], &vars, Some(true), f);
+                let (blocks, pieces_off) = grads(&[&m], &vars, Some(false), f);
                 // the loss's, one per block, the embeddings'
                 assert_eq!(pieces, 1 + cfg.num_hidden_layers + 1, "{what}");
+                assert_eq!(pieces_off, pieces, "{what}");
                 let worst = compare(&what, &vars, &plain, &ckpt);
                 let tol = if dtype == DType::F64 { 1e-12 } else { 1e-6 };
                 println!("{what}: worst difference {worst:.2e}");
@@ -213,6 +220,19 @@ fn checkpointed_gradients_equal_plain_gradients() {
                     worst < tol,
                     "{what}: checkpointed gradients off by {worst:.2e}"
                 );
+                let worst = compare(&what, &vars, &plain, &blocks);
+                assert!(
+                    worst < tol,
+                    "{what}: block-by-block gradients off by {worst:.2e}"
+                );
+                // only a tied head's two gradients (the head's and the lookup's) are added
+                // in another order; every other gradient is the same sums in the same order
+                if !cfg.tie_word_embeddings || head == Head::Score {
+                    assert_eq!(worst, 0.0, "{what}: block by block, bit for bit");
+                }
+                // the same blocks' graphs, kept or recomputed: the same gradients, bit
+                // for bit
+                assert_eq!(compare(&what, &vars, &ckpt, &blocks), 0.0, "{what}");
             }
         }
     }
@@ -230,15 +250,17 @@ fn several_forwards_and_models_in_one_loss() {
         let _unused = m.forward_hidden(&dense, None, None, None).unwrap().detach();
         (loss(&m, &ids, layout.as_ref(), 0.7) + loss(&m, &dense, None, -0.4)).unwrap()
     };
-    let (plain, _) = grads(&[&m], &vars, false, f);
-    let (ckpt, pieces) = grads(&[&m], &vars, true, f);
-    assert_eq!(
-        pieces,
-        1 + 2 * (3 + 1),
-        "two forwards recomputed, the unused one skipped"
-    );
-    let worst = compare("two forwards", &vars, &plain, &ckpt);
-    assert!(worst < 1e-6, "two forwards: off by {worst:.2e}");
+    let (plain, _) = grads(&[&m], &vars, None, f);
+    for on in [true, false] {
+        let (ckpt, pieces) = grads(&[&m], &vars, Some(on), f);
+        assert_eq!(
+            pieces,
+            1 + 2 * (3 + 1),
+            "two forwards backpropagated block by block, the unused one skipped"
+        );
+        let worst = compare("two forwards", &vars, &plain, &ckpt);
+        assert!(worst < 1e-6, "two forwards ({on}): off by {worst:.2e}");
+    }
 
     let (critic, critic_vars) = model(&llama(false, false), Head::Score, DType::F32);
     let all: Vec<(String, Var)> = vars
@@ -253,10 +275,12 @@ fn several_forwards_and_models_in_one_loss() {
     let f = || {
         (loss(&m, &ids, layout.as_ref(), 1.0) + loss(&critic, &ids, layout.as_ref(), 0.5)).unwrap()
     };
-    let (plain, _) = grads(&[&m, &critic], &all, false, f);
-    let (ckpt, _) = grads(&[&m, &critic], &all, true, f);
-    let worst = compare("policy and critic", &all, &plain, &ckpt);
-    assert!(worst < 1e-6, "policy and critic: off by {worst:.2e}");
+    let (plain, _) = grads(&[&m, &critic], &all, None, f);
+    for on in [true, false] {
+        let (ckpt, _) = grads(&[&m, &critic], &all, Some(on), f);
+        let worst = compare("policy and critic", &all, &plain, &ckpt);
+        assert!(worst < 1e-6, "policy and critic ({on}): off by {worst:.2e}");
+    }
 }
 
 /// Generation (a KV cache) is never recorded, and a recording that ends without a
@@ -266,9 +290,9 @@ fn cached_forwards_and_dropped_recordings_leave_no_trace() {
     let (m, vars) = model(&llama(true, false), Head::Lm, DType::F32);
     let (ids, layout) = batch(true);
     let f = || loss(&m, &ids, layout.as_ref(), 1.0);
-    let (before, _) = grads(&[&m], &vars, false, f);
-    {
-        let _rec = Recording::start(&[&m], true);
+    let (before, _) = grads(&[&m], &vars, None, f);
+    for on in [true, false] {
+        let _rec = Recording::start(&[&m], on);
         let mut cache = m.new_cache();
         let a = m
             .forward_hidden(&ids.narrow(1, 0, 4).unwrap(), None, None, Some(&mut cache))
@@ -290,7 +314,6 @@ fn cached_forwards_and_dropped_recordings_leave_no_trace() {
         );
         let _ = f();
     }
-    let (after, pieces) = grads(&[&m], &vars, false, f);
-    assert_eq!(pieces, 1);
+    let (after, _) = grads(&[&m], &vars, None, f);
     assert_eq!(compare("after", &vars, &before, &after), 0.0);
 }
