@@ -265,11 +265,6 @@ fn through_blocks<E: From<Error>>(
         hidden,
     } = segment;
     drop(hidden);
-    let no_input_grad = |i: usize| {
-        Error::Msg(format!(
-            "block-by-block backward: block {i} input got no gradient"
-        ))
-    };
     match blocks {
         Blocks::Graphs {
             embedded,
@@ -279,13 +274,9 @@ fn through_blocks<E: From<Error>>(
             for i in (0..model.n_layers()).rev() {
                 let (x, y) = (inputs.pop(), outputs.pop());
                 let (x, y) = x.zip(y).expect("one input and output per block");
-                let store = pull(&y, &grad)?;
-                drop(y); // the block's graph, and with it its activations
-                grad = store
-                    .get(x.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| no_input_grad(i))?;
-                sink(&store)?;
+                // `y` is moved in: its graph, and with it the block's activations, is
+                // freed there
+                grad = through_block(i, y, &x, &grad, sink)?;
             }
             sink(&pull(&embedded, &grad)?)
         }
@@ -308,17 +299,33 @@ fn through_blocks<E: From<Error>>(
                     ))
                     .into());
                 }
-                let store = pull(&y, &grad)?;
-                grad = store
-                    .get(x.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| no_input_grad(i))?;
-                sink(&store)?;
+                grad = through_block(i, y, &x, &grad, sink)?;
             }
             let x = model.embed(&ids, &ctx)?;
             sink(&pull(&x, &grad)?)
         }
     }
+}
+
+/// Block `i`'s backward from the gradient `grad` at its output `y` (taken, so that its graph
+/// is freed before `sink` gets the block's `GradStore`); returns the gradient at its input
+/// variable `x`.
+fn through_block<E: From<Error>>(
+    i: usize,
+    y: Tensor,
+    x: &Var,
+    grad: &Tensor,
+    sink: &mut impl FnMut(&GradStore) -> Result<(), E>,
+) -> Result<Tensor, E> {
+    let store = pull(&y, grad)?;
+    drop(y);
+    let input_grad = store.get(x.as_tensor()).cloned().ok_or_else(|| {
+        Error::Msg(format!(
+            "block-by-block backward: block {i} input got no gradient"
+        ))
+    })?;
+    sink(&store)?;
+    Ok(input_grad)
 }
 
 /// The backward of `y` given the gradient `grad` at `y`: `(y · grad).sum()`'s, whose gradient
